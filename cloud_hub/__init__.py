@@ -1,0 +1,1 @@
+"""The cloud hub: answers offloaded inputs with the big model and keeps every device's results."""

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from cloud_hub.api.deps import SessionDep, SettingsDep
+from cloud_hub.db import RESULT_FIELDS, Result
+
+router = APIRouter(prefix="/v1/results", tags=["results"])
+
+
+class ResultsPage(BaseModel):
+    items: list[dict[str, Any]]
+    next_cursor: int | None
+    """Pass as `cursor` to get the next page; null on the last page."""
+
+
+@router.get("", response_model=ResultsPage)
+def list_results(session: SessionDep, settings: SettingsDep,
+                 device: str | None = None,
+                 since: Annotated[float | None, Query(description="ts >= since (epoch s)")] = None,
+                 until: Annotated[float | None, Query(description="ts < until (epoch s)")] = None,
+                 offloaded: bool | None = None,
+                 cursor: Annotated[int, Query(ge=0)] = 0,
+                 limit: Annotated[int, Query(ge=1)] = 100) -> ResultsPage:
+    """Result records in arrival order, paged by cursor."""
+    limit = min(limit, settings.max_page)
+    q = select(Result).where(Result.n > cursor)
+    if device:
+        q = q.where(Result.device == device)
+    if since is not None:
+        q = q.where(Result.ts >= since)
+    if until is not None:
+        q = q.where(Result.ts < until)
+    if offloaded is not None:
+        q = q.where(Result.offloaded == offloaded)
+    rows = list(session.scalars(q.order_by(Result.n).limit(limit)))
+    items = [{f: getattr(r, f) for f in RESULT_FIELDS} | {"received_at": r.received_at}
+             for r in rows]
+    return ResultsPage(items=items, next_cursor=rows[-1].n if len(rows) == limit else None)

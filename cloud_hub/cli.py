@@ -1,0 +1,41 @@
+"""`cloud-hub serve`: the hub's web API and MQTT bridge in one process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cloud_hub.errors import HubError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cloud-hub", description="Cloud hub of the fleet.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("serve", help="serve the API and the MQTT bridge "
+                                      "(settings from EHI_HUB_* variables)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8080)
+    sp.add_argument("--database-url", help="overrides EHI_HUB_DATABASE_URL")
+    sp.add_argument("--no-bridge", action="store_true", help="API only, no MQTT")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from cloud_hub.core.config import HubSettings
+    from cloud_hub.main import create_app
+
+    overrides = {"database_url": args.database_url} if args.database_url else {}
+    try:
+        app = create_app(HubSettings(**overrides), with_bridge=not args.no_bridge)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    except HubError as exc:
+        print(f"cloud-hub: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The hub's settings, from environment variables `EHI_HUB_*` (nested with `__`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models import CLOUD_BUNDLE
+
+
+class HubMqtt(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["3.1.1", "5"] = "5"
+    username: str | None = None
+    password: str | None = None
+    # Subscribe through `$share/hub/...` so that N replicas split the work.
+    shared: bool = True
+
+
+class HubSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EHI_HUB_", env_nested_delimiter="__",
+                                      extra="forbid")
+
+    database_url: str = "sqlite:///hub.db"
+    cloud_bundle: Path = CLOUD_BUNDLE
+    backend: Literal["auto", "onnxruntime", "openvino"] = "onnxruntime"
+    threads: int = Field(1, ge=1, le=64)
+    replica_id: str = "hub-0"
+    mqtt: HubMqtt = HubMqtt()
+    # Dynamic batching of offloads: up to `batch_max` inputs, waiting at most `batch_wait_ms` for
+    # a batch to fill. 0 ms takes only what is already queued (lowest latency).
+    batch_max: int = Field(64, ge=1, le=4096)
+    batch_wait_ms: float = Field(0.0, ge=0)
+    # Bounded queues between the MQTT thread and the workers; beyond them messages are refused.
+    offload_queue: int = Field(10_000, ge=1)
+    ingest_queue: int = Field(10_000, ge=1)
+    # Paging limit of /v1/results.
+    max_page: int = Field(1000, ge=1)

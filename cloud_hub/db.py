@@ -1,0 +1,105 @@
+"""Database tables and sessions (SQLAlchemy 2; SQLite by default, PostgreSQL in production)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, Boolean, Float, Integer, String, create_engine, event,
+                        text)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from cloud_hub.errors import HubConfigError, StoreError
+
+# Integer autoincrement works on SQLite only for INTEGER PRIMARY KEY; BigInteger elsewhere.
+_Serial = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    backend: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    telemetry: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    n: Mapped[int] = mapped_column(_Serial, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    device: Mapped[str] = mapped_column(String(64), index=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    received_at: Mapped[float] = mapped_column(Float)
+    input_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    backend: Mapped[str] = mapped_column(String(32))
+    policy: Mapped[str] = mapped_column(String(32))
+    score: Mapped[float] = mapped_column(Float)
+    edge_label: Mapped[int] = mapped_column(Integer)
+    edge_confidence: Mapped[float] = mapped_column(Float)
+    offloaded: Mapped[bool] = mapped_column(Boolean, index=True)
+    cloud_label: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cloud_model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    final_label: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16))
+    degraded: Mapped[bool] = mapped_column(Boolean)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    edge_ms: Mapped[float] = mapped_column(Float)
+    offload_bytes: Mapped[int] = mapped_column(Integer)
+
+
+RESULT_FIELDS = tuple(c.name for c in Result.__table__.columns if c.name not in ("n",
+                                                                                  "received_at"))
+
+
+def make_engine(url: str) -> Engine:
+    try:
+        if url.startswith("sqlite"):
+            eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+            @event.listens_for(eng, "connect")
+            def _sqlite_pragmas(dbapi_conn: Any, _rec: Any) -> None:
+                cur = dbapi_conn.cursor()
+                # WAL: readers (the API) do not block the ingest writer.
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+
+            return eng
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    except (ArgumentError, ImportError) as exc:
+        raise HubConfigError(f"cannot use database URL {url!r}: {exc}") from None
+
+
+def init_db(engine: Engine) -> None:
+    """Create the tables that do not exist yet."""
+    try:
+        Base.metadata.create_all(engine)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot create the hub's tables: {exc}") from None
+
+
+def ping(engine: Engine) -> bool:
+    try:
+        with engine.connect() as c:
+            c.execute(text("SELECT 1"))
+        return True
+    except SQLAlchemyError:
+        return False
+
+
+def session_factory(engine: Engine) -> sessionmaker:  # type: ignore[type-arg]
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,59 @@
+"""Builds the hub's FastAPI app; its lifespan opens the database, the cloud model and the bridge."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from cloud_hub.api.routes import devices, health, results, stats
+from cloud_hub.bridge import Bridge
+from cloud_hub.core.config import HubSettings
+from cloud_hub.db import init_db, make_engine, session_factory
+from cloud_hub.metrics import HubMetrics
+from edge_agent.engine import Engine
+from fleet.mqtt import MqttConfig
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True) -> FastAPI:
+    settings = settings or HubSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        init_db(engine)
+        app.state.engine = engine
+        app.state.sessions = session_factory(engine)
+        app.state.metrics = HubMetrics()
+        app.state.bridge = None
+        if with_bridge:
+            cloud = Engine.open(settings.cloud_bundle, settings.backend, settings.threads)
+            m = settings.mqtt
+            cfg = MqttConfig(host=m.host, port=m.port, protocol=m.protocol,
+                             client_id=f"cloud-hub-{settings.replica_id}", username=m.username,
+                             password=m.password)
+            bridge = Bridge(cloud, app.state.sessions, app.state.metrics,
+                            batch_max=settings.batch_max, batch_wait_ms=settings.batch_wait_ms,
+                            offload_queue=settings.offload_queue,
+                            ingest_queue=settings.ingest_queue, mqtt=cfg, shared=m.shared)
+            bridge.start()
+            app.state.bridge = bridge
+            log.info("hub %s: cloud model %s on %s, broker %s:%d", settings.replica_id,
+                     cloud.manifest.ref, cloud.backend.name, m.host, m.port)
+        try:
+            yield
+        finally:
+            if app.state.bridge is not None:
+                app.state.bridge.stop()
+            engine.dispose()
+
+    app = FastAPI(title="cloud-hub", version="0.1.0", lifespan=lifespan,
+                  description="Edge-cloud hybrid inference hub: devices, results, statistics.")
+    app.state.settings = settings
+    for r in (health.router, devices.router, results.router, stats.router):
+        app.include_router(r)
+    return app

@@ -1,0 +1,34 @@
+"""Prometheus metrics of one hub process (a registry per app, so tests can build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class HubMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages = Counter("ehi_hub_messages_total", "MQTT messages received", ["channel"],
+                                registry=r)
+        self.bad_messages = Counter("ehi_hub_bad_messages_total",
+                                    "Messages refused (malformed, unknown version, wrong device)",
+                                    ["reason"], registry=r)
+        self.results_inserted = Counter("ehi_hub_results_inserted_total",
+                                        "Result records stored", registry=r)
+        self.results_duplicate = Counter("ehi_hub_results_duplicate_total",
+                                         "Result records received again and not stored twice",
+                                         registry=r)
+        self.results_rejected = Counter("ehi_hub_results_rejected_total",
+                                        "Result records refused as invalid", registry=r)
+        self.offloads = Counter("ehi_hub_offloads_answered_total", "Offloads answered",
+                                ["outcome"], registry=r)
+        self.batch_size = Histogram("ehi_hub_batch_size", "Offloads per cloud inference batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.infer_seconds = Histogram("ehi_hub_infer_seconds", "Cloud model time per batch",
+                                       buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1),
+                                       registry=r)
+        self.queue_depth = Gauge("ehi_hub_queue_depth", "Messages waiting for a worker", ["queue"],
+                                 registry=r)
+        self.store_errors = Counter("ehi_hub_store_errors_total", "Database operations failed",
+                                    registry=r)

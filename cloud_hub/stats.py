@@ -1,0 +1,68 @@
+"""Aggregates over result records: per device and model version."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cloud_hub.db import Result
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+def compute_stats(s: Session, device: str | None = None, since: float | None = None,
+                  until: float | None = None) -> dict[str, Any]:
+    """Count, offload rate, edge-cloud agreement on offloaded inputs, latency percentiles and
+    bytes offloaded, per (device, model) and in total.
+
+    Latency percentiles are computed here from the selected rows (portable across SQLite and
+    PostgreSQL); narrow with `device`/`since` on large tables.
+    """
+    q = select(Result.device, Result.model, Result.offloaded, Result.cloud_label,
+               Result.edge_label, Result.latency_ms, Result.offload_bytes, Result.degraded,
+               Result.source)
+    if device:
+        q = q.where(Result.device == device)
+    if since is not None:
+        q = q.where(Result.ts >= since)
+    if until is not None:
+        q = q.where(Result.ts < until)
+    groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    total: list[Any] = []
+    for row in s.execute(q):
+        groups[(row.device, row.model)].append(row)
+        total.append(row)
+    return {
+        "groups": [{"device": d, "model": m, **_summary(rows)}
+                   for (d, m), rows in sorted(groups.items())],
+        "total": _summary(total),
+    }
+
+
+def _summary(rows: list[Any]) -> dict[str, Any]:
+    n = len(rows)
+    off = [r for r in rows if r.offloaded]
+    answered = [r for r in off if r.cloud_label is not None]
+    agree = sum(1 for r in answered if r.cloud_label == r.edge_label)
+    local_lat = [r.latency_ms for r in rows if not r.offloaded]
+    off_lat = [r.latency_ms for r in rows if r.source == "cloud"]
+    all_lat = [r.latency_ms for r in rows]
+    return {
+        "count": n,
+        "offloaded": len(off),
+        "offload_rate": round(len(off) / n, 4) if n else None,
+        "cloud_answered": len(answered),
+        "degraded": sum(1 for r in rows if r.degraded),
+        "agreement": round(agree / len(answered), 4) if answered else None,
+        "latency_ms": {"p50": _pct(all_lat, 50), "p95": _pct(all_lat, 95),
+                       "p99": _pct(all_lat, 99)},
+        "local_latency_ms": {"p50": _pct(local_lat, 50), "p99": _pct(local_lat, 99)},
+        "offload_latency_ms": {"p50": _pct(off_lat, 50), "p99": _pct(off_lat, 99)},
+        "bytes_offloaded": int(sum(r.offload_bytes for r in rows)),
+    }

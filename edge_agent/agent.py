@@ -1,0 +1,257 @@
+"""The agent: answers inputs locally, offloads hard ones, and reports every decision to the hub.
+
+Threads: the caller's (or the local API's) threads run `infer`; paho's network thread delivers
+answers and acks; one sender thread batches result records; one thread sends telemetry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge_agent.config import AgentSettings
+from edge_agent.engine import Engine
+from edge_agent.errors import InputError
+from edge_agent.offload import PendingOffloads
+from edge_agent.outbox import MemoryOutbox
+from edge_agent.telemetry import TelemetrySampler
+from fleet import protocol as p
+from fleet.errors import ProtocolError
+from fleet.mqtt import MqttConfig, MqttSession, Transport, Will
+
+log = logging.getLogger(__name__)
+
+TransportFactory = Callable[[Callable[[str, bytes], None], list[tuple[str, int]],
+                             Callable[[], None], Will], Transport]
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceAnswer:
+    """What the agent answers its application."""
+
+    id: str
+    label: int
+    label_name: str
+    confidence: float
+    source: p.Source
+    degraded: bool
+    offloaded: bool
+    latency_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "label": self.label, "label_name": self.label_name,
+                "confidence": self.confidence, "source": self.source, "degraded": self.degraded,
+                "offloaded": self.offloaded, "latency_ms": self.latency_ms}
+
+
+class Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.values: dict[str, int] = dict.fromkeys(
+            ("inputs", "offloaded", "cloud_answers", "fallbacks", "input_errors",
+             "offload_busy", "bad_messages", "hub_errors"), 0)
+
+    def inc(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.values[key] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.values)
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, engine: Engine | None = None,
+                 transport_factory: TransportFactory | None = None) -> None:
+        self.settings = settings
+        self.device = settings.device_id
+        self.engine = engine or Engine.open(settings.bundle, settings.backend, settings.threads,
+                                            settings.policy, settings.threshold)
+        self.model_ref = self.engine.manifest.ref
+        self.pending = PendingOffloads(settings.offload.max_pending)
+        self.outbox = MemoryOutbox(settings.results.max_pending, settings.results.resend_after_s)
+        self.counters = Counters()
+        self._seq = itertools.count()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._topics = {c: p.topic(self.device, c) for c in p.Channel}
+        will = Will(self._topics[p.Channel.STATUS], p.status_payload("offline", self.device))
+        subs = [(self._topics[p.Channel.ANSWER], 1), (self._topics[p.Channel.ACK], 1)]
+        factory = transport_factory or self._mqtt_factory
+        self.transport = factory(self._on_message, subs, self._on_connect, will)
+        self._telemetry = TelemetrySampler()
+        self.started_at = time.time()
+
+    def _mqtt_factory(self, on_message: Callable[[str, bytes], None],
+                      subs: list[tuple[str, int]], on_connect: Callable[[], None],
+                      will: Will) -> Transport:
+        m = self.settings.mqtt
+        cfg = MqttConfig(host=m.host, port=m.port, protocol=m.protocol,
+                         client_id=f"agent-{self.device}", username=m.username,
+                         password=m.password, keepalive_s=m.keepalive_s, will=will)
+        return MqttSession(cfg, on_message, subs, on_connect)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, wait_connected_s: float = 0.0) -> None:
+        self.transport.start()
+        if wait_connected_s > 0 and not self.transport.wait_connected(wait_connected_s):
+            log.warning("no broker connection after %.1f s; answering locally until it comes",
+                        wait_connected_s)
+        for name, fn in (("results-sender", self._sender_loop),
+                         ("telemetry", self._telemetry_loop)):
+            t = threading.Thread(target=fn, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("agent %s running %s on %s, policy %r", self.device, self.model_ref,
+                 self.engine.backend.name, self.engine.policy)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until the hub acknowledged every result record."""
+        return self.outbox.wait_empty(timeout_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self.transport.stop(final=(self._topics[p.Channel.STATUS],
+                                   p.status_payload("offline", self.device), 1, True))
+        self.engine.close()
+
+    # ------------------------------------------------------------------ inference
+
+    def infer(self, raw: np.ndarray, input_ref: str | None = None,
+              deadline_ms: float | None = None) -> InferenceAnswer:
+        """Answer one input: locally, or from the cloud when the policy says it is hard.
+
+        Raises InputError for an input the bundle does not accept; the agent keeps running.
+        """
+        t0 = time.perf_counter()
+        try:
+            local = self.engine.run(raw)
+        except InputError:
+            self.counters.inc("input_errors")
+            raise
+        self.counters.inc("inputs")
+        rid = uuid.uuid4().hex
+        source: p.Source = "edge"
+        final, conf = local.label, local.confidence
+        cloud_label: int | None = None
+        cloud_model: str | None = None
+        offload_bytes = 0
+        if local.hard:
+            deadline = deadline_ms if deadline_ms is not None else self.settings.offload.deadline_ms
+            answer, offload_bytes = self._offload(rid, raw, local.label, local.score, deadline)
+            if answer is not None and answer.error is None:
+                source, final, conf = "cloud", answer.label, answer.confidence
+                cloud_label, cloud_model = answer.label, answer.model
+                self.counters.inc("cloud_answers")
+            else:
+                source = "edge_fallback"
+                self.counters.inc("fallbacks")
+                if answer is not None:
+                    self.counters.inc("hub_errors")
+                    log.warning("hub could not answer offload %s: %s", rid, answer.error)
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        record = p.ResultRecord.model_construct(
+            id=rid, device=self.device, seq=next(self._seq), ts=time.time(), input_ref=input_ref,
+            model=self.model_ref, backend=self.engine.backend.name, policy=self.engine.policy.name,
+            score=local.score, edge_label=local.label, edge_confidence=local.confidence,
+            offloaded=local.hard, cloud_label=cloud_label, cloud_model=cloud_model,
+            final_label=final, source=source, degraded=source == "edge_fallback",
+            latency_ms=latency_ms, edge_ms=local.edge_ms, offload_bytes=offload_bytes)
+        self.outbox.add(record)
+        labels = self.engine.manifest.labels
+        return InferenceAnswer(rid, final, labels[final] if final < len(labels) else str(final),
+                               conf, source, source == "edge_fallback", local.hard, latency_ms)
+
+    def _offload(self, rid: str, raw: np.ndarray, edge_label: int, score: float,
+                 deadline_ms: float) -> tuple[p.Answer | None, int]:
+        if not self.transport.connected:
+            return None, 0
+        if not self.pending.open(rid):
+            self.counters.inc("offload_busy")
+            return None, 0
+        payload = p.Offload(id=rid, model=self.model_ref, input=np.asarray(raw),
+                            deadline_ms=deadline_ms, sent_at=time.time(), edge_label=edge_label,
+                            edge_score=score).encode()
+        self.counters.inc("offloaded")
+        if not self.transport.publish(self._topics[p.Channel.OFFLOAD], payload, qos=1,
+                                      expiry_s=deadline_ms / 1000.0):
+            self.pending.cancel(rid)
+            return None, 0
+        return self.pending.wait(rid, deadline_ms / 1000.0), len(payload)
+
+    # ------------------------------------------------------------------ messages in
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            _device, channel = p.parse_topic(topic)
+            if channel is p.Channel.ANSWER:
+                self.pending.deliver(p.Answer.decode(payload))
+            elif channel is p.Channel.ACK:
+                ack = p.Ack.decode(payload)
+                self.outbox.ack(ack.ids, ack.rejected)
+        except ProtocolError as exc:
+            self.counters.inc("bad_messages")
+            log.warning("dropped a malformed message on %s: %s", topic, exc)
+
+    def _on_connect(self) -> None:
+        self.transport.publish(self._topics[p.Channel.STATUS],
+                               p.status_payload("online", self.device), qos=1, retain=True)
+        self.outbox.resend_all()
+
+    # ------------------------------------------------------------------ background loops
+
+    def _sender_loop(self) -> None:
+        rs = self.settings.results
+        while not self._stop.is_set():
+            self.outbox.wait_for_work(rs.flush_interval_s)
+            # Let a batch fill up for a moment: fewer, larger messages.
+            if len(self.outbox) < rs.batch_max:
+                self._stop.wait(rs.flush_interval_s)
+            self.flush_results()
+
+    def flush_results(self) -> int:
+        """Send every due record in batches; returns how many were sent."""
+        if not self.transport.connected:
+            return 0
+        sent = 0
+        while True:
+            batch = self.outbox.due(self.settings.results.batch_max)
+            if not batch:
+                return sent
+            payload = p.ResultBatch(batch).encode()
+            if not self.transport.publish(self._topics[p.Channel.RESULTS], payload, qos=1):
+                return sent
+            self.outbox.mark_sent([r.id for r in batch])
+            sent += len(batch)
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.settings.telemetry_interval_s):
+            self.publish_telemetry()
+
+    def telemetry(self) -> dict[str, Any]:
+        return {
+            "device": self.device, "ts": time.time(), "uptime_s": time.time() - self.started_at,
+            "model": self.model_ref, "backend": self.engine.backend.name,
+            "policy": self.engine.policy.name, "threshold": self.engine.policy.threshold,
+            "labels": self.settings.labels,
+            "queues": {"offloads_pending": len(self.pending), "results_pending": len(self.outbox)},
+            "results": {"produced": self.outbox.produced, "acked": self.outbox.acked,
+                        "rejected": self.outbox.rejected, "dropped": self.outbox.dropped},
+            "counters": {**self.counters.snapshot(), "late_answers": self.pending.late_answers},
+            "system": self._telemetry.sample(),
+        }
+
+    def publish_telemetry(self) -> None:
+        self.transport.publish(self._topics[p.Channel.TELEMETRY],
+                               p.encode_json(p.Kind.TELEMETRY, self.telemetry()), qos=0)

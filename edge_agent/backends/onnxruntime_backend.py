@@ -1,0 +1,46 @@
+"""The onnxruntime backend (CPU execution provider)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.errors import BackendError
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, threads: int = 1) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendError("onnxruntime is not installed: pip install "
+                               "'edge-hybrid-inference[agent]'") from None
+        opts = ort.SessionOptions()
+        # Threads: 1 by default, since small models gain nothing from more and several agents
+        # or the application share the device's cores.
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.model_path = Path(model_path)
+        try:
+            self._sess = ort.InferenceSession(str(model_path), sess_options=opts,
+                                              providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"onnxruntime could not load {model_path}: {exc}") from None
+        self._input = self._sess.get_inputs()[0].name
+        self._output = self._sess.get_outputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            out: np.ndarray = self._sess.run([self._output], {self._input: batch})[0]
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed on a {batch.dtype}{list(batch.shape)} "
+                               f"batch: {exc}") from None
+        return out
+
+    def close(self) -> None:
+        del self._sess

@@ -1,0 +1,127 @@
+"""`edge-agent`: the daemon on a device.
+
+    edge-agent run [--config FILE] [--device-id ID] [--replay FILE --stream mixed ...]
+    edge-agent check [--config FILE]    load the bundle on the backend and run one input
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import AgentError
+
+log = logging.getLogger("edge_agent")
+
+# After the replay, how long to wait for the hub to acknowledge the last results.
+DRAIN_TIMEOUT_S = 30.0
+CONNECT_WAIT_S = 10.0
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if args.device_id:
+        o["device_id"] = args.device_id
+    if args.backend:
+        o["backend"] = args.backend
+    if args.policy:
+        o["policy"] = args.policy
+    if args.threshold is not None:
+        o["threshold"] = args.threshold
+    return o
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge_agent.agent import Agent
+    from edge_agent.config import load_settings
+    from edge_agent.local_api import LocalApi
+    from edge_agent.replay import load_stream, replay, shard_indices
+
+    settings = load_settings(args.config, **_overrides(args))
+    agent = Agent(settings)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.start(wait_connected_s=CONNECT_WAIT_S)
+    api = None
+    if settings.local_api.port >= 0:
+        api = LocalApi(agent, settings.local_api.host, settings.local_api.port,
+                       settings.local_api.max_body_bytes)
+        api.start()
+    rp = settings.replay
+    replayed = 0
+    try:
+        if rp.file is not None:
+            x = load_stream(rp.file, rp.stream)
+            idx = shard_indices(len(x), rp.shard_index, rp.shard_count, rp.limit)
+            log.info("replaying %d inputs of %s:%s at %.0f/s", len(idx), rp.file, rp.stream,
+                     rp.rate_hz)
+            replayed = replay(lambda a, ref: agent.infer(a, input_ref=ref), x, idx, rp.stream,
+                              rp.rate_hz, stop)
+            agent.flush_results()
+            if rp.exit_when_done:
+                if not agent.drain(DRAIN_TIMEOUT_S):
+                    log.error("%d results still unacknowledged after %.0f s", len(agent.outbox),
+                              DRAIN_TIMEOUT_S)
+                stop.set()
+        stop.wait()
+    finally:
+        if api:
+            api.stop()
+        agent.stop()
+        if settings.summary_path:
+            summary = {"device": agent.device, "replayed": replayed, **agent.telemetry()}
+            settings.summary_path.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edge_agent.config import load_settings
+    from edge_agent.engine import Engine
+
+    s = load_settings(args.config, **_overrides(args))
+    eng = Engine.open(s.bundle, s.backend, s.threads, s.policy, s.threshold)
+    spec = eng.manifest.raw_input
+    r = eng.run(np.zeros(spec.shape, dtype=spec.dtype))
+    print(json.dumps({"bundle": eng.manifest.ref, "backend": eng.backend.name,
+                      "policy": eng.policy.name, "threshold": eng.policy.threshold,
+                      "label": r.label, "edge_ms": round(r.edge_ms, 3)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="edge-agent", description="Edge inference agent.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, helptext in (("run", "run the daemon"), ("check", "load the bundle, run one input")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--config", type=Path, help="TOML settings file ($EHI_AGENT_CONFIG)")
+        sp.add_argument("--device-id")
+        sp.add_argument("--backend", choices=["auto", "onnxruntime", "openvino"])
+        sp.add_argument("--policy")
+        sp.add_argument("--threshold", type=float)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return {"run": cmd_run, "check": cmd_check}[args.cmd](args)
+    except AgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

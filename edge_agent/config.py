@@ -1,0 +1,132 @@
+"""The agent's settings: a TOML file, overridden by environment variables `EHI_AGENT_*`.
+
+Nested keys use `__` in the environment, e.g. `EHI_AGENT_MQTT__HOST=broker.local`.
+See docs/configuration.md for every key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
+
+from edge_agent.errors import ConfigError
+from models import EDGE_BUNDLE
+
+CONFIG_ENV = "EHI_AGENT_CONFIG"
+
+
+class MqttSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    # "5" uses MQTT 5 features (message expiry); "3.1.1" for brokers that speak only that.
+    protocol: Literal["3.1.1", "5"] = "5"
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = Field(30, ge=5)
+
+
+class OffloadSettings(BaseModel):
+    # How long an input may wait for the cloud before the edge answer is final (degraded).
+    deadline_ms: float = Field(200.0, gt=0)
+    # Offloads waiting for an answer at once; beyond it hard inputs are answered at the edge.
+    max_pending: int = Field(256, ge=1)
+
+
+class ResultsSettings(BaseModel):
+    batch_max: int = Field(100, ge=1, le=1000)
+    # A batch is sent when full or this long after its first record.
+    flush_interval_s: float = Field(0.2, gt=0)
+    # Unacknowledged batches are sent again after this long (the hub ingests idempotently).
+    resend_after_s: float = Field(5.0, gt=0)
+    # Records kept while the hub has not acknowledged them; the oldest go first beyond it.
+    max_pending: int = Field(100_000, ge=1)
+
+
+class LocalApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    # 0 picks a free port; -1 disables the local API.
+    port: int = Field(8750, ge=-1, le=65535)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+
+class ReplaySettings(BaseModel):
+    """A built-in source feeding a stream file (.npz with `{stream}_x` arrays) into the agent."""
+
+    file: Path | None = None
+    stream: str = "mixed"
+    shard_index: int = Field(0, ge=0)
+    shard_count: int = Field(1, ge=1)
+    # Inputs per second; 0 replays as fast as the agent answers.
+    rate_hz: float = Field(100.0, ge=0)
+    limit: int | None = Field(None, ge=1)
+    # Leave once the replay is done and the hub has acknowledged every result.
+    exit_when_done: bool = False
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EHI_AGENT_", env_nested_delimiter="__",
+                                      extra="forbid")
+
+    device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
+    bundle: Path = EDGE_BUNDLE
+    backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
+    threads: int = Field(1, ge=1, le=64)
+    # None: the policy and threshold recommended by the bundle's manifest.
+    policy: str | None = None
+    threshold: float | None = None
+    telemetry_interval_s: float = Field(10.0, gt=0)
+    labels: dict[str, str] = Field(default_factory=dict)
+    summary_path: Path | None = None
+    mqtt: MqttSettings = MqttSettings()
+    offload: OffloadSettings = OffloadSettings()
+    results: ResultsSettings = ResultsSettings()
+    local_api: LocalApiSettings = LocalApiSettings()
+    replay: ReplaySettings = ReplaySettings()
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, v: str) -> str:
+        from fleet.protocol import check_device_id
+
+        check_device_id(v)
+        return v
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def load_settings(config: Path | None = None, **overrides: object) -> AgentSettings:
+    """Settings from `config` (TOML), the environment and explicit overrides, in rising priority.
+
+    Without `config`, the file named by $EHI_AGENT_CONFIG is read, if set.
+    """
+    if config is None and os.environ.get(CONFIG_ENV):
+        config = Path(os.environ[CONFIG_ENV])
+    cls: type[AgentSettings] = AgentSettings
+    if config is not None:
+        if not config.is_file():
+            raise ConfigError(f"config file {config} does not exist")
+        cls = type("AgentSettingsFromFile", (AgentSettings,),
+                   {"model_config": {**AgentSettings.model_config, "toml_file": config}})
+    try:
+        return cls(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid agent settings:\n" + "\n".join(lines)) from None
+    except ValueError as exc:  # TOML syntax errors
+        raise ConfigError(f"cannot read agent settings: {exc}") from None

@@ -1,0 +1,93 @@
+"""The local inference path: a bundle's preprocessing, its model on a backend, and the policy."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.backends import InferenceBackend, open_backend, resolve_backend
+from edge_agent.errors import BackendError, InputError
+from edge_agent.policy import HardExamplePolicy, softmax
+from fleet.bundle import Bundle, load_bundle
+from fleet.errors import BundleError, ProtocolError
+from fleet.preprocess import Preprocessor
+
+DEFAULT_POLICY = "max_prob"
+DEFAULT_THRESHOLD = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class LocalResult:
+    label: int
+    confidence: float
+    probs: np.ndarray
+    score: float
+    hard: bool
+    edge_ms: float
+
+
+class Engine:
+    """Runs one bundle. Thread-safe: backends serialise or parallelise runs themselves."""
+
+    def __init__(self, bundle: Bundle, backend: InferenceBackend, policy: HardExamplePolicy) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.backend = backend
+        self.policy = policy
+        self.preprocess = Preprocessor.for_manifest(self.manifest)
+
+    @classmethod
+    def open(cls, bundle_dir: Path, backend: str = "auto", threads: int = 1,
+             policy: str | None = None, threshold: float | None = None,
+             seed: int | None = None) -> Engine:
+        """Load and verify a bundle, open it on a backend, and set up the hard-example policy.
+
+        Without `policy`/`threshold` the manifest's recommendation is used; a policy without a
+        threshold takes the one the manifest fitted for it.
+        """
+        try:
+            bundle = load_bundle(bundle_dir)
+        except BundleError as exc:
+            raise BackendError(str(exc)) from None
+        m = bundle.manifest
+        name = resolve_backend(backend, m.runtimes)
+        be = open_backend(name, bundle.model_path, threads)
+        he = m.hard_example
+        pol = policy or (he.policy if he else DEFAULT_POLICY)
+        if threshold is None:
+            if he and pol == he.policy:
+                threshold = he.threshold
+            elif he and pol in he.thresholds:
+                threshold = he.thresholds[pol]
+            else:
+                threshold = DEFAULT_THRESHOLD
+        return cls(bundle, be, HardExamplePolicy(pol, threshold, seed=seed))
+
+    def run(self, raw: np.ndarray) -> LocalResult:
+        """Preprocess one raw sample, run the model, and ask the policy."""
+        t0 = time.perf_counter()
+        try:
+            x = self.preprocess(raw)
+        except ProtocolError as exc:
+            raise InputError(str(exc)) from None
+        if x.shape[0] != 1:
+            raise InputError(f"submit one sample at a time, got a batch of {x.shape[0]}")
+        probs = softmax(self.backend.run(x))[0]
+        label = int(probs.argmax())
+        decision = self.policy.decide(probs)
+        return LocalResult(label, float(probs[label]), probs, decision.score, decision.hard,
+                           (time.perf_counter() - t0) * 1000.0)
+
+    def predict_batch(self, raw: np.ndarray) -> np.ndarray:
+        """Probabilities for a batch of raw samples (evaluation and benchmarks)."""
+        try:
+            x = self.preprocess(raw)
+        except ProtocolError as exc:
+            raise InputError(str(exc)) from None
+        return softmax(self.backend.run(x))
+
+    def close(self) -> None:
+        self.backend.close()

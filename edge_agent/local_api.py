@@ -1,0 +1,134 @@
+"""The local API: applications on the device submit an input over HTTP on loopback.
+
+    POST /v1/infer
+        application/json:         {"input": [[...]], "deadline_ms": 100, "input_ref": "cam-1/42"}
+        application/octet-stream: raw tensor bytes; headers X-EHI-Dtype, X-EHI-Shape ("8,8"),
+                                  optional X-EHI-Deadline-Ms and X-EHI-Input-Ref
+      200 {"id", "label", "label_name", "confidence", "source", "degraded", "offloaded",
+           "latency_ms"}
+      400 {"error": "..."} for input the bundle does not accept; 413 for an oversized body
+    GET /healthz   200 {"status": "ok", "model": ..., "backend": ..., "connected": ...}
+    GET /v1/telemetry  the agent's current telemetry
+
+The stdlib server keeps the agent free of a web framework; one thread per connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+from edge_agent.agent import Agent
+from edge_agent.errors import InputError
+from fleet.errors import ProtocolError
+from fleet.protocol import decode_tensor
+
+log = logging.getLogger(__name__)
+
+
+class LocalApi:
+    def __init__(self, agent: Agent, host: str, port: int, max_body_bytes: int) -> None:
+        self.agent = agent
+        self.max_body = max_body_bytes
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("local api: " + fmt, *args)
+
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    self._send(200, {"status": "ok", "model": agent.model_ref,
+                                     "backend": agent.engine.backend.name,
+                                     "connected": agent.transport.connected})
+                elif self.path == "/v1/telemetry":
+                    self._send(200, agent.telemetry())
+                else:
+                    self._send(404, {"error": f"no route {self.path}"})
+
+            def do_POST(self) -> None:
+                if self.path != "/v1/infer":
+                    self._send(404, {"error": f"no route {self.path}"})
+                    return
+                try:
+                    length = int(self.headers.get("Content-Length", "-1"))
+                except ValueError:
+                    length = -1
+                if length < 0:
+                    self._send(411, {"error": "Content-Length is required"})
+                    return
+                if length > api.max_body:
+                    self.close_connection = True
+                    self._send(413, {"error": f"body of {length} bytes exceeds the "
+                                              f"{api.max_body}-byte limit"})
+                    return
+                body = self.rfile.read(length)
+                try:
+                    raw, deadline, ref = api.parse(self.headers.get("Content-Type", ""),
+                                                   self.headers, body)
+                    answer = agent.infer(raw, input_ref=ref, deadline_ms=deadline)
+                except (InputError, ProtocolError) as exc:
+                    if not isinstance(exc, InputError):
+                        agent.counters.inc("input_errors")
+                    self._send(400, {"error": str(exc)})
+                    return
+                self._send(200, answer.to_dict())
+
+            def _send(self, code: int, obj: dict[str, Any]) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @staticmethod
+    def parse(ctype: str, headers: Any, body: bytes) -> tuple[np.ndarray, float | None, str | None]:
+        if ctype.startswith("application/octet-stream"):
+            try:
+                shape = [int(s) for s in headers.get("X-EHI-Shape", "").split(",") if s.strip()]
+            except ValueError:
+                raise ProtocolError("X-EHI-Shape must be comma-separated integers") from None
+            raw = decode_tensor({"dtype": headers.get("X-EHI-Dtype", "float32"), "shape": shape},
+                                body)
+            d = headers.get("X-EHI-Deadline-Ms")
+            return raw, float(d) if d else None, headers.get("X-EHI-Input-Ref")
+        try:
+            obj = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"body is not JSON: {exc}") from None
+        if not isinstance(obj, dict) or "input" not in obj:
+            raise ProtocolError('JSON body needs an "input" array')
+        try:
+            raw = np.asarray(obj["input"], dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ProtocolError('"input" must be a rectangular array of numbers') from None
+        deadline = obj.get("deadline_ms")
+        ref = obj.get("input_ref")
+        return raw, float(deadline) if deadline is not None else None, \
+            str(ref) if ref is not None else None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="local-api",
+                                        daemon=True)
+        self._thread.start()
+        log.info("local API on http://%s:%d", *self._server.server_address[:2])
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,260 @@
+"""The model bundle format: the one owner of `manifest.json` and its keys.
+
+A bundle is a directory holding `manifest.json` and the files it lists (e.g. `model.onnx`).
+The manifest names the model, its version (a monotonic integer), task and labels, the raw
+input applications submit, the model's inputs and outputs, the preprocessing, the recommended
+hard-example policy and threshold, compatible runtimes, every file's length and sha256, and an
+expiry. Signing (Ed25519 over the canonical manifest) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fleet.errors import BundleError
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+# dtypes a bundle may declare for its tensors; anything else is refused at parse time.
+TENSOR_DTYPES = frozenset({"float32", "float16", "uint8", "int8", "int32", "int64"})
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """Name, dtype and shape of a tensor; -1 marks a free (batch) dimension."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        dtype = _req(d, "dtype", str)
+        if dtype not in TENSOR_DTYPES:
+            raise BundleError(f"tensor dtype {dtype!r} is not one of {sorted(TENSOR_DTYPES)}")
+        shape = _req(d, "shape", list)
+        if not all(isinstance(s, int) and (s > 0 or s == -1) for s in shape):
+            raise BundleError(f"tensor shape {shape!r} must be positive integers or -1")
+        return cls(name=str(d.get("name", "")), dtype=dtype, shape=tuple(shape))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of the bundle with the length and sha256 it must have."""
+
+    path: str
+    length: int
+    sha256: str
+    role: str = "model"
+    precision: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": self.path, "length": self.length, "sha256": self.sha256,
+                             "role": self.role}
+        if self.precision:
+            d["precision"] = self.precision
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class HardExampleSpec:
+    """The recommended hard-example policy, its threshold, and the thresholds fitted for others."""
+
+    policy: str
+    threshold: float
+    thresholds: dict[str, float] = field(default_factory=dict)
+    fitted_on: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    name: str
+    version: int
+    task: str
+    labels: tuple[str, ...]
+    raw_input: TensorSpec
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    preprocessing: tuple[dict[str, Any], ...]
+    hard_example: HardExampleSpec | None
+    runtimes: tuple[str, ...]
+    files: tuple[FileEntry, ...]
+    expires: datetime | None
+    metrics: dict[str, Any]
+    extra: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        """`name@version`, how messages and records name a model."""
+        return f"{self.name}@{self.version}"
+
+    def model_file(self) -> FileEntry:
+        for f in self.files:
+            if f.role == "model":
+                return f
+        raise BundleError(f"bundle {self.ref} lists no file with role 'model'")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if not isinstance(d, dict):
+            raise BundleError("manifest must be a JSON object")
+        schema = d.get("schema")
+        if schema != SCHEMA_VERSION:
+            raise BundleError(f"manifest schema {schema!r} is not supported (want {SCHEMA_VERSION})")
+        version = _req(d, "version", int)
+        if version < 1:
+            raise BundleError("manifest version must be a positive integer")
+        he = d.get("hard_example")
+        hard = None
+        if he is not None:
+            hard = HardExampleSpec(
+                policy=_req(he, "policy", str),
+                threshold=float(_req(he, "threshold", (int, float))),
+                thresholds={str(k): float(v) for k, v in he.get("thresholds", {}).items()},
+                fitted_on=str(he.get("fitted_on", "")),
+            )
+        files = []
+        for f in _req(d, "files", list):
+            length = _req(f, "length", int)
+            digest = _req(f, "sha256", str)
+            path = _req(f, "path", str)
+            if length < 0 or len(digest) != 64:
+                raise BundleError(f"file entry {path!r} needs a length >= 0 and a sha256 hex digest")
+            if Path(path).is_absolute() or ".." in Path(path).parts:
+                raise BundleError(f"file path {path!r} must stay inside the bundle")
+            files.append(FileEntry(path=path, length=length, sha256=digest,
+                                   role=str(f.get("role", "model")),
+                                   precision=str(f.get("precision", ""))))
+        expires = d.get("expires")
+        known = {"schema", "name", "version", "task", "labels", "raw_input", "inputs", "outputs",
+                 "preprocessing", "hard_example", "runtimes", "files", "expires", "metrics"}
+        return cls(
+            name=_req(d, "name", str),
+            version=version,
+            task=_req(d, "task", str),
+            labels=tuple(str(x) for x in _req(d, "labels", list)),
+            raw_input=TensorSpec.from_dict(_req(d, "raw_input", dict)),
+            inputs=tuple(TensorSpec.from_dict(x) for x in _req(d, "inputs", list)),
+            outputs=tuple(TensorSpec.from_dict(x) for x in _req(d, "outputs", list)),
+            preprocessing=tuple(_req(d, "preprocessing", list)),
+            hard_example=hard,
+            runtimes=tuple(str(x) for x in d.get("runtimes", [])),
+            files=tuple(files),
+            expires=datetime.fromisoformat(expires) if expires else None,
+            metrics=dict(d.get("metrics", {})),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "task": self.task,
+            "labels": list(self.labels),
+            "raw_input": self.raw_input.to_dict(),
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "preprocessing": list(self.preprocessing),
+            "runtimes": list(self.runtimes),
+            "files": [f.to_dict() for f in self.files],
+            "expires": self.expires.isoformat() if self.expires else None,
+            "metrics": self.metrics,
+        }
+        if self.hard_example is not None:
+            d["hard_example"] = {
+                "policy": self.hard_example.policy,
+                "threshold": self.hard_example.threshold,
+                "thresholds": self.hard_example.thresholds,
+                "fitted_on": self.hard_example.fitted_on,
+            }
+        d.update(self.extra)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """A manifest and the directory that holds its files."""
+
+    root: Path
+    manifest: Manifest
+
+    def path_of(self, entry: FileEntry) -> Path:
+        return self.root / entry.path
+
+    @property
+    def model_path(self) -> Path:
+        return self.path_of(self.manifest.model_file())
+
+
+def canonical_json(d: dict[str, Any]) -> bytes:
+    """The canonical form of a manifest: sorted keys, no spaces, UTF-8 (what a signature covers)."""
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(root: Path, rel: str, role: str = "model", precision: str = "") -> FileEntry:
+    p = root / rel
+    return FileEntry(path=rel, length=p.stat().st_size, sha256=sha256_file(p), role=role,
+                     precision=precision)
+
+
+def load_bundle(root: Path | str, *, verify_files: bool = True,
+                now: datetime | None = None) -> Bundle:
+    """Read a bundle directory; check every file's length and sha256 and the expiry.
+
+    Raises BundleError with a message naming the file or field at fault.
+    """
+    root = Path(root)
+    mpath = root / MANIFEST_NAME
+    try:
+        raw = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{mpath} not found: is {root} a model bundle?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{mpath} is not valid JSON: {exc}") from None
+    manifest = Manifest.from_dict(raw)
+    now = now or datetime.now(UTC)
+    if manifest.expires is not None and manifest.expires <= now:
+        raise BundleError(f"bundle {manifest.ref} expired at {manifest.expires.isoformat()}")
+    if verify_files:
+        for entry in manifest.files:
+            p = root / entry.path
+            if not p.is_file():
+                raise BundleError(f"bundle {manifest.ref}: file {entry.path} is missing")
+            size = p.stat().st_size
+            if size != entry.length:
+                raise BundleError(f"bundle {manifest.ref}: {entry.path} is {size} bytes, "
+                                  f"manifest says {entry.length}")
+            if sha256_file(p) != entry.sha256:
+                raise BundleError(f"bundle {manifest.ref}: {entry.path} does not match its sha256")
+    return Bundle(root=root, manifest=manifest)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _req(d: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
+    if key not in d:
+        raise BundleError(f"manifest is missing {key!r}")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, typ):
+        raise BundleError(f"manifest field {key!r} has the wrong type ({type(v).__name__})")
+    return v

@@ -1,0 +1,279 @@
+"""`fleet demo`: broker, hub and N agents on one machine, and the report of what the loop did."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleet.brokers import RunningBroker, start_broker
+from fleet.errors import FleetError
+from fleet.processes import ManagedProcess, ProcessGroup, free_port, wait_for_port
+from fleet.protocol import Offload
+from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
+
+log = logging.getLogger(__name__)
+
+HUB_START_TIMEOUT_S = 60.0
+# After the agents are done: how long the hub may take to show every result.
+RESULTS_SETTLE_TIMEOUT_S = 30.0
+POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    devices: int = 4
+    stream: str = "mixed"
+    samples: int | None = None
+    policy: str | None = None
+    threshold: float | None = None
+    backend: str = "auto"
+    broker: str = "auto"
+    rate_hz: float = 100.0
+    deadline_ms: float = 200.0
+    workdir: Path | None = None
+    keep: bool = False
+
+
+Progress = Callable[[int, int], None]
+
+
+def _http_json(url: str, timeout: float = 5.0) -> Any:
+    import httpx
+
+    r = httpx.get(url, timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
+def _wait_ready(url: str, proc: ManagedProcess, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.running():
+            raise FleetError(f"the hub exited during start-up:\n{proc.tail()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(POLL_S)
+    raise FleetError(f"the hub was not ready within {timeout:.0f} s:\n{proc.tail()}")
+
+
+def _agent_toml(i: int, o: DemoOptions, broker: RunningBroker, n_samples: int,
+                workdir: Path) -> Path:
+    limit = len(range(i, n_samples, o.devices))
+    lines = [
+        f'device_id = "demo-{i}"',
+        f'backend = "{o.backend}"',
+        "telemetry_interval_s = 1.0",
+        f'summary_path = "{workdir / f"agent-{i}.json"}"',
+        f'bundle = "{EDGE_BUNDLE}"',
+    ]
+    if o.policy:
+        lines.append(f'policy = "{o.policy}"')
+    if o.threshold is not None:
+        lines.append(f"threshold = {o.threshold}")
+    lines += [
+        "[mqtt]", f"port = {broker.port}", f'protocol = "{broker.protocol}"',
+        "[offload]", f"deadline_ms = {o.deadline_ms}",
+        "[local_api]", "port = -1",
+        "[replay]", f'file = "{STREAMS_FILE}"', f'stream = "{o.stream}"',
+        f"shard_index = {i}", f"shard_count = {o.devices}", f"rate_hz = {o.rate_hz}",
+        f"limit = {max(limit, 1)}", "exit_when_done = true",
+    ]
+    path = workdir / f"agent-{i}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]:
+    if o.devices < 1:
+        raise FleetError("--devices must be at least 1")
+    with np.load(STREAMS_FILE) as data:
+        if f"{o.stream}_x" not in data:
+            raise FleetError(f"unknown stream {o.stream!r}; choose clean, shifted or mixed")
+        x_all, y_all = data[f"{o.stream}_x"], data[f"{o.stream}_y"]
+    n = min(o.samples or len(x_all), len(x_all))
+    if n < o.devices:
+        raise FleetError(f"--samples {n} is fewer than --devices {o.devices}")
+    x, y = x_all[:n], y_all[:n]
+    t_start = time.monotonic()
+    tmp = None
+    if o.workdir:
+        workdir = o.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="ehi-demo-")
+        workdir = Path(tmp.name)
+    try:
+        with ProcessGroup() as group:
+            broker = start_broker(group, workdir, o.broker)
+            hub_port = free_port()
+            hub_url = f"http://127.0.0.1:{hub_port}"
+            hub = group.start("hub", [sys.executable, "-m", "cloud_hub.cli", "serve",
+                                      "--port", str(hub_port)], workdir / "hub.log",
+                              env={"EHI_HUB_DATABASE_URL": f"sqlite:///{workdir / 'hub.db'}",
+                                   "EHI_HUB_MQTT__PORT": str(broker.port),
+                                   "EHI_HUB_MQTT__PROTOCOL": broker.protocol,
+                                   "EHI_HUB_CLOUD_BUNDLE": str(CLOUD_BUNDLE)})
+            if not wait_for_port(hub_port, HUB_START_TIMEOUT_S, hub.proc):
+                raise FleetError(f"the hub did not start:\n{hub.tail()}")
+            _wait_ready(hub_url, hub, HUB_START_TIMEOUT_S)
+            agents = [group.start(f"agent-{i}", [sys.executable, "-m", "edge_agent.cli", "run",
+                                                 "--config", str(_agent_toml(i, o, broker, n,
+                                                                             workdir))],
+                                  workdir / f"agent-{i}.log") for i in range(o.devices)]
+            at_hub = _follow(hub_url, agents, n, progress)
+            summaries = []
+            for i, a in enumerate(agents):
+                if a.proc.returncode != 0:
+                    raise FleetError(f"agent {i} failed (exit {a.proc.returncode}):\n{a.tail()}")
+                summaries.append(json.loads((workdir / f"agent-{i}.json").read_text()))
+            produced = sum(s["results"]["produced"] for s in summaries)
+            deadline = time.monotonic() + RESULTS_SETTLE_TIMEOUT_S
+            while at_hub < produced and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+                at_hub = _http_json(hub_url + "/v1/stats")["total"]["count"]
+            records = _fetch_results(hub_url)
+            report = _report(o, broker, x, y, records, produced, at_hub, summaries)
+            report["seconds"] = round(time.monotonic() - t_start, 1)
+            report["workdir"] = str(workdir) if o.keep or o.workdir else None
+            return report
+    finally:
+        if tmp is not None and not o.keep:
+            tmp.cleanup()
+
+
+def _follow(hub_url: str, agents: list[ManagedProcess], n: int, progress: Progress | None) -> int:
+    at_hub = 0
+    while True:
+        try:
+            at_hub = _http_json(hub_url + "/v1/stats")["total"]["count"]
+        except Exception as exc:  # the hub may be busy; the next poll will tell
+            log.debug("stats poll failed: %s", exc)
+        if progress:
+            progress(at_hub, n)
+        if all(not a.running() for a in agents):
+            return at_hub
+        time.sleep(POLL_S)
+
+
+def _fetch_results(hub_url: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    cursor = 0
+    while True:
+        page = _http_json(f"{hub_url}/v1/results?limit=1000&cursor={cursor}")
+        out.extend(page["items"])
+        if page["next_cursor"] is None:
+            return out
+        cursor = page["next_cursor"]
+
+
+def _pct(v: list[float], q: float) -> float | None:
+    return round(float(np.percentile(v, q)), 3) if v else None
+
+
+def offline_accuracy(x: np.ndarray, y: np.ndarray, bundle: Path, backend: str) -> float:
+    """Accuracy of one bundle run over every input of the stream."""
+    from edge_agent.engine import Engine
+
+    eng = Engine.open(bundle, backend)
+    try:
+        probs = eng.predict_batch(x)
+    finally:
+        eng.close()
+    return float((probs.argmax(axis=1) == y).mean())
+
+
+def cloud_only_bytes(x: np.ndarray, model_ref: str) -> int:
+    """What a cloud-only deployment sends: every input as an offload message."""
+    return sum(len(Offload(id="0" * 32, model=model_ref, input=xi, deadline_ms=200.0,
+                           sent_at=time.time(), edge_label=0, edge_score=0.0).encode())
+               for xi in x)
+
+
+def _report(o: DemoOptions, broker: RunningBroker, x: np.ndarray, y: np.ndarray,
+            records: list[dict[str, Any]], produced: int, at_hub: int,
+            summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    from fleet.bundle import load_bundle
+
+    stream_tag = f"{o.stream}:"
+    answered: dict[int, int] = {}
+    for r in records:
+        ref = r.get("input_ref") or ""
+        if ref.startswith(stream_tag):
+            answered[int(ref[len(stream_tag):])] = r["final_label"]
+    hybrid_ok = sum(1 for i, lab in answered.items() if i < len(y) and lab == y[i])
+    local = [r["latency_ms"] for r in records if not r["offloaded"]]
+    offl = [r["latency_ms"] for r in records if r["offloaded"]]
+    edge_ref = load_bundle(EDGE_BUNDLE, verify_files=False).manifest.ref
+    backend = summaries[0]["backend"] if summaries else o.backend
+    return {
+        "samples": int(len(y)),
+        "devices": o.devices,
+        "stream": o.stream,
+        "policy": summaries[0]["policy"] if summaries else o.policy,
+        "threshold": summaries[0]["threshold"] if summaries else o.threshold,
+        "backend": backend,
+        "edge_accuracy": round(offline_accuracy(x, y, EDGE_BUNDLE, backend), 4),
+        "cloud_accuracy": round(offline_accuracy(x, y, CLOUD_BUNDLE, "onnxruntime"), 4),
+        "hybrid_accuracy": round(hybrid_ok / len(y), 4),
+        "hybrid_answered": len(answered),
+        "offload_rate": round(len(offl) / len(records), 4) if records else 0.0,
+        "degraded": sum(1 for r in records if r["degraded"]),
+        "bytes_offloaded": int(sum(r["offload_bytes"] for r in records)),
+        "bytes_cloud_only": cloud_only_bytes(x, edge_ref),
+        "latency_ms": {"local_p50": _pct(local, 50), "local_p99": _pct(local, 99),
+                       "offload_p50": _pct(offl, 50), "offload_p99": _pct(offl, 99)},
+        "results_produced": produced,
+        "results_at_hub": at_hub,
+        "broker": broker.kind,
+    }
+
+
+def gap_recovered(r: dict[str, Any]) -> float | None:
+    gap = r["cloud_accuracy"] - r["edge_accuracy"]
+    return (r["hybrid_accuracy"] - r["edge_accuracy"]) / gap if gap > 0 else None
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 100:.2f}%" if pct else f"{v:.3f}"
+
+
+def report_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    lat = r["latency_ms"]
+    rec = gap_recovered(r)
+    return [
+        ("samples / devices", f"{r['samples']} / {r['devices']} ({r['stream']} stream)"),
+        ("broker", r["broker"]),
+        ("policy (threshold)", f"{r['policy']} ({r['threshold']:.6g})"),
+        ("edge-only accuracy", _fmt(r["edge_accuracy"], True)),
+        ("cloud-only accuracy", _fmt(r["cloud_accuracy"], True)),
+        ("hybrid accuracy", f"{_fmt(r['hybrid_accuracy'], True)}"
+                            + (f"  ({rec * 100:.0f}% of the edge-cloud gap)" if rec else "")),
+        ("offload rate", _fmt(r["offload_rate"], True)),
+        ("bytes offloaded / cloud-only", f"{r['bytes_offloaded']:,} / {r['bytes_cloud_only']:,} "
+                                         f"({r['bytes_offloaded'] / r['bytes_cloud_only']:.1%})"),
+        ("latency local p50 / p99 (ms)", f"{_fmt(lat['local_p50'])} / {_fmt(lat['local_p99'])}"),
+        ("latency offloaded p50 / p99 (ms)",
+         f"{_fmt(lat['offload_p50'])} / {_fmt(lat['offload_p99'])}"),
+        ("degraded answers", str(r["degraded"])),
+        ("results at hub / produced", f"{r['results_at_hub']} / {r['results_produced']}"),
+        ("wall time", f"{r['seconds']} s"),
+    ]
+
+
+__all__ = ["DemoOptions", "report_rows", "run_demo"]

@@ -1,0 +1,23 @@
+"""Exceptions shared by every deployable.
+
+    FleetError
+    ├── ProtocolError           a message that cannot be decoded or is not allowed
+    │   └── UnsupportedVersion  a message from a protocol version this build does not speak
+    └── BundleError             a model bundle that is missing, malformed or does not match its manifest
+"""
+
+
+class FleetError(Exception):
+    """Root of the fleet package's errors."""
+
+
+class ProtocolError(FleetError):
+    """A message that cannot be decoded, or whose content breaks the wire contract."""
+
+
+class UnsupportedVersion(ProtocolError):
+    """A message carrying a protocol version this build does not speak."""
+
+
+class BundleError(FleetError):
+    """A model bundle that is missing, malformed or does not match its manifest."""

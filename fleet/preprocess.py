@@ -1,0 +1,94 @@
+"""The bundle's preprocessing steps, applied the same way on the device, in the hub and in the pipeline.
+
+A manifest's `preprocessing` is a list of steps:
+- `{"type": "minmax", "min": a, "max": b}`: (x - a) / (b - a), clipped to [0, 1];
+- `{"type": "standardize", "mean": m, "std": s}`: (x - m) / s;
+- `{"type": "reshape", "shape": [...]}`: the per-sample shape the model wants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fleet.bundle import Manifest, TensorSpec
+from fleet.errors import BundleError, ProtocolError
+
+Step = Callable[[np.ndarray], np.ndarray]
+
+
+def _minmax(spec: dict[str, Any]) -> Step:
+    lo, hi = float(spec["min"]), float(spec["max"])
+    if hi <= lo:
+        raise BundleError(f"minmax step needs max > min, got {lo}..{hi}")
+    scale = np.float32(1.0 / (hi - lo))
+    lo32 = np.float32(lo)
+
+    def step(x: np.ndarray) -> np.ndarray:
+        return np.clip((x - lo32) * scale, 0.0, 1.0, dtype=np.float32)
+
+    return step
+
+
+def _standardize(spec: dict[str, Any]) -> Step:
+    mean, std = np.float32(spec["mean"]), np.float32(spec["std"])
+    if std <= 0:
+        raise BundleError("standardize step needs std > 0")
+    return lambda x: ((x - mean) / std).astype(np.float32, copy=False)
+
+
+def _reshape(spec: dict[str, Any]) -> Step:
+    shape = tuple(int(s) for s in spec["shape"])
+    return lambda x: x.reshape((x.shape[0], *shape))
+
+
+_STEPS: dict[str, Callable[[dict[str, Any]], Step]] = {
+    "minmax": _minmax,
+    "standardize": _standardize,
+    "reshape": _reshape,
+}
+
+
+class Preprocessor:
+    """Validates raw inputs against the manifest's `raw_input` and turns them into model inputs."""
+
+    def __init__(self, raw_input: TensorSpec, steps: Sequence[dict[str, Any]]) -> None:
+        self.raw_input = raw_input
+        self._sample_shape = tuple(s for s in raw_input.shape)
+        self._steps: list[Step] = []
+        for spec in steps:
+            kind = spec.get("type")
+            if kind not in _STEPS:
+                raise BundleError(f"unknown preprocessing step {kind!r}; known: {sorted(_STEPS)}")
+            try:
+                self._steps.append(_STEPS[kind](spec))
+            except KeyError as exc:
+                raise BundleError(f"preprocessing step {kind!r} is missing {exc}") from None
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest) -> Preprocessor:
+        return cls(manifest.raw_input, manifest.preprocessing)
+
+    def check(self, x: np.ndarray) -> np.ndarray:
+        """Return `x` as a batch of raw samples, or raise ProtocolError saying what is wrong."""
+        if not isinstance(x, np.ndarray):
+            raise ProtocolError(f"input must be an array, got {type(x).__name__}")
+        if x.dtype.kind not in "fiu":
+            raise ProtocolError(f"input dtype {x.dtype} is not numeric")
+        if x.shape == self._sample_shape:
+            x = x[np.newaxis]
+        elif x.shape[1:] != self._sample_shape or x.shape[0] < 1:
+            raise ProtocolError(
+                f"input shape {list(x.shape)} does not match {list(self._sample_shape)} "
+                f"(one sample) or [N, {', '.join(map(str, self._sample_shape))}] (a batch)")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise ProtocolError("input contains NaN or infinity")
+        return x
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        batch = self.check(x).astype(np.float32, copy=False)
+        for step in self._steps:
+            batch = step(batch)
+        return np.ascontiguousarray(batch, dtype=np.float32)

@@ -1,0 +1,337 @@
+"""The wire contract between agents and hub: topics, the frame codec and the messages.
+
+Nothing else spells a topic string or a frame layout. Every payload is one frame:
+
+    offset  size  field
+    0       2     magic b"EH"
+    2       1     protocol version (PROTOCOL_VERSION)
+    3       1     message kind (Kind)
+    4       4     header length H, unsigned big-endian
+    8       H     header: UTF-8 JSON object
+    8+H     rest  body: raw bytes (a tensor's data, little-endian, C order), may be empty
+
+Tensors travel as raw bytes with dtype and shape in the header, never as JSON lists of floats.
+A frame with another magic, an unknown version or kind, a bad length, or a tensor whose bytes do
+not match its dtype and shape raises ProtocolError (UnsupportedVersion for the version).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fleet.errors import ProtocolError, UnsupportedVersion
+
+PROTOCOL_VERSION = 1
+MAGIC = b"EH"
+_PREFIX = struct.Struct(">2sBBI")
+TOPIC_ROOT = "ehi/v1"
+HUB_SHARE_GROUP = "hub"
+# A frame larger than this is refused before parsing: it bounds what one message can cost.
+MAX_FRAME_BYTES = 4 << 20
+MAX_HEADER_BYTES = 1 << 20
+MAX_TENSOR_DIMS = 8
+WIRE_DTYPES = frozenset({"float32", "float16", "float64", "uint8", "int8", "int16", "int32",
+                         "int64"})
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class Kind(IntEnum):
+    OFFLOAD = 1
+    ANSWER = 2
+    RESULTS = 3
+    ACK = 4
+    TELEMETRY = 5
+    STATUS = 6
+
+
+class Channel(StrEnum):
+    """The last level of a device's topics, `ehi/v1/{device}/{channel}`."""
+
+    OFFLOAD = "offload"      # agent -> hub, QoS 1: a hard example
+    ANSWER = "answer"        # hub -> agent, QoS 1: the cloud answer for an offload id
+    RESULTS = "results"      # agent -> hub, QoS 1: a batch of result records
+    ACK = "ack"              # hub -> agent, QoS 1: record ids committed by the hub
+    TELEMETRY = "telemetry"  # agent -> hub, QoS 0: heartbeat
+    STATUS = "status"        # agent -> hub, QoS 1, retained, last will: online/offline
+
+
+QOS: dict[Channel, int] = {
+    Channel.OFFLOAD: 1, Channel.ANSWER: 1, Channel.RESULTS: 1, Channel.ACK: 1,
+    Channel.TELEMETRY: 0, Channel.STATUS: 1,
+}
+
+
+def check_device_id(device: str) -> str:
+    if not _DEVICE_ID.match(device):
+        raise ProtocolError(f"device id {device!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return device
+
+
+def topic(device: str, channel: Channel) -> str:
+    return f"{TOPIC_ROOT}/{check_device_id(device)}/{channel.value}"
+
+
+def hub_filter(channel: Channel, shared: bool = True) -> str:
+    """The hub's subscription for a channel of every device, shared among hub replicas."""
+    base = f"{TOPIC_ROOT}/+/{channel.value}"
+    return f"$share/{HUB_SHARE_GROUP}/{base}" if shared else base
+
+
+def parse_topic(t: str) -> tuple[str, Channel]:
+    parts = t.split("/")
+    if len(parts) != 4 or "/".join(parts[:2]) != TOPIC_ROOT:
+        raise ProtocolError(f"topic {t!r} is not under {TOPIC_ROOT}/{{device}}/{{channel}}")
+    try:
+        channel = Channel(parts[3])
+    except ValueError:
+        raise ProtocolError(f"topic {t!r} names an unknown channel {parts[3]!r}") from None
+    return check_device_id(parts[2]), channel
+
+
+# ---------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: Kind
+    header: dict[str, Any]
+    body: bytes = b""
+
+
+def encode_frame(kind: Kind, header: dict[str, Any], body: bytes = b"") -> bytes:
+    h = json.dumps(header, separators=(",", ":")).encode()
+    return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(kind), len(h)) + h + body
+
+
+def decode_frame(payload: bytes, expect: Kind | None = None) -> Frame:
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME_BYTES} limit")
+    if len(payload) < _PREFIX.size:
+        raise ProtocolError(f"frame of {len(payload)} bytes is shorter than its {_PREFIX.size}-byte "
+                            "prefix")
+    magic, version, kind, hlen = _PREFIX.unpack_from(payload)
+    if magic != MAGIC:
+        raise ProtocolError(f"frame does not start with {MAGIC!r} (got {magic!r})")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"protocol version {version} is not supported "
+                                 f"(this build speaks {PROTOCOL_VERSION})")
+    try:
+        k = Kind(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {kind}") from None
+    if expect is not None and k is not expect:
+        raise ProtocolError(f"expected a {expect.name} message, got {k.name}")
+    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(payload):
+        raise ProtocolError(f"header length {hlen} does not fit a {len(payload)}-byte frame")
+    try:
+        header = json.loads(payload[_PREFIX.size:_PREFIX.size + hlen])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a JSON object")
+    return Frame(k, header, bytes(payload[_PREFIX.size + hlen:]))
+
+
+def tensor_header(x: np.ndarray) -> dict[str, Any]:
+    return {"dtype": x.dtype.name, "shape": list(x.shape)}
+
+
+def tensor_bytes(x: np.ndarray) -> bytes:
+    return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes()
+
+
+def decode_tensor(spec: Any, body: bytes) -> np.ndarray:
+    if not isinstance(spec, dict):
+        raise ProtocolError("tensor spec must be an object with dtype and shape")
+    dtype, shape = spec.get("dtype"), spec.get("shape")
+    if dtype not in WIRE_DTYPES:
+        raise ProtocolError(f"tensor dtype {dtype!r} is not one of {sorted(WIRE_DTYPES)}")
+    if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise ProtocolError(f"tensor shape {shape!r} must be a list of at most {MAX_TENSOR_DIMS} "
+                            "non-negative integers")
+    dt = np.dtype(dtype).newbyteorder("<")
+    need = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if need != len(body):
+        raise ProtocolError(f"tensor {dtype}{shape} needs {need} bytes, body has {len(body)}")
+    return np.frombuffer(body, dtype=dt).reshape(shape).astype(dt.newbyteorder("="), copy=False)
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Offload:
+    """A hard example: the raw input (before preprocessing) and what the edge thought of it."""
+
+    id: str
+    model: str
+    input: np.ndarray
+    deadline_ms: float
+    sent_at: float
+    edge_label: int
+    edge_score: float
+
+    def encode(self) -> bytes:
+        header = {"id": self.id, "model": self.model, "deadline_ms": self.deadline_ms,
+                  "sent_at": self.sent_at, "edge_label": self.edge_label,
+                  "edge_score": self.edge_score, "tensor": tensor_header(self.input)}
+        return encode_frame(Kind.OFFLOAD, header, tensor_bytes(self.input))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Offload:
+        f = decode_frame(payload, Kind.OFFLOAD)
+        h = f.header
+        try:
+            return cls(id=_str(h, "id"), model=_str(h, "model"),
+                       input=decode_tensor(h.get("tensor"), f.body),
+                       deadline_ms=float(h["deadline_ms"]), sent_at=float(h["sent_at"]),
+                       edge_label=int(h["edge_label"]), edge_score=float(h["edge_score"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"offload header is incomplete or mistyped: {exc!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The hub's answer to one offload; `error` set (and label -1) when the hub could not answer."""
+
+    id: str
+    label: int
+    confidence: float
+    model: str
+    hub_ms: float = 0.0
+    error: str | None = None
+
+    def encode(self) -> bytes:
+        header = {"id": self.id, "label": self.label, "confidence": self.confidence,
+                  "model": self.model, "hub_ms": self.hub_ms}
+        if self.error:
+            header["error"] = self.error
+        return encode_frame(Kind.ANSWER, header)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Answer:
+        h = decode_frame(payload, Kind.ANSWER).header
+        try:
+            return cls(id=_str(h, "id"), label=int(h["label"]), confidence=float(h["confidence"]),
+                       model=str(h["model"]), hub_ms=float(h.get("hub_ms", 0.0)),
+                       error=h.get("error"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"answer header is incomplete or mistyped: {exc!r}") from None
+
+
+Source = Literal["edge", "cloud", "edge_fallback"]
+
+
+class ResultRecord(BaseModel):
+    """One decision of an agent: what it answered, from where, and how long it took.
+
+    `source` is "edge" (easy input), "cloud" (offloaded and answered in time) or
+    "edge_fallback" (offloaded, no cloud answer by the deadline: the edge answer is final and
+    the record is `degraded`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=64)
+    device: str = Field(min_length=1, max_length=64)
+    seq: int = Field(ge=0)
+    ts: float
+    input_ref: str | None = Field(default=None, max_length=128)
+    model: str = Field(max_length=128)
+    backend: str = Field(max_length=32)
+    policy: str = Field(max_length=32)
+    score: float
+    edge_label: int
+    edge_confidence: float
+    offloaded: bool
+    cloud_label: int | None = None
+    cloud_model: str | None = Field(default=None, max_length=128)
+    final_label: int
+    source: Source
+    degraded: bool = False
+    latency_ms: float = Field(ge=0)
+    edge_ms: float = Field(ge=0)
+    offload_bytes: int = Field(default=0, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultBatch:
+    records: list[ResultRecord]
+
+    def encode(self) -> bytes:
+        return encode_frame(Kind.RESULTS, {"records": [r.model_dump() for r in self.records]})
+
+    @classmethod
+    def decode_lenient(cls, payload: bytes) -> tuple[list[ResultRecord], dict[str, str]]:
+        """Decode a batch, keeping the valid records and naming each invalid one with a reason.
+
+        One bad record never blocks the others. Records without a usable id are reported under
+        their index ("#3").
+        """
+        h = decode_frame(payload, Kind.RESULTS).header
+        raw = h.get("records")
+        if not isinstance(raw, list):
+            raise ProtocolError("results header needs a 'records' list")
+        good: list[ResultRecord] = []
+        bad: dict[str, str] = {}
+        for i, r in enumerate(raw):
+            try:
+                good.append(ResultRecord.model_validate(r))
+            except ValidationError as exc:
+                rid = r.get("id") if isinstance(r, dict) else None
+                key = rid if isinstance(rid, str) and 0 < len(rid) <= 64 else f"#{i}"
+                bad[key] = _short_validation(exc)
+        return good, bad
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Record ids the hub committed (`ids`) or refused for good (`rejected`, id -> reason)."""
+
+    ids: list[str]
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return encode_frame(Kind.ACK, {"ids": self.ids, "rejected": self.rejected})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Ack:
+        h = decode_frame(payload, Kind.ACK).header
+        ids, rej = h.get("ids", []), h.get("rejected", {})
+        if not isinstance(ids, list) or not isinstance(rej, dict):
+            raise ProtocolError("ack needs an 'ids' list and a 'rejected' object")
+        return cls([str(i) for i in ids], {str(k): str(v) for k, v in rej.items()})
+
+
+def encode_json(kind: Kind, header: dict[str, Any]) -> bytes:
+    """Telemetry and status are plain headers."""
+    return encode_frame(kind, header)
+
+
+def status_payload(state: Literal["online", "offline"], device: str) -> bytes:
+    return encode_frame(Kind.STATUS, {"state": state, "device": device, "ts": time.time()})
+
+
+def _str(h: dict[str, Any], key: str) -> str:
+    v = h.get(key)
+    if not isinstance(v, str) or not v:
+        raise ProtocolError(f"header field {key!r} must be a non-empty string")
+    return v
+
+
+def _short_validation(exc: ValidationError) -> str:
+    errs = exc.errors()
+    first = errs[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{loc}: {first.get('msg')}{more}"

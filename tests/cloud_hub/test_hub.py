@@ -1,0 +1,209 @@
+"""The hub against a real database (SQLite and PostgreSQL) and the in-memory bus."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from cloud_hub.bridge import Bridge
+from cloud_hub.core.config import HubSettings
+from cloud_hub.db import init_db, make_engine, session_factory
+from cloud_hub.ingest import ingest_results
+from cloud_hub.main import create_app
+from cloud_hub.metrics import HubMetrics
+from edge_agent.engine import Engine
+from fleet import protocol as p
+from fleet.mqtt import MemoryBus, MemorySession
+from models import CLOUD_BUNDLE, STREAMS_FILE
+
+
+def record(i: int, device: str = "dev-1", **kw: object) -> p.ResultRecord:
+    base = dict(id=f"r{i:05d}", device=device, seq=i, ts=1000.0 + i, input_ref=f"s:{i}",
+                model="digits-edge@1", backend="onnxruntime", policy="entropy", score=0.1,
+                edge_label=i % 10, edge_confidence=0.9, offloaded=i % 4 == 0,
+                cloud_label=(i % 10 if i % 8 == 0 else (i + 1) % 10) if i % 4 == 0 else None,
+                cloud_model="digits-cloud@1" if i % 4 == 0 else None,
+                final_label=i % 10, source="cloud" if i % 4 == 0 else "edge",
+                latency_ms=float(i % 7), edge_ms=0.1, offload_bytes=450 if i % 4 == 0 else 0)
+    base.update(kw)
+    return p.ResultRecord(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def client(database_url: str) -> Iterator[TestClient]:
+    app = create_app(HubSettings(database_url=database_url), with_bridge=False)
+    with TestClient(app) as c:
+        yield c
+
+
+def test_ingest_is_idempotent(database_url: str) -> None:
+    eng = make_engine(database_url)
+    init_db(eng)
+    sessions = session_factory(eng)
+    first = ingest_results(sessions, [record(i) for i in range(10)])
+    assert len(first.inserted) == 10 and first.duplicates == []
+    again = ingest_results(sessions, [record(i) for i in range(5, 15)] + [record(14)])
+    assert sorted(again.inserted) == [f"r{i:05d}" for i in range(10, 15)]
+    assert len(again.duplicates) == 6
+    with sessions() as s:
+        from sqlalchemy import func, select
+
+        from cloud_hub.db import Result
+        assert s.scalar(select(func.count()).select_from(Result)) == 15
+    eng.dispose()
+
+
+def test_api_results_paging_filters_and_stats(client: TestClient) -> None:
+    sessions = client.app.state.sessions  # type: ignore[attr-defined]
+    ingest_results(sessions, [record(i) for i in range(30)]
+                   + [record(i, device="dev-2") for i in range(100, 110)])
+    seen, cursor = [], 0
+    while True:
+        r = client.get("/v1/results", params={"limit": 7, "cursor": cursor})
+        assert r.status_code == 200
+        page = r.json()
+        seen += page["items"]
+        if page["next_cursor"] is None:
+            break
+        cursor = page["next_cursor"]
+    assert len(seen) == 40 and len({x["id"] for x in seen}) == 40
+    off = client.get("/v1/results", params={"offloaded": True, "device": "dev-1",
+                                            "limit": 100}).json()["items"]
+    assert len(off) == 8 and all(x["offloaded"] for x in off)
+    since = client.get("/v1/results", params={"since": 1020, "device": "dev-1"}).json()["items"]
+    assert [x["seq"] for x in since] == list(range(20, 30))
+
+    stats = client.get("/v1/stats").json()
+    assert stats["total"]["count"] == 40
+    g1 = next(g for g in stats["groups"] if g["device"] == "dev-1")
+    assert g1["model"] == "digits-edge@1"
+    assert g1["offload_rate"] == pytest.approx(8 / 30, abs=1e-4)
+    # offloaded ids 0, 4, ..., 28: the cloud agrees with the edge on multiples of 8.
+    assert g1["agreement"] == pytest.approx(4 / 8)
+    assert g1["bytes_offloaded"] == 8 * 450
+    assert set(g1["latency_ms"]) == {"p50", "p95", "p99"}
+    assert client.get("/v1/stats", params={"device": "dev-2"}).json()["total"]["count"] == 10
+
+
+def test_api_health_devices_docs(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["database"] is True
+    assert client.get("/v1/devices/nope").status_code == 404
+    ingest_results(client.app.state.sessions, [record(1)])  # type: ignore[attr-defined]
+    devs = client.get("/v1/devices").json()
+    assert [d["id"] for d in devs] == ["dev-1"]
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/docs").status_code == 200
+    assert "ehi_hub" in client.get("/metrics").text
+    assert client.get("/v1/results", params={"limit": 0}).status_code == 422
+
+
+# ---------------------------------------------------------------- bridge
+
+
+@pytest.fixture
+def bridge_on_bus(database_url: str) -> Iterator[tuple[Bridge, MemoryBus, list]]:
+    bus = MemoryBus()
+    eng = make_engine(database_url)
+    init_db(eng)
+    cloud = Engine.open(CLOUD_BUNDLE, "onnxruntime")
+    bridge = Bridge(cloud, session_factory(eng), HubMetrics(), batch_max=16, batch_wait_ms=0,
+                    offload_queue=100, ingest_queue=100,
+                    transport_factory=functools.partial(MemorySession, bus))
+    inbox: list[tuple[str, bytes]] = []
+    bus.subscribe("ehi/v1/+/answer", lambda t, b: inbox.append((t, b)))
+    bus.subscribe("ehi/v1/+/ack", lambda t, b: inbox.append((t, b)))
+    bridge.start()
+    yield bridge, bus, inbox
+    bridge.stop()
+    eng.dispose()
+
+
+def _wait(pred, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _bad(bridge: Bridge, reason: str) -> float:
+    return bridge.metrics.registry.get_sample_value("ehi_hub_bad_messages_total",
+                                                    {"reason": reason}) or 0.0
+
+
+def test_bridge_answers_offloads_with_the_cloud_model(bridge_on_bus) -> None:  # type: ignore[no-untyped-def]
+    bridge, bus, inbox = bridge_on_bus
+    data = np.load(STREAMS_FILE)
+    x, y = data["clean_x"][:20], data["clean_y"][:20]
+    for i, xi in enumerate(x):
+        bus.publish(p.topic("dev-1", p.Channel.OFFLOAD),
+                    p.Offload(f"o{i}", "digits-edge@1", xi, 100, time.time(), 0, 0.5).encode())
+    assert _wait(lambda: len(inbox) == 20)
+    answers = {a.id: a for a in (p.Answer.decode(b) for _, b in inbox)}
+    assert all(t == "ehi/v1/dev-1/answer" for t, _ in inbox)
+    labels = np.array([answers[f"o{i}"].label for i in range(20)])
+    assert (labels == y).mean() >= 0.9
+
+
+def test_bridge_survives_bad_messages(bridge_on_bus) -> None:  # type: ignore[no-untyped-def]
+    bridge, bus, inbox = bridge_on_bus
+    bus.publish("ehi/v1/dev-1/offload", b"\x00garbage")
+    v9 = bytearray(p.Offload("o", "m", np.zeros((8, 8), np.float32), 1, 0, 0, 0).encode())
+    v9[2] = 9
+    bus.publish("ehi/v1/dev-1/offload", bytes(v9))
+    bus.publish("ehi/v1/dev-1/results", b"not a frame")
+    bus.publish("ehi/v1/dev-1/telemetry", b"EH\x01\x05\x00\x00\x00\x01[")
+    wrong = p.Offload("o2", "m", np.zeros((3, 3), np.float32), 100, 0, 0, 0).encode()
+    bus.publish("ehi/v1/dev-1/offload", wrong)
+    assert _wait(lambda: _bad(bridge, "malformed") == 3 and _bad(bridge, "version") == 1)
+    assert _wait(lambda: len(inbox) == 1)
+    err = p.Answer.decode(inbox[0][1])
+    assert err.id == "o2" and err.label == -1 and "does not fit" in (err.error or "")
+    # ... and it still works.
+    good = p.Offload("o3", "m", np.zeros((8, 8), np.float32), 100, 0, 0, 0).encode()
+    bus.publish("ehi/v1/dev-1/offload", good)
+    assert _wait(lambda: len(inbox) == 2)
+
+
+def test_bridge_acks_after_commit_and_refuses_foreign_records(bridge_on_bus) -> None:  # type: ignore[no-untyped-def]
+    bridge, bus, inbox = bridge_on_bus
+    batch = [record(1), record(2), record(3, device="dev-2")]
+    bus.publish("ehi/v1/dev-1/results", p.ResultBatch(batch).encode())
+    bus.publish("ehi/v1/dev-1/results", p.ResultBatch(batch[:2]).encode())  # a resend
+    assert _wait(lambda: len(inbox) == 2)
+    acks = [p.Ack.decode(b) for _, b in inbox]
+    assert acks[0].ids == ["r00001", "r00002"] and set(acks[0].rejected) == {"r00003"}
+    assert sorted(acks[1].ids) == ["r00001", "r00002"]
+    reg = bridge.metrics.registry
+    assert reg.get_sample_value("ehi_hub_results_inserted_total") == 2
+    assert reg.get_sample_value("ehi_hub_results_duplicate_total") == 2
+    assert reg.get_sample_value("ehi_hub_results_rejected_total") == 1
+
+
+def test_bridge_records_status_and_telemetry(bridge_on_bus) -> None:  # type: ignore[no-untyped-def]
+    bridge, bus, _ = bridge_on_bus
+    bus.publish("ehi/v1/dev-7/status", p.status_payload("online", "dev-7"))
+    bus.publish("ehi/v1/dev-7/telemetry", p.encode_json(p.Kind.TELEMETRY, {
+        "model": "digits-edge@1", "backend": "openvino", "system": {"cpu_percent": 3}}))
+    from cloud_hub.db import Device
+
+    def seen() -> bool:
+        with bridge.sessions() as s:
+            d = s.get(Device, "dev-7")
+            return d is not None and d.backend == "openvino" and d.online
+    assert _wait(seen)
+    bus.publish("ehi/v1/dev-7/status", p.status_payload("offline", "dev-7"))
+
+    def offline() -> bool:
+        with bridge.sessions() as s:
+            d = s.get(Device, "dev-7")
+            return d is not None and not d.online
+    assert _wait(offline)

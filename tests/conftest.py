@@ -1,0 +1,90 @@
+"""Shared fixtures: brokers on free ports, databases, the bundled models.
+
+Tests that need Mosquitto or PostgreSQL skip when those are missing on a developer's machine,
+and fail instead when CI=true, so that CI cannot pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet.brokers import RunningBroker, mosquitto_path, start_broker
+from fleet.processes import ProcessGroup
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_ADMIN_URL = os.environ.get("EHI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def need(condition: bool, why: str) -> None:
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"{why} (required in CI)")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def procs() -> Iterator[ProcessGroup]:
+    with ProcessGroup() as g:
+        yield g
+
+
+@pytest.fixture(scope="session")
+def mosquitto(procs: ProcessGroup, tmp_path_factory: pytest.TempPathFactory) -> RunningBroker:
+    need(mosquitto_path() is not None, "mosquitto is not installed")
+    return start_broker(procs, tmp_path_factory.mktemp("mosquitto"), "mosquitto")
+
+
+@pytest.fixture(scope="session")
+def embedded_broker(procs: ProcessGroup, tmp_path_factory: pytest.TempPathFactory) -> RunningBroker:
+    return start_broker(procs, tmp_path_factory.mktemp("embedded"), "embedded")
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def broker(request: pytest.FixtureRequest) -> RunningBroker:
+    b: RunningBroker = request.getfixturevalue("mosquitto" if request.param == "mosquitto"
+                                               else "embedded_broker")
+    return b
+
+
+def _pg_available() -> bool:
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    try:
+        with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    need(_pg_available(), f"PostgreSQL is not reachable at {PG_ADMIN_URL}")
+    import psycopg
+
+    name = f"ehi_test_{uuid.uuid4().hex[:12]}"
+    admin = PG_ADMIN_URL.replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hub.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

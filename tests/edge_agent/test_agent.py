@@ -1,0 +1,200 @@
+"""The agent's logic on an in-memory bus, with a fake backend and a scripted hub."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.backends import FakeBackend
+from edge_agent.config import AgentSettings
+from edge_agent.engine import Engine
+from edge_agent.errors import InputError
+from edge_agent.policy import HardExamplePolicy
+from fleet import protocol as p
+from fleet.bundle import load_bundle
+from fleet.mqtt import MemoryBus, MemorySession
+from models import EDGE_BUNDLE
+
+CONFIDENT = np.array([[10.0] + [0.0] * 9], dtype=np.float32)
+UNSURE = np.array([[1.0, 1.0] + [0.0] * 8], dtype=np.float32)
+EASY = np.zeros((8, 8), dtype=np.float32)
+HARD = np.full((8, 8), 16.0, dtype=np.float32)
+
+
+def fake_logits(batch: np.ndarray) -> np.ndarray:
+    # Bright images are "hard" for the fake edge model.
+    return np.concatenate([UNSURE if b.mean() > 0.5 else CONFIDENT for b in batch])
+
+
+class ScriptedHub:
+    """Answers offloads with label 9 and acknowledges results, unless told otherwise."""
+
+    def __init__(self, bus: MemoryBus) -> None:
+        self.bus = bus
+        self.answer = True
+        self.ack = True
+        self.results: list[p.ResultRecord] = []
+        bus.subscribe(p.hub_filter(p.Channel.OFFLOAD), self._offload)
+        bus.subscribe(p.hub_filter(p.Channel.RESULTS), self._results)
+
+    def _offload(self, topic: str, payload: bytes) -> None:
+        dev, _ = p.parse_topic(topic)
+        off = p.Offload.decode(payload)
+        if self.answer:
+            self.bus.publish(p.topic(dev, p.Channel.ANSWER),
+                             p.Answer(off.id, 9, 0.99, "cloud@1").encode())
+
+    def _results(self, topic: str, payload: bytes) -> None:
+        dev, _ = p.parse_topic(topic)
+        good, bad = p.ResultBatch.decode_lenient(payload)
+        self.results.extend(good)
+        if self.ack:
+            self.bus.publish(p.topic(dev, p.Channel.ACK),
+                             p.Ack([r.id for r in good], bad).encode())
+
+
+@pytest.fixture
+def bus() -> MemoryBus:
+    return MemoryBus()
+
+
+@pytest.fixture
+def hub(bus: MemoryBus) -> ScriptedHub:
+    return ScriptedHub(bus)
+
+
+@pytest.fixture
+def make_agent(bus: MemoryBus) -> Callable[..., Agent]:
+    agents: list[Agent] = []
+
+    def make(**overrides: object) -> Agent:
+        settings = AgentSettings(device_id="dev-1", telemetry_interval_s=60,
+                                 offload={"deadline_ms": 100.0},
+                                 results={"flush_interval_s": 0.01, "resend_after_s": 0.2},
+                                 **overrides)  # type: ignore[arg-type]
+        engine = Engine(load_bundle(EDGE_BUNDLE), FakeBackend(fake_logits),
+                        HardExamplePolicy("margin", 0.5))
+        agent = Agent(settings, engine, functools.partial(_memory, bus))
+        agent.start()
+        agents.append(agent)
+        return agent
+
+    yield make  # type: ignore[misc]
+    for a in agents:
+        a.stop()
+
+
+def _memory(bus: MemoryBus, on_message, subs, on_connect, _will):  # type: ignore[no-untyped-def]
+    return MemorySession(bus, on_message, subs, on_connect)
+
+
+def test_easy_input_is_answered_at_the_edge(make_agent: Callable[..., Agent],
+                                            hub: ScriptedHub) -> None:
+    a = make_agent()
+    ans = a.infer(EASY, input_ref="s:1")
+    assert (ans.label, ans.source, ans.offloaded, ans.degraded) == (0, "edge", False, False)
+    assert ans.label_name == "0"
+
+
+def test_hard_input_gets_the_cloud_answer(make_agent: Callable[..., Agent],
+                                          hub: ScriptedHub) -> None:
+    a = make_agent()
+    ans = a.infer(HARD)
+    assert (ans.label, ans.source, ans.offloaded) == (9, "cloud", True)
+    assert a.counters.snapshot()["cloud_answers"] == 1
+
+
+def test_deadline_passes_and_edge_answer_is_final_and_degraded(
+        make_agent: Callable[..., Agent], hub: ScriptedHub) -> None:
+    hub.answer = False
+    a = make_agent()
+    t0 = time.perf_counter()
+    ans = a.infer(HARD, deadline_ms=30)
+    waited = time.perf_counter() - t0
+    assert (ans.label, ans.source, ans.degraded) == (0, "edge_fallback", True)
+    assert waited >= 0.03
+    assert a.counters.snapshot()["fallbacks"] == 1
+    assert len(a.pending) == 0
+
+
+def test_offline_agent_does_not_wait_for_the_deadline(make_agent: Callable[..., Agent],
+                                                      hub: ScriptedHub) -> None:
+    a = make_agent()
+    a.transport.online = False  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    ans = a.infer(HARD, deadline_ms=5000)
+    assert time.perf_counter() - t0 < 1.0
+    assert ans.source == "edge_fallback" and ans.degraded
+
+
+def test_bad_input_is_refused_and_the_agent_goes_on(make_agent: Callable[..., Agent],
+                                                    hub: ScriptedHub) -> None:
+    a = make_agent()
+    with pytest.raises(InputError, match="does not match"):
+        a.infer(np.zeros((3, 3), dtype=np.float32))
+    with pytest.raises(InputError, match="one sample"):
+        a.infer(np.zeros((2, 8, 8), dtype=np.float32))
+    assert a.counters.snapshot()["input_errors"] == 2
+    assert a.infer(EASY).source == "edge"
+
+
+def test_every_result_reaches_the_hub_once_acknowledged(make_agent: Callable[..., Agent],
+                                                        hub: ScriptedHub) -> None:
+    a = make_agent()
+    for i in range(25):
+        a.infer(HARD if i % 5 == 0 else EASY, input_ref=f"s:{i}")
+    assert a.drain(5.0)
+    assert sorted(int(r.input_ref.split(":")[1]) for r in hub.results) == list(range(25))
+    assert a.outbox.acked == 25
+
+
+def test_unacknowledged_results_are_sent_again(make_agent: Callable[..., Agent],
+                                               hub: ScriptedHub) -> None:
+    hub.ack = False
+    a = make_agent()
+    a.infer(EASY, input_ref="s:0")
+    deadline = time.monotonic() + 3
+    while len(hub.results) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(hub.results) >= 2 and {r.id for r in hub.results} == {hub.results[0].id}
+    hub.ack = True
+    assert a.drain(3.0)
+
+
+def test_malformed_messages_are_counted_not_fatal(make_agent: Callable[..., Agent],
+                                                  bus: MemoryBus, hub: ScriptedHub) -> None:
+    a = make_agent()
+    bus.publish(p.topic("dev-1", p.Channel.ANSWER), b"garbage")
+    bus.publish(p.topic("dev-1", p.Channel.ACK), p.Answer("x", 1, 1.0, "m").encode())
+    assert a.counters.snapshot()["bad_messages"] == 2
+    assert a.infer(HARD).source == "cloud"
+
+
+def test_hub_error_answer_falls_back(make_agent: Callable[..., Agent], bus: MemoryBus) -> None:
+    def refuse(topic: str, payload: bytes) -> None:
+        off = p.Offload.decode(payload)
+        bus.publish(p.topic("dev-1", p.Channel.ANSWER),
+                    p.Answer(off.id, -1, 0.0, "cloud@1", error="busy").encode())
+
+    bus.subscribe(p.hub_filter(p.Channel.OFFLOAD), refuse)
+    a = make_agent()
+    ans = a.infer(HARD)
+    assert ans.source == "edge_fallback" and a.counters.snapshot()["hub_errors"] == 1
+
+
+def test_status_online_retained_and_telemetry(make_agent: Callable[..., Agent],
+                                              bus: MemoryBus, hub: ScriptedHub) -> None:
+    a = make_agent(labels={"site": "lab"})
+    status = p.decode_frame(bus.retained[p.topic("dev-1", p.Channel.STATUS)]).header
+    assert status["state"] == "online"
+    t = a.telemetry()
+    assert t["model"] == "digits-edge@1" and t["labels"] == {"site": "lab"}
+    assert "cpu_percent" in t["system"] and "rss_mb" in t["system"]
+    assert set(t["queues"]) == {"offloads_pending", "results_pending"}
+    a.publish_telemetry()
+    assert any(tp.endswith("/telemetry") for tp, _ in bus.log)

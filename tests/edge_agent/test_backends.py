@@ -1,0 +1,63 @@
+"""Both real runtimes load the bundled models and agree on them."""
+
+import numpy as np
+import pytest
+
+from edge_agent.backends import available_backends, open_backend, resolve_backend
+from edge_agent.engine import Engine
+from edge_agent.errors import BackendError
+from fleet.bundle import load_bundle
+from fleet.preprocess import Preprocessor
+from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
+
+
+def test_both_backends_installed() -> None:
+    assert available_backends() == ["onnxruntime", "openvino"]
+
+
+@pytest.mark.parametrize("root", [EDGE_BUNDLE, CLOUD_BUNDLE], ids=["edge", "cloud"])
+def test_backends_agree(root) -> None:  # type: ignore[no-untyped-def]
+    bundle = load_bundle(root)
+    x = np.load(STREAMS_FILE)["mixed_x"][:200]
+    batch = Preprocessor.for_manifest(bundle.manifest)(x)
+    ort_out = open_backend("onnxruntime", bundle.model_path).run(batch)
+    ov_out = open_backend("openvino", bundle.model_path).run(batch)
+    assert ort_out.shape == ov_out.shape == (200, 10)
+    # INT8 kernels differ between runtimes by a quantization step or two on some logits:
+    # compare the decisions, and bound the drift.
+    agree = (ort_out.argmax(1) == ov_out.argmax(1)).mean()
+    assert agree >= 0.99
+    diff = np.abs(ort_out - ov_out)
+    assert np.median(diff) <= 0.1
+    assert diff.max() <= 1.5
+
+
+def test_single_sample_path_matches_batch() -> None:
+    for backend in ("onnxruntime", "openvino"):
+        eng = Engine.open(EDGE_BUNDLE, backend)
+        x = np.load(STREAMS_FILE)["clean_x"][:20]
+        batch = eng.predict_batch(x).argmax(1)
+        single = [eng.run(xi).label for xi in x]
+        assert list(batch) == single
+
+
+def test_engine_uses_the_manifest_recommendation() -> None:
+    m = load_bundle(EDGE_BUNDLE).manifest
+    eng = Engine.open(EDGE_BUNDLE)
+    assert m.hard_example is not None
+    assert eng.policy.name == m.hard_example.policy
+    assert eng.policy.threshold == pytest.approx(m.hard_example.threshold)
+    other = next(k for k in m.hard_example.thresholds if k != m.hard_example.policy)
+    eng2 = Engine.open(EDGE_BUNDLE, policy=other)
+    assert eng2.policy.threshold == pytest.approx(m.hard_example.thresholds[other])
+
+
+def test_backend_errors_are_clear(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(BackendError, match="unknown backend"):
+        resolve_backend("tensorrt")
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"not a model")
+    for name in ("onnxruntime", "openvino"):
+        with pytest.raises(BackendError, match="could not load"):
+            open_backend(name, bad)
+    assert resolve_backend("auto", ("openvino",)) == "openvino"

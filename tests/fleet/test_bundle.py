@@ -1,0 +1,122 @@
+import json
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleet.bundle import Manifest, canonical_json, load_bundle
+from fleet.errors import BundleError, ProtocolError
+from fleet.preprocess import Preprocessor
+from models import CLOUD_BUNDLE, EDGE_BUNDLE
+
+
+@pytest.fixture
+def bundle_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "b"
+    shutil.copytree(EDGE_BUNDLE, dst)
+    return dst
+
+
+def _edit(root: Path, **changes: object) -> None:
+    m = json.loads((root / "manifest.json").read_text())
+    m.update(changes)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+def test_bundled_models_load_and_verify() -> None:
+    for root in (EDGE_BUNDLE, CLOUD_BUNDLE):
+        b = load_bundle(root)
+        assert b.manifest.version >= 1
+        assert b.model_path.is_file()
+    edge = load_bundle(EDGE_BUNDLE).manifest
+    assert edge.hard_example is not None
+    assert edge.hard_example.policy in edge.hard_example.thresholds
+    # The brief's constraint: edge FLOPs at most a tenth of the cloud's.
+    cloud = load_bundle(CLOUD_BUNDLE).manifest
+    assert edge.metrics["flops"] * 10 <= cloud.metrics["flops"]
+
+
+def test_manifest_roundtrip_is_canonical() -> None:
+    m = load_bundle(EDGE_BUNDLE).manifest
+    again = Manifest.from_dict(m.to_dict())
+    assert canonical_json(again.to_dict()) == canonical_json(m.to_dict())
+
+
+def test_altered_file_is_refused(bundle_copy: Path) -> None:
+    f = bundle_copy / "model.onnx"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(bundle_copy)
+
+
+def test_longer_file_is_refused(bundle_copy: Path) -> None:
+    with (bundle_copy / "model.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(BundleError, match="bytes, manifest says"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_file_and_manifest(bundle_copy: Path, tmp_path: Path) -> None:
+    (bundle_copy / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(bundle_copy)
+    with pytest.raises(BundleError, match="not found"):
+        load_bundle(tmp_path / "nothing")
+
+
+def test_expired_bundle_is_refused(bundle_copy: Path) -> None:
+    _edit(bundle_copy, expires=(datetime.now(UTC) - timedelta(days=1)).isoformat())
+    with pytest.raises(BundleError, match="expired"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"schema": 99}, "schema"),
+    ({"version": 0}, "positive"),
+    ({"version": "2"}, "wrong type"),
+    ({"files": [{"path": "../etc/passwd", "length": 1, "sha256": "0" * 64}]}, "inside the bundle"),
+    ({"raw_input": {"dtype": "complex64", "shape": [8, 8]}}, "dtype"),
+])
+def test_malformed_manifests(bundle_copy: Path, change: dict, message: str) -> None:
+    _edit(bundle_copy, **change)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
+def test_not_json(bundle_copy: Path) -> None:
+    (bundle_copy / "manifest.json").write_text("{nope")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(bundle_copy)
+
+
+def test_preprocessing_minmax_and_shape() -> None:
+    pre = Preprocessor.for_manifest(load_bundle(EDGE_BUNDLE).manifest)
+    x = np.full((8, 8), 8.0, dtype=np.float32)
+    out = pre(x)
+    assert out.shape == (1, 1, 8, 8) and out.dtype == np.float32
+    assert np.allclose(out, 0.5)
+    assert pre(np.full((8, 8), 99.0)).max() == 1.0  # clipped
+    assert pre(np.zeros((5, 8, 8))).shape == (5, 1, 8, 8)
+    assert pre(np.zeros((8, 8), dtype=np.uint8)).dtype == np.float32
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((64,)), "does not match"),
+    (np.zeros((8, 9)), "does not match"),
+    (np.array([["a"] * 8] * 8), "not numeric"),
+    (np.full((8, 8), np.nan), "NaN"),
+])
+def test_preprocessing_refuses_bad_inputs(bad: np.ndarray, message: str) -> None:
+    pre = Preprocessor.for_manifest(load_bundle(EDGE_BUNDLE).manifest)
+    with pytest.raises(ProtocolError, match=message):
+        pre(bad)
+
+
+def test_unknown_preprocessing_step() -> None:
+    m = load_bundle(EDGE_BUNDLE).manifest
+    with pytest.raises(BundleError, match="unknown preprocessing step"):
+        Preprocessor(m.raw_input, [{"type": "fft"}])

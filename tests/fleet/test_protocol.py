@@ -1,0 +1,121 @@
+import struct
+
+import numpy as np
+import pytest
+
+from fleet import protocol as p
+from fleet.errors import ProtocolError, UnsupportedVersion
+
+
+def _offload(x: np.ndarray | None = None) -> p.Offload:
+    x = np.arange(64, dtype=np.float32).reshape(8, 8) if x is None else x
+    return p.Offload(id="abc", model="digits-edge@1", input=x, deadline_ms=50.0, sent_at=1.5,
+                     edge_label=3, edge_score=0.4)
+
+
+def test_offload_roundtrip_keeps_tensor_bytes() -> None:
+    o = _offload()
+    back = p.Offload.decode(o.encode())
+    assert back.id == "abc" and back.edge_label == 3 and back.deadline_ms == 50.0
+    assert back.input.dtype == np.float32 and back.input.shape == (8, 8)
+    np.testing.assert_array_equal(back.input, o.input)
+
+
+def test_offload_is_binary_not_json_floats() -> None:
+    payload = _offload().encode()
+    # 64 float32 values travel as 256 raw bytes, not as JSON text.
+    assert len(payload) < 256 + 300
+    assert b"[0.0," not in payload
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int64", "float16", "float64"])
+def test_tensor_dtypes_roundtrip(dtype: str) -> None:
+    x = (np.arange(12) % 7).astype(dtype).reshape(3, 4)
+    np.testing.assert_array_equal(p.Offload.decode(_offload(x).encode()).input, x)
+
+
+def test_answer_ack_results_roundtrip() -> None:
+    a = p.Answer("i1", 7, 0.9, "digits-cloud@1", hub_ms=1.2)
+    assert p.Answer.decode(a.encode()) == a
+    ack = p.Ack(["a", "b"], {"c": "bad"})
+    assert p.Ack.decode(ack.encode()) == ack
+    rec = p.ResultRecord(id="r1", device="d1", seq=0, ts=1.0, model="m@1", backend="onnxruntime",
+                         policy="entropy", score=0.1, edge_label=1, edge_confidence=0.9,
+                         offloaded=False, final_label=1, source="edge", latency_ms=0.3,
+                         edge_ms=0.2)
+    good, bad = p.ResultBatch.decode_lenient(p.ResultBatch([rec]).encode())
+    assert good == [rec] and bad == {}
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"", "shorter"),
+    (b"XX\x01\x01\x00\x00\x00\x00", "does not start"),
+    (b"EH\x01\x63\x00\x00\x00\x00", "unknown message kind"),
+    (b"EH\x01\x01\x00\x00\x00\x50{}", "does not fit"),
+    (b"EH\x01\x01\x00\x00\x00\x03{x}", "not UTF-8 JSON"),
+    (b"EH\x01\x01\x00\x00\x00\x02[]", "JSON object"),
+])
+def test_malformed_frames_are_refused_clearly(payload: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        p.decode_frame(payload)
+
+
+def test_unknown_version_is_its_own_error() -> None:
+    payload = bytearray(_offload().encode())
+    payload[2] = 9
+    with pytest.raises(UnsupportedVersion, match="version 9"):
+        p.Offload.decode(bytes(payload))
+
+
+def test_wrong_kind_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="expected a ANSWER"):
+        p.Answer.decode(_offload().encode())
+
+
+def test_tensor_bytes_must_match_shape() -> None:
+    o = _offload().encode()
+    with pytest.raises(ProtocolError, match="needs 256 bytes"):
+        p.Offload.decode(o[:-4])
+    header = p.encode_frame(p.Kind.OFFLOAD, {"id": "x", "model": "m", "deadline_ms": 1,
+                                             "sent_at": 0, "edge_label": 0, "edge_score": 0,
+                                             "tensor": {"dtype": "object", "shape": [1]}}, b"x")
+    with pytest.raises(ProtocolError, match="dtype 'object'"):
+        p.Offload.decode(header)
+
+
+def test_offload_missing_field() -> None:
+    payload = p.encode_frame(p.Kind.OFFLOAD, {"id": "x", "tensor": {"dtype": "uint8",
+                                                                    "shape": [1]}}, b"\x01")
+    with pytest.raises(ProtocolError, match="model"):
+        p.Offload.decode(payload)
+
+
+def test_oversized_frame_refused_before_parsing() -> None:
+    big = struct.pack(">2sBBI", b"EH", 1, 1, 2) + b"{}" + bytes(p.MAX_FRAME_BYTES)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        p.decode_frame(big)
+
+
+def test_results_batch_keeps_good_records_and_names_bad_ones() -> None:
+    ok = {"id": "r1", "device": "d", "seq": 0, "ts": 1.0, "model": "m", "backend": "b",
+          "policy": "p", "score": 0.0, "edge_label": 1, "edge_confidence": 1.0,
+          "offloaded": False, "final_label": 1, "source": "edge", "latency_ms": 1.0,
+          "edge_ms": 1.0}
+    bad = {**ok, "id": "r2", "latency_ms": -5}
+    worse = "not a record"
+    payload = p.encode_frame(p.Kind.RESULTS, {"records": [ok, bad, worse]})
+    good, refused = p.ResultBatch.decode_lenient(payload)
+    assert [r.id for r in good] == ["r1"]
+    assert set(refused) == {"r2", "#2"}
+    assert "latency_ms" in refused["r2"]
+
+
+def test_topics() -> None:
+    assert p.topic("dev-1", p.Channel.OFFLOAD) == "ehi/v1/dev-1/offload"
+    assert p.parse_topic("ehi/v1/dev-1/ack") == ("dev-1", p.Channel.ACK)
+    assert p.hub_filter(p.Channel.RESULTS) == "$share/hub/ehi/v1/+/results"
+    for bad in ("ehi/v1/dev-1", "ehi/v2/d/ack", "ehi/v1/d/nope", "ehi/v1/a b/ack"):
+        with pytest.raises(ProtocolError):
+            p.parse_topic(bad)
+    with pytest.raises(ProtocolError):
+        p.topic("has/slash", p.Channel.ACK)
