@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import numpy as np
 from sqlalchemy.orm import sessionmaker
 
@@ -28,6 +29,8 @@ from fleet.mqtt import MqttConfig, MqttSession, Transport
 
 log = logging.getLogger(__name__)
 
+# Weight of the newest batch-1 inference time in its moving average (the inline fast path).
+INFER_EWMA_WEIGHT = 0.1
 # After a database error the ingest worker waits this long before it takes the next message,
 # so a database outage is not a busy loop. The device resends what was not acknowledged.
 STORE_RETRY_S = 1.0
@@ -49,8 +52,9 @@ class _Pending:
 
 
 class Bridge:
-    def __init__(self, engine: Engine, sessions: sessionmaker, metrics: HubMetrics,  # type: ignore[type-arg]
+    def __init__(self, engine: Engine, sessions: sessionmaker, metrics: HubMetrics,
                  *, batch_max: int, batch_wait_ms: float, offload_queue: int, ingest_queue: int,
+                 inline_max_ms: float = 0.0,
                  transport_factory: Callable[..., Transport] | None = None,
                  mqtt: MqttConfig | None = None, shared: bool = True) -> None:
         self.engine = engine
@@ -59,6 +63,12 @@ class Bridge:
         self.offloads: DynamicBatcher[_Pending] = DynamicBatcher(batch_max, batch_wait_ms / 1e3,
                                                                  offload_queue)
         self.ingest: DynamicBatcher[_Incoming] = DynamicBatcher(1, 0.0, ingest_queue)
+        # Inline fast path: with nothing queued and a model that answers one input in under
+        # `inline_max_ms`, the network thread answers itself. Each thread hand-off costs more
+        # than such a model (a woken thread runs cold); big models always go through the batcher.
+        self.inline_max_ms = inline_max_ms
+        self._infer_ms_ewma = 0.0
+        self._worker_busy = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         subs = [(p.hub_filter(c, shared), p.QOS[c]) for c in
@@ -112,7 +122,10 @@ class Bridge:
             except ProtocolError as exc:
                 self._bad("malformed", topic, payload, exc)
                 return
-            if not self.offloads.offer(_Pending(device, off, time.time())):
+            item = _Pending(device, off, time.time())
+            if self._answer_inline():
+                self.answer_batch([item])
+            elif not self.offloads.offer(item):
                 self.metrics.offloads.labels("queue_full").inc()
                 self._answer(device, p.Answer(off.id, -1, 0.0, self.engine.manifest.ref,
                                               error="hub busy: offload queue full"))
@@ -123,6 +136,11 @@ class Bridge:
         self.metrics.queue_depth.labels("offload").set(len(self.offloads))
         self.metrics.queue_depth.labels("ingest").set(len(self.ingest))
 
+    def _answer_inline(self) -> bool:
+        return (self.inline_max_ms > 0 and len(self.offloads) == 0
+                and not self._worker_busy.is_set()
+                and self._infer_ms_ewma < self.inline_max_ms)
+
     def _answer(self, device: str, answer: p.Answer) -> None:
         self.transport.publish(p.topic(device, p.Channel.ANSWER), answer.encode(), qos=1)
 
@@ -132,10 +150,13 @@ class Bridge:
         while not self._stop.is_set():
             batch = self.offloads.next_batch()
             if batch:
+                self._worker_busy.set()
                 try:
                     self.answer_batch(batch)
                 except Exception:
                     log.exception("offload batch of %d failed", len(batch))
+                finally:
+                    self._worker_busy.clear()
 
     def answer_batch(self, batch: list[_Pending]) -> None:
         ok: list[_Pending] = []
@@ -164,6 +185,8 @@ class Bridge:
             return
         dt = time.perf_counter() - t0
         self.metrics.infer_seconds.observe(dt)
+        if len(ok) == 1:
+            self._infer_ms_ewma += INFER_EWMA_WEIGHT * (dt * 1e3 - self._infer_ms_ewma)
         ref = self.engine.manifest.ref
         for item, pr in zip(ok, probs, strict=True):
             label = int(pr.argmax())

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from cloud_hub.errors import HubError
+from fleet.runtime import tune_gil_switch_interval
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--database-url", help="overrides EHI_HUB_DATABASE_URL")
     sp.add_argument("--no-bridge", action="store_true", help="API only, no MQTT")
     args = ap.parse_args(argv)
+    tune_gil_switch_interval()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn

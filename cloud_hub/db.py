@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Boolean, Float, Integer, String, create_engine, event,
-                        text)
+from sqlalchemy import JSON, BigInteger, Boolean, Float, Integer, String, create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -101,5 +100,5 @@ def ping(engine: Engine) -> bool:
         return False
 
 
-def session_factory(engine: Engine) -> sessionmaker:  # type: ignore[type-arg]
+def session_factory(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)

@@ -38,7 +38,7 @@ def _insert(session: Session) -> Any:
     raise StoreError(f"ingest supports SQLite and PostgreSQL, not {name}")
 
 
-def ingest_results(sessions: sessionmaker, records: list[ResultRecord]) -> IngestOutcome:  # type: ignore[type-arg]
+def ingest_results(sessions: sessionmaker, records: list[ResultRecord]) -> IngestOutcome:
     """Insert records whose id is new; count the others as duplicates. One transaction.
 
     Insert-or-ignore on the unique id makes this safe when the same batch arrives twice, also at
@@ -83,7 +83,7 @@ def _touch_devices(s: Session, devices: set[str], now: float) -> None:
             dev.last_seen = now
 
 
-def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, Any]) -> None:  # type: ignore[type-arg]
+def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, Any]) -> None:
     now = time.time()
     try:
         with sessions.begin() as s:
@@ -100,7 +100,7 @@ def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, A
         raise StoreError(f"could not store telemetry of {device}: {exc}") from None
 
 
-def record_status(sessions: sessionmaker, device: str, online: bool) -> None:  # type: ignore[type-arg]
+def record_status(sessions: sessionmaker, device: str, online: bool) -> None:
     now = time.time()
     try:
         with sessions.begin() as s:

@@ -39,7 +39,8 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
             bridge = Bridge(cloud, app.state.sessions, app.state.metrics,
                             batch_max=settings.batch_max, batch_wait_ms=settings.batch_wait_ms,
                             offload_queue=settings.offload_queue,
-                            ingest_queue=settings.ingest_queue, mqtt=cfg, shared=m.shared)
+                            ingest_queue=settings.ingest_queue,
+                            inline_max_ms=settings.inline_max_ms, mqtt=cfg, shared=m.shared)
             bridge.start()
             app.state.bridge = bridge
             log.info("hub %s: cloud model %s on %s, broker %s:%d", settings.replica_id,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import AgentError
+from fleet.runtime import tune_gil_switch_interval
 
 log = logging.getLogger("edge_agent")
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--policy")
         sp.add_argument("--threshold", type=float)
     args = ap.parse_args(argv)
+    tune_gil_switch_interval()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -32,7 +32,8 @@ class LocalResult:
 class Engine:
     """Runs one bundle. Thread-safe: backends serialise or parallelise runs themselves."""
 
-    def __init__(self, bundle: Bundle, backend: InferenceBackend, policy: HardExamplePolicy) -> None:
+    def __init__(self, bundle: Bundle, backend: InferenceBackend,
+                 policy: HardExamplePolicy) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.backend = backend

@@ -45,12 +45,13 @@ def _margin(p: np.ndarray, _rng: np.random.Generator) -> np.ndarray:
 def _entropy(p: np.ndarray, _rng: np.random.Generator) -> np.ndarray:
     k = p.shape[-1]
     q = np.clip(p, 1e-12, 1.0)
-    out: np.ndarray = -(q * np.log(q)).sum(axis=-1) / np.log(k)
-    return np.clip(out, 0.0, 1.0)
+    out: np.ndarray = np.clip(-(q * np.log(q)).sum(axis=-1) / np.log(k), 0.0, 1.0)
+    return out
 
 
 def _random(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return rng.random(p.shape[0])
+    out: np.ndarray = rng.random((p.shape[0],))
+    return out
 
 
 def _zeros(p: np.ndarray, _rng: np.random.Generator) -> np.ndarray:

@@ -109,7 +109,8 @@ class Manifest:
             raise BundleError("manifest must be a JSON object")
         schema = d.get("schema")
         if schema != SCHEMA_VERSION:
-            raise BundleError(f"manifest schema {schema!r} is not supported (want {SCHEMA_VERSION})")
+            raise BundleError(f"manifest schema {schema!r} is not supported "
+                              f"(want {SCHEMA_VERSION})")
         version = _req(d, "version", int)
         if version < 1:
             raise BundleError("manifest version must be a positive integer")
@@ -128,7 +129,8 @@ class Manifest:
             digest = _req(f, "sha256", str)
             path = _req(f, "path", str)
             if length < 0 or len(digest) != 64:
-                raise BundleError(f"file entry {path!r} needs a length >= 0 and a sha256 hex digest")
+                raise BundleError(f"file entry {path!r} needs a length >= 0 and a sha256 "
+                                  "hex digest")
             if Path(path).is_absolute() or ".." in Path(path).parts:
                 raise BundleError(f"file path {path!r} must stay inside the bundle")
             files.append(FileEntry(path=path, length=length, sha256=digest,
@@ -248,7 +250,8 @@ def load_bundle(root: Path | str, *, verify_files: bool = True,
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True)
+    (root / MANIFEST_NAME).write_text(text + "\n")
 
 
 def _req(d: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:

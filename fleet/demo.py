@@ -220,7 +220,7 @@ def _report(o: DemoOptions, broker: RunningBroker, x: np.ndarray, y: np.ndarray,
     edge_ref = load_bundle(EDGE_BUNDLE, verify_files=False).manifest.ref
     backend = summaries[0]["backend"] if summaries else o.backend
     return {
-        "samples": int(len(y)),
+        "samples": len(y),
         "devices": o.devices,
         "stream": o.stream,
         "policy": summaries[0]["policy"] if summaries else o.policy,

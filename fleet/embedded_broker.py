@@ -264,10 +264,8 @@ class EmbeddedBroker:
         body = _enc_str(topic)
         if qos:
             body += struct.pack(">H", next(c.ids))
-        try:
+        with contextlib.suppress(ConnectionError):
             await c.send(_packet(PUBLISH, (qos << 1) | int(retain), body + payload))
-        except ConnectionError:
-            pass
 
 
 async def _main(host: str, port: int) -> None:

@@ -3,7 +3,7 @@
     FleetError
     ├── ProtocolError           a message that cannot be decoded or is not allowed
     │   └── UnsupportedVersion  a message from a protocol version this build does not speak
-    └── BundleError             a model bundle that is missing, malformed or does not match its manifest
+    └── BundleError             a model bundle missing, malformed or unlike its manifest
 """
 
 

@@ -14,6 +14,7 @@ paho errors are converted at this boundary into TransportError.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -197,15 +198,25 @@ class MqttSession:
         return bool(info.rc == self._mqtt.MQTT_ERR_SUCCESS)
 
     def stop(self, final: tuple[str, bytes, int, bool] | None = None) -> None:
-        """Disconnect cleanly, publishing `final` (topic, payload, qos, retain) first if connected."""
+        """Disconnect cleanly; publish `final` (topic, payload, qos, retain) first if connected."""
         self._stopping = True
         if final and self._connected.is_set():
             info = self._client.publish(final[0], final[1], qos=final[2], retain=final[3])
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
-            except (RuntimeError, ValueError):
-                pass
         self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT and stop, as a crash or a cut cable would:
+        the broker then publishes the last will. For fault injection and tests."""
+        self._stopping = True
+        sock = self._client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
         self._client.loop_stop()
         self._connected.clear()
 

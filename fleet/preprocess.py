@@ -1,4 +1,4 @@
-"""The bundle's preprocessing steps, applied the same way on the device, in the hub and in the pipeline.
+"""A bundle's preprocessing, applied alike on the device, in the hub and in the pipeline.
 
 A manifest's `preprocessing` is a list of steps:
 - `{"type": "minmax", "min": a, "max": b}`: (x - a) / (b - a), clipped to [0, 1];

@@ -116,8 +116,8 @@ def decode_frame(payload: bytes, expect: Kind | None = None) -> Frame:
     if len(payload) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME_BYTES} limit")
     if len(payload) < _PREFIX.size:
-        raise ProtocolError(f"frame of {len(payload)} bytes is shorter than its {_PREFIX.size}-byte "
-                            "prefix")
+        raise ProtocolError(f"frame of {len(payload)} bytes is shorter than its "
+                            f"{_PREFIX.size}-byte prefix")
     magic, version, kind, hlen = _PREFIX.unpack_from(payload)
     if magic != MAGIC:
         raise ProtocolError(f"frame does not start with {MAGIC!r} (got {magic!r})")

@@ -1,4 +1,4 @@
-"""Bundled models: the reproducible pipeline that builds them, and the built bundles (`bundles/`)."""
+"""Bundled models: the reproducible pipeline that builds them, and the built bundles."""
 
 from pathlib import Path
 

@@ -35,6 +35,9 @@ class HubSettings(BaseSettings):
     # a batch to fill. 0 ms takes only what is already queued (lowest latency).
     batch_max: int = Field(64, ge=1, le=4096)
     batch_wait_ms: float = Field(0.0, ge=0)
+    # Answer an offload on the MQTT thread itself when nothing is queued and the model's recent
+    # single-input time is below this (saves a thread hand-off); 0 always uses the batcher.
+    inline_max_ms: float = Field(1.0, ge=0)
     # Bounded queues between the MQTT thread and the workers; beyond them messages are refused.
     offload_queue: int = Field(10_000, ge=1)
     ingest_queue: int = Field(10_000, ge=1)

@@ -33,7 +33,8 @@ def resolve_backend(name: str, supported: tuple[str, ...] = BACKENDS) -> str:
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {[*BACKENDS, 'auto']}")
     if supported and name not in supported:
-        raise BackendError(f"the bundle does not list {name!r} among its runtimes {list(supported)}")
+        raise BackendError(f"the bundle does not list {name!r} among its runtimes "
+                           f"{list(supported)}")
     return name
 
 

@@ -112,4 +112,4 @@ def test_streams(s: Splits) -> dict[str, np.ndarray]:
 
 def write_streams(path: Path, streams: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **streams)
+    np.savez_compressed(path, allow_pickle=False, **streams)

@@ -31,7 +31,7 @@ def record(i: int, device: str = "dev-1", **kw: object) -> p.ResultRecord:
                 final_label=i % 10, source="cloud" if i % 4 == 0 else "edge",
                 latency_ms=float(i % 7), edge_ms=0.1, offload_bytes=450 if i % 4 == 0 else 0)
     base.update(kw)
-    return p.ResultRecord(**base)  # type: ignore[arg-type]
+    return p.ResultRecord(**base)
 
 
 @pytest.fixture
@@ -107,13 +107,15 @@ def test_api_health_devices_docs(client: TestClient) -> None:
 # ---------------------------------------------------------------- bridge
 
 
-@pytest.fixture
-def bridge_on_bus(database_url: str) -> Iterator[tuple[Bridge, MemoryBus, list]]:
+@pytest.fixture(params=[0.0, 50.0], ids=["batcher", "inline"])
+def bridge_on_bus(database_url: str, request: pytest.FixtureRequest
+                  ) -> Iterator[tuple[Bridge, MemoryBus, list]]:
     bus = MemoryBus()
     eng = make_engine(database_url)
     init_db(eng)
     cloud = Engine.open(CLOUD_BUNDLE, "onnxruntime")
     bridge = Bridge(cloud, session_factory(eng), HubMetrics(), batch_max=16, batch_wait_ms=0,
+                    inline_max_ms=request.param,
                     offload_queue=100, ingest_queue=100,
                     transport_factory=functools.partial(MemorySession, bus))
     inbox: list[tuple[str, bytes]] = []
@@ -125,7 +127,7 @@ def bridge_on_bus(database_url: str) -> Iterator[tuple[Bridge, MemoryBus, list]]
     eng.dispose()
 
 
-def _wait(pred, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+def _wait(pred, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -139,8 +141,8 @@ def _bad(bridge: Bridge, reason: str) -> float:
                                                     {"reason": reason}) or 0.0
 
 
-def test_bridge_answers_offloads_with_the_cloud_model(bridge_on_bus) -> None:  # type: ignore[no-untyped-def]
-    bridge, bus, inbox = bridge_on_bus
+def test_bridge_answers_offloads_with_the_cloud_model(bridge_on_bus) -> None:
+    _bridge, bus, inbox = bridge_on_bus
     data = np.load(STREAMS_FILE)
     x, y = data["clean_x"][:20], data["clean_y"][:20]
     for i, xi in enumerate(x):
@@ -153,7 +155,7 @@ def test_bridge_answers_offloads_with_the_cloud_model(bridge_on_bus) -> None:  #
     assert (labels == y).mean() >= 0.9
 
 
-def test_bridge_survives_bad_messages(bridge_on_bus) -> None:  # type: ignore[no-untyped-def]
+def test_bridge_survives_bad_messages(bridge_on_bus) -> None:
     bridge, bus, inbox = bridge_on_bus
     bus.publish("ehi/v1/dev-1/offload", b"\x00garbage")
     v9 = bytearray(p.Offload("o", "m", np.zeros((8, 8), np.float32), 1, 0, 0, 0).encode())
@@ -173,7 +175,7 @@ def test_bridge_survives_bad_messages(bridge_on_bus) -> None:  # type: ignore[no
     assert _wait(lambda: len(inbox) == 2)
 
 
-def test_bridge_acks_after_commit_and_refuses_foreign_records(bridge_on_bus) -> None:  # type: ignore[no-untyped-def]
+def test_bridge_acks_after_commit_and_refuses_foreign_records(bridge_on_bus) -> None:
     bridge, bus, inbox = bridge_on_bus
     batch = [record(1), record(2), record(3, device="dev-2")]
     bus.publish("ehi/v1/dev-1/results", p.ResultBatch(batch).encode())
@@ -188,7 +190,7 @@ def test_bridge_acks_after_commit_and_refuses_foreign_records(bridge_on_bus) -> 
     assert reg.get_sample_value("ehi_hub_results_rejected_total") == 1
 
 
-def test_bridge_records_status_and_telemetry(bridge_on_bus) -> None:  # type: ignore[no-untyped-def]
+def test_bridge_records_status_and_telemetry(bridge_on_bus) -> None:
     bridge, bus, _ = bridge_on_bus
     bus.publish("ehi/v1/dev-7/status", p.status_payload("online", "dev-7"))
     bus.publish("ehi/v1/dev-7/telemetry", p.encode_json(p.Kind.TELEMETRY, {

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,14 +70,14 @@ def hub(bus: MemoryBus) -> ScriptedHub:
 
 
 @pytest.fixture
-def make_agent(bus: MemoryBus) -> Callable[..., Agent]:
+def make_agent(bus: MemoryBus) -> Iterator[Callable[..., Agent]]:
     agents: list[Agent] = []
 
-    def make(**overrides: object) -> Agent:
+    def make(**overrides: Any) -> Agent:
         settings = AgentSettings(device_id="dev-1", telemetry_interval_s=60,
                                  offload={"deadline_ms": 100.0},
                                  results={"flush_interval_s": 0.01, "resend_after_s": 0.2},
-                                 **overrides)  # type: ignore[arg-type]
+                                 **overrides)
         engine = Engine(load_bundle(EDGE_BUNDLE), FakeBackend(fake_logits),
                         HardExamplePolicy("margin", 0.5))
         agent = Agent(settings, engine, functools.partial(_memory, bus))
@@ -84,12 +85,12 @@ def make_agent(bus: MemoryBus) -> Callable[..., Agent]:
         agents.append(agent)
         return agent
 
-    yield make  # type: ignore[misc]
+    yield make
     for a in agents:
         a.stop()
 
 
-def _memory(bus: MemoryBus, on_message, subs, on_connect, _will):  # type: ignore[no-untyped-def]
+def _memory(bus: MemoryBus, on_message, subs, on_connect, _will):
     return MemorySession(bus, on_message, subs, on_connect)
 
 
@@ -149,7 +150,7 @@ def test_every_result_reaches_the_hub_once_acknowledged(make_agent: Callable[...
     for i in range(25):
         a.infer(HARD if i % 5 == 0 else EASY, input_ref=f"s:{i}")
     assert a.drain(5.0)
-    assert sorted(int(r.input_ref.split(":")[1]) for r in hub.results) == list(range(25))
+    assert sorted(int((r.input_ref or "").split(":")[1]) for r in hub.results) == list(range(25))
     assert a.outbox.acked == 25
 
 

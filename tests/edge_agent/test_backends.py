@@ -16,7 +16,7 @@ def test_both_backends_installed() -> None:
 
 
 @pytest.mark.parametrize("root", [EDGE_BUNDLE, CLOUD_BUNDLE], ids=["edge", "cloud"])
-def test_backends_agree(root) -> None:  # type: ignore[no-untyped-def]
+def test_backends_agree(root) -> None:
     bundle = load_bundle(root)
     x = np.load(STREAMS_FILE)["mixed_x"][:200]
     batch = Preprocessor.for_manifest(bundle.manifest)(x)
@@ -52,7 +52,7 @@ def test_engine_uses_the_manifest_recommendation() -> None:
     assert eng2.policy.threshold == pytest.approx(m.hard_example.thresholds[other])
 
 
-def test_backend_errors_are_clear(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_backend_errors_are_clear(tmp_path) -> None:
     with pytest.raises(BackendError, match="unknown backend"):
         resolve_backend("tensorrt")
     bad = tmp_path / "m.onnx"

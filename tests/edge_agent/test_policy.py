@@ -13,7 +13,7 @@ def test_scores_order_confident_below_uncertain() -> None:
         pol = HardExamplePolicy(name, 0.5)
         s = pol.scores(np.stack([sure, torn, flat]))
         assert s[0] < s[1] <= s[2] + 1e-9, name
-        assert 0.0 <= s.min() and s.max() <= 1.0
+        assert s.min() >= 0.0 and s.max() <= 1.0
 
 
 def test_margin_sees_a_two_way_tie_that_max_prob_misses() -> None:
@@ -54,7 +54,7 @@ def test_auroc_and_cascade_curve() -> None:
     y = np.array([0, 1, 2, 3])
     edge = np.array([0, 0, 0, 3])   # wrong on the two high-score inputs
     cloud = y.copy()
-    thr, rate, acc = cascade_curve(scores, edge, cloud, y)
+    _thr, rate, acc = cascade_curve(scores, edge, cloud, y)
     assert acc[0] == 1.0 and rate[0] == 1.0            # threshold -1: everything offloaded
     i = int(np.argmin(np.abs(rate - 0.5)))
     assert acc[i] == 1.0                               # offloading the two hard ones suffices

@@ -1,0 +1,47 @@
+"""`fleet demo` end to end, with a small sample count, on both brokers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fleet.brokers import mosquitto_path
+from fleet.cli import app
+from tests.conftest import need
+
+KEYS = {"samples", "edge_accuracy", "cloud_accuracy", "hybrid_accuracy", "offload_rate",
+        "bytes_offloaded", "bytes_cloud_only", "latency_ms", "results_produced",
+        "results_at_hub", "broker"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
+def test_demo_json(broker: str, tmp_path: Path) -> None:
+    if broker == "mosquitto":
+        need(mosquitto_path() is not None, "mosquitto is not installed")
+    out = tmp_path / "demo.json"
+    result = CliRunner().invoke(app, ["demo", "--devices", "2", "--samples", "120", "--broker",
+                                      broker, "--rate", "200", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert set(r) >= KEYS
+    assert r["broker"] == broker and r["samples"] == 120
+    assert r["results_at_hub"] == r["results_produced"] == 120
+    assert set(r["latency_ms"]) == {"local_p50", "local_p99", "offload_p50", "offload_p99"}
+    assert 0 < r["offload_rate"] < 0.6
+    assert 0 < r["bytes_offloaded"] < r["bytes_cloud_only"]
+    for k in ("edge_accuracy", "cloud_accuracy", "hybrid_accuracy"):
+        assert 0.5 < r[k] <= 1.0
+    # The hybrid is at least as good as the edge alone on the same inputs.
+    assert r["hybrid_accuracy"] >= r["edge_accuracy"]
+    assert "hybrid accuracy" in result.output
+
+
+def test_demo_refuses_bad_options() -> None:
+    r = CliRunner().invoke(app, ["demo", "--stream", "nope", "--samples", "10"])
+    assert r.exit_code == 1 and "unknown stream" in r.output
+    r = CliRunner().invoke(app, ["demo", "--devices", "5", "--samples", "3"])
+    assert r.exit_code == 1 and "fewer than" in r.output
