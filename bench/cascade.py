@@ -87,10 +87,11 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"\n[{stream}] {s['samples']} inputs: edge-only {s['edge_only']:.2%}, "
               f"cloud-only {s['cloud_only']:.2%}, oracle {s['oracle']:.2%}")
         rates = "".join(f"{p['offload_rate']:>8.0%}" for p in s["policies"]["entropy"]["sweep"])
-        print(f"  {'policy':<10}{'AUROC':>7} | accuracy at offload rate {rates}")
+        print(f"  {'':<18}| accuracy at offload rate")
+        print(f"  {'policy':<10}{'AUROC':>7} |{rates}")
         for name, e in s["policies"].items():
             accs = "".join(f"{p['accuracy']:>8.2%}" for p in e["sweep"])
-            print(f"  {name:<10}{e['auroc']:>7.3f} | {' ' * 25}{accs}")
+            print(f"  {name:<10}{e['auroc']:>7.3f} |{accs}")
         for name, e in s["policies"].items():
             f = e.get("fitted")
             if f:

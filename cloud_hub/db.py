@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, Integer, String, create_engine, event, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    Integer,
+    Select,
+    String,
+    create_engine,
+    event,
+    text,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -56,6 +67,21 @@ class Result(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     edge_ms: Mapped[float] = mapped_column(Float)
     offload_bytes: Mapped[int] = mapped_column(Integer)
+
+
+_Q = TypeVar("_Q", bound=Select)
+
+
+def filter_results(q: _Q, device: str | None = None, since: float | None = None,
+                   until: float | None = None) -> _Q:
+    """Narrow a query over results to a device and a time window [since, until)."""
+    if device:
+        q = q.where(Result.device == device)
+    if since is not None:
+        q = q.where(Result.ts >= since)
+    if until is not None:
+        q = q.where(Result.ts < until)
+    return q
 
 
 RESULT_FIELDS = tuple(c.name for c in Result.__table__.columns if c.name not in ("n",

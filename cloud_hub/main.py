@@ -14,7 +14,6 @@ from cloud_hub.core.config import HubSettings
 from cloud_hub.db import init_db, make_engine, session_factory
 from cloud_hub.metrics import HubMetrics
 from edge_agent.engine import Engine
-from fleet.mqtt import MqttConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +32,7 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
         if with_bridge:
             cloud = Engine.open(settings.cloud_bundle, settings.backend, settings.threads)
             m = settings.mqtt
-            cfg = MqttConfig(host=m.host, port=m.port, protocol=m.protocol,
-                             client_id=f"cloud-hub-{settings.replica_id}", username=m.username,
-                             password=m.password)
+            cfg = m.session_config(f"cloud-hub-{settings.replica_id}")
             bridge = Bridge(cloud, app.state.sessions, app.state.metrics,
                             batch_max=settings.batch_max, batch_wait_ms=settings.batch_wait_ms,
                             offload_queue=settings.offload_queue,

@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_hub.db import Result
+from cloud_hub.db import Result, filter_results
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -27,12 +27,7 @@ def compute_stats(s: Session, device: str | None = None, since: float | None = N
     q = select(Result.device, Result.model, Result.offloaded, Result.cloud_label,
                Result.edge_label, Result.latency_ms, Result.offload_bytes, Result.degraded,
                Result.source)
-    if device:
-        q = q.where(Result.device == device)
-    if since is not None:
-        q = q.where(Result.ts >= since)
-    if until is not None:
-        q = q.where(Result.ts < until)
+    q = filter_results(q, device, since, until)
     groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
     total: list[Any] = []
     for row in s.execute(q):

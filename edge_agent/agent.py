@@ -25,7 +25,7 @@ from edge_agent.outbox import MemoryOutbox
 from edge_agent.telemetry import TelemetrySampler
 from fleet import protocol as p
 from fleet.errors import ProtocolError
-from fleet.mqtt import MqttConfig, MqttSession, Transport, Will
+from fleet.mqtt import MqttSession, Transport, Will
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,7 @@ class Agent:
     def _mqtt_factory(self, on_message: Callable[[str, bytes], None],
                       subs: list[tuple[str, int]], on_connect: Callable[[], None],
                       will: Will) -> Transport:
-        m = self.settings.mqtt
-        cfg = MqttConfig(host=m.host, port=m.port, protocol=m.protocol,
-                         client_id=f"agent-{self.device}", username=m.username,
-                         password=m.password, keepalive_s=m.keepalive_s, will=will)
+        cfg = self.settings.mqtt.session_config(f"agent-{self.device}", will)
         return MqttSession(cfg, on_message, subs, on_connect)
 
     # ------------------------------------------------------------------ lifecycle

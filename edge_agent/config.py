@@ -20,19 +20,10 @@ from pydantic_settings import (
 )
 
 from edge_agent.errors import ConfigError
+from fleet.mqtt import BrokerSettings
 from models import EDGE_BUNDLE
 
 CONFIG_ENV = "EHI_AGENT_CONFIG"
-
-
-class MqttSettings(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    # "5" uses MQTT 5 features (message expiry); "3.1.1" for brokers that speak only that.
-    protocol: Literal["3.1.1", "5"] = "5"
-    username: str | None = None
-    password: str | None = None
-    keepalive_s: int = Field(30, ge=5)
 
 
 class OffloadSettings(BaseModel):
@@ -87,7 +78,7 @@ class AgentSettings(BaseSettings):
     telemetry_interval_s: float = Field(10.0, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
     summary_path: Path | None = None
-    mqtt: MqttSettings = MqttSettings()
+    mqtt: BrokerSettings = BrokerSettings()
     offload: OffloadSettings = OffloadSettings()
     results: ResultsSettings = ResultsSettings()
     local_api: LocalApiSettings = LocalApiSettings()

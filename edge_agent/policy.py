@@ -101,4 +101,4 @@ class HardExamplePolicy:
         return Decision(score=s, hard=s > self.threshold)
 
     def __repr__(self) -> str:
-        return f"HardExamplePolicy({self.name!r}, threshold={self.threshold:.4f})"
+        return f"HardExamplePolicy({self.name!r}, threshold={self.threshold:.4g})"

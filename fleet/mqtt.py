@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from pydantic import BaseModel, Field
+
 from fleet.errors import FleetError
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,23 @@ class MqttConfig:
     reconnect_min_s: float = RECONNECT_MIN_S
     reconnect_max_s: float = RECONNECT_MAX_S
     will: Will | None = None
+
+
+class BrokerSettings(BaseModel):
+    """How a daemon reaches its broker, as agent and hub settings spell it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    # "5" uses MQTT 5 features (message expiry); "3.1.1" for brokers that speak only that.
+    protocol: Literal["3.1.1", "5"] = "5"
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = Field(KEEPALIVE_S, ge=5)
+
+    def session_config(self, client_id: str, will: Will | None = None) -> MqttConfig:
+        return MqttConfig(host=self.host, port=self.port, protocol=self.protocol,
+                          client_id=client_id, username=self.username, password=self.password,
+                          keepalive_s=self.keepalive_s, will=will)
 
 
 class Transport(Protocol):

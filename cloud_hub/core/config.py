@@ -5,18 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fleet.mqtt import BrokerSettings
 from models import CLOUD_BUNDLE
 
 
-class HubMqtt(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    protocol: Literal["3.1.1", "5"] = "5"
-    username: str | None = None
-    password: str | None = None
+class HubMqtt(BrokerSettings):
     # Subscribe through `$share/hub/...` so that N replicas split the work.
     shared: bool = True
 

@@ -7,7 +7,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from cloud_hub.api.deps import SessionDep, SettingsDep
-from cloud_hub.db import RESULT_FIELDS, Result
+from cloud_hub.db import RESULT_FIELDS, Result, filter_results
 
 router = APIRouter(prefix="/v1/results", tags=["results"])
 
@@ -28,13 +28,7 @@ def list_results(session: SessionDep, settings: SettingsDep,
                  limit: Annotated[int, Query(ge=1)] = 100) -> ResultsPage:
     """Result records in arrival order, paged by cursor."""
     limit = min(limit, settings.max_page)
-    q = select(Result).where(Result.n > cursor)
-    if device:
-        q = q.where(Result.device == device)
-    if since is not None:
-        q = q.where(Result.ts >= since)
-    if until is not None:
-        q = q.where(Result.ts < until)
+    q = filter_results(select(Result).where(Result.n > cursor), device, since, until)
     if offloaded is not None:
         q = q.where(Result.offloaded == offloaded)
     rows = list(session.scalars(q.order_by(Result.n).limit(limit)))
