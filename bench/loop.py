@@ -7,6 +7,8 @@ Configurations:
 - mosquitto:          the demo's defaults with Mosquitto;
 - mosquitto-gil-5ms:  the same with CPython's default 5 ms GIL switch interval in every process
                       (the daemons use 0.5 ms; this shows why);
+- mosquitto-no-inline: the same with the hub's inline fast path off (every offload goes
+                      through the batcher's worker thread);
 - embedded:           the pure-Python embedded broker (a laptop without Mosquitto).
 """
 
@@ -29,6 +31,7 @@ from fleet.demo import DemoOptions, gap_recovered, run_demo
 CONFIGS: dict[str, dict[str, Any]] = {
     "mosquitto": {"broker": "mosquitto", "env": {}},
     "mosquitto-gil-5ms": {"broker": "mosquitto", "env": {"EHI_GIL_SWITCH_INTERVAL_S": "0.005"}},
+    "mosquitto-no-inline": {"broker": "mosquitto", "env": {"EHI_HUB_INLINE_MAX_MS": "0"}},
     "embedded": {"broker": "embedded", "env": {}},
 }
 METRICS = ("hybrid_accuracy", "offload_rate", "local_p50", "local_p99", "offload_p50",
@@ -78,18 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "processor": platform.processor() or platform.machine()},
            "repeats": args.repeats, "devices": args.devices, "medians": medians, "runs": runs}
-    hdr = f"{'configuration':<20}" + "".join(f"{m:>16}" for m in METRICS) + f"{'all delivered':>15}"
+    hdr = f"{'configuration':<21}" + "".join(f"{m:>16}" for m in METRICS) + f"{'all delivered':>15}"
     print(f"medians of {args.repeats} runs, {args.devices} agents "
           f"({out['machine']['cpus']} cpus)")
     print(hdr)
     for n, m in medians.items():
         cells = "".join(f"{m[k]:>16.4f}" if k in ("hybrid_accuracy", "offload_rate")
                         else f"{m[k]:>16.3f}" for k in METRICS)
-        print(f"{n:<20}{cells}{'yes' if min(x['delivered'] for x in runs[n]) else 'NO':>15}")
+        print(f"{n:<21}{cells}{'yes' if min(x['delivered'] for x in runs[n]) else 'NO':>15}")
     if "mosquitto" in medians and "mosquitto-gil-5ms" in medians:
         a, b = medians["mosquitto"], medians["mosquitto-gil-5ms"]
         ratio = b["offload_p99"] / a["offload_p99"]
         print(f"offload p99, 5 ms GIL interval / 0.5 ms: {ratio:.2f}x")
+    if "mosquitto" in medians and "mosquitto-no-inline" in medians:
+        a, b = medians["mosquitto"], medians["mosquitto-no-inline"]
+        print(f"offload p50, hub inline path off / on: {b['offload_p50'] / a['offload_p50']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
