@@ -196,10 +196,15 @@ def offline_accuracy(x: np.ndarray, y: np.ndarray, bundle: Path, backend: str) -
     return float((probs.argmax(axis=1) == y).mean())
 
 
-def cloud_only_bytes(x: np.ndarray, model_ref: str) -> int:
+# A representative wall-clock time, so that the figure does not vary from run to run with the
+# number of digits the current time prints with.
+_SENT_AT = 1_764_000_000.123456
+
+
+def cloud_only_bytes(x: np.ndarray, model_ref: str, deadline_ms: float) -> int:
     """What a cloud-only deployment sends: every input as an offload message."""
-    return sum(len(Offload(id="0" * 32, model=model_ref, input=xi, deadline_ms=200.0,
-                           sent_at=time.time(), edge_label=0, edge_score=0.0).encode())
+    return sum(len(Offload(id="0" * 32, model=model_ref, input=xi, deadline_ms=deadline_ms,
+                           sent_at=_SENT_AT, edge_label=0, edge_score=0.0).encode())
                for xi in x)
 
 
@@ -233,7 +238,7 @@ def _report(o: DemoOptions, broker: RunningBroker, x: np.ndarray, y: np.ndarray,
         "offload_rate": round(len(offl) / len(records), 4) if records else 0.0,
         "degraded": sum(1 for r in records if r["degraded"]),
         "bytes_offloaded": int(sum(r["offload_bytes"] for r in records)),
-        "bytes_cloud_only": cloud_only_bytes(x, edge_ref),
+        "bytes_cloud_only": cloud_only_bytes(x, edge_ref, o.deadline_ms),
         "latency_ms": {"local_p50": _pct(local, 50), "local_p99": _pct(local, 99),
                        "offload_p50": _pct(offl, 50), "offload_p99": _pct(offl, 99)},
         "results_produced": produced,
