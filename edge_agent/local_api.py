@@ -41,7 +41,8 @@ class LocalApi:
             protocol_version = "HTTP/1.1"
 
             def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("local api: %s", fmt % args)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("local api: %s", fmt % args)
 
             def do_GET(self) -> None:
                 if self.path == "/healthz":

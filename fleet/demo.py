@@ -144,7 +144,7 @@ def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]
             deadline = time.monotonic() + RESULTS_SETTLE_TIMEOUT_S
             while at_hub < produced and time.monotonic() < deadline:
                 time.sleep(POLL_S)
-                at_hub = _http_json(hub_url + "/v1/stats")["total"]["count"]
+                at_hub = _http_json(hub_url + "/v1/results/count")["count"]
             records = _fetch_results(hub_url)
             report = _report(o, broker, x, y, records, produced, at_hub, summaries)
             report["seconds"] = round(time.monotonic() - t_start, 1)
@@ -159,7 +159,7 @@ def _follow(hub_url: str, agents: list[ManagedProcess], n: int, progress: Progre
     at_hub = 0
     while True:
         try:
-            at_hub = _http_json(hub_url + "/v1/stats")["total"]["count"]
+            at_hub = _http_json(hub_url + "/v1/results/count")["count"]
         except Exception as exc:  # the hub may be busy; the next poll will tell
             log.debug("stats poll failed: %s", exc)
         if progress:

@@ -78,6 +78,9 @@ def test_api_results_paging_filters_and_stats(client: TestClient) -> None:
     since = client.get("/v1/results", params={"since": 1020, "device": "dev-1"}).json()["items"]
     assert [x["seq"] for x in since] == list(range(20, 30))
 
+    assert client.get("/v1/results/count").json() == {"count": 40}
+    assert client.get("/v1/results/count", params={"device": "dev-1", "offloaded": True}
+                      ).json() == {"count": 8}
     stats = client.get("/v1/stats").json()
     assert stats["total"]["count"] == 40
     g1 = next(g for g in stats["groups"] if g["device"] == "dev-1")

@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from cloud_hub.api.deps import SessionDep, SettingsDep
 from cloud_hub.db import RESULT_FIELDS, Result, filter_results
@@ -16,6 +16,16 @@ class ResultsPage(BaseModel):
     items: list[dict[str, Any]]
     next_cursor: int | None
     """Pass as `cursor` to get the next page; null on the last page."""
+
+
+@router.get("/count")
+def count_results(session: SessionDep, device: str | None = None, since: float | None = None,
+                  until: float | None = None, offloaded: bool | None = None) -> dict[str, int]:
+    """How many result records match (cheap: for progress and monitoring)."""
+    q = filter_results(select(func.count()).select_from(Result), device, since, until)
+    if offloaded is not None:
+        q = q.where(Result.offloaded == offloaded)
+    return {"count": int(session.scalar(q) or 0)}
 
 
 @router.get("", response_model=ResultsPage)
