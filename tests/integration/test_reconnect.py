@@ -1,8 +1,9 @@
-"""The agent survives its broker going away and coming back (its own broker, never the shared one)."""
+"""Agent and hub survive their broker going away and coming back (their own broker)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from models import CLOUD_BUNDLE
 HARD = np.random.default_rng(0).uniform(0, 16, (8, 8)).astype(np.float32)
 
 
-def _wait(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+def _wait(pred: Callable[[], bool], timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if pred():
