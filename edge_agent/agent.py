@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.config import AgentSettings
-from edge_agent.engine import Engine
+from edge_agent.engine import Engine, LocalResult
 from edge_agent.errors import InputError
 from edge_agent.offload import PendingOffloads
 from edge_agent.outbox import MemoryOutbox
@@ -139,14 +139,69 @@ class Agent:
             raise
         self.counters.inc("inputs")
         rid = uuid.uuid4().hex
+        if not local.hard:
+            return self._finish(rid, local, None, 0, t0, input_ref)
+        deadline_s = self._deadline_s(deadline_ms)
+        sent = self._offload_send(rid, raw, local, deadline_s)
+        answer = self.pending.wait(rid, deadline_s) if sent else None
+        return self._finish(rid, local, answer, sent, t0, input_ref)
+
+    def infer_batch(self, raws: np.ndarray, input_refs: list[str | None] | None = None,
+                    deadline_ms: float | None = None) -> list[InferenceAnswer]:
+        """Answer a batch [N, *raw_input] with one model call.
+
+        The batch's hard inputs are all offloaded first and then awaited against one deadline.
+        """
+        t0 = time.perf_counter()
+        try:
+            locals_ = self.engine.run_batch(raws)
+        except InputError:
+            self.counters.inc("input_errors")
+            raise
+        self.counters.inc("inputs", len(locals_))
+        refs = input_refs or [None] * len(locals_)
+        rids = [uuid.uuid4().hex for _ in locals_]
+        deadline_s = self._deadline_s(deadline_ms)
+        sent = [self._offload_send(rid, raws[i], loc, deadline_s) if loc.hard else 0
+                for i, (rid, loc) in enumerate(zip(rids, locals_, strict=True))]
+        end = t0 + deadline_s
+        out = []
+        for rid, loc, nbytes, ref in zip(rids, locals_, sent, refs, strict=True):
+            answer = (self.pending.wait(rid, max(0.0, end - time.perf_counter()))
+                      if nbytes else None)
+            out.append(self._finish(rid, loc, answer, nbytes, t0, ref))
+        return out
+
+    def _deadline_s(self, deadline_ms: float | None) -> float:
+        ms = deadline_ms if deadline_ms is not None else self.settings.offload.deadline_ms
+        return ms / 1000.0
+
+    def _offload_send(self, rid: str, raw: np.ndarray, local: LocalResult,
+                      deadline_s: float) -> int:
+        """Publish an offload and register its waiter; returns the bytes sent, 0 if not sent."""
+        if not self.transport.connected:
+            return 0
+        if not self.pending.open(rid):
+            self.counters.inc("offload_busy")
+            return 0
+        payload = p.Offload(id=rid, model=self.model_ref, input=np.asarray(raw),
+                            deadline_ms=deadline_s * 1000.0, sent_at=time.time(),
+                            edge_label=local.label, edge_score=local.score).encode()
+        self.counters.inc("offloaded")
+        if not self.transport.publish(self._topics[p.Channel.OFFLOAD], payload, qos=1,
+                                      expiry_s=deadline_s):
+            self.pending.cancel(rid)
+            return 0
+        return len(payload)
+
+    def _finish(self, rid: str, local: LocalResult, answer: p.Answer | None, offload_bytes: int,
+                t0: float, input_ref: str | None) -> InferenceAnswer:
+        """Decide the final answer, queue the result record, and build the reply."""
         source: p.Source = "edge"
         final, conf = local.label, local.confidence
         cloud_label: int | None = None
         cloud_model: str | None = None
-        offload_bytes = 0
         if local.hard:
-            deadline = deadline_ms if deadline_ms is not None else self.settings.offload.deadline_ms
-            answer, offload_bytes = self._offload(rid, raw, local.label, local.score, deadline)
             if answer is not None and answer.error is None:
                 source, final, conf = "cloud", answer.label, answer.confidence
                 cloud_label, cloud_model = answer.label, answer.model
@@ -158,34 +213,17 @@ class Agent:
                     self.counters.inc("hub_errors")
                     log.warning("hub could not answer offload %s: %s", rid, answer.error)
         latency_ms = (time.perf_counter() - t0) * 1000.0
-        record = p.ResultRecord.model_construct(
+        degraded = source == "edge_fallback"
+        self.outbox.add(p.ResultRecord.model_construct(
             id=rid, device=self.device, seq=next(self._seq), ts=time.time(), input_ref=input_ref,
             model=self.model_ref, backend=self.engine.backend.name, policy=self.engine.policy.name,
             score=local.score, edge_label=local.label, edge_confidence=local.confidence,
             offloaded=local.hard, cloud_label=cloud_label, cloud_model=cloud_model,
-            final_label=final, source=source, degraded=source == "edge_fallback",
-            latency_ms=latency_ms, edge_ms=local.edge_ms, offload_bytes=offload_bytes)
-        self.outbox.add(record)
+            final_label=final, source=source, degraded=degraded, latency_ms=latency_ms,
+            edge_ms=local.edge_ms, offload_bytes=offload_bytes))
         labels = self.engine.manifest.labels
         return InferenceAnswer(rid, final, labels[final] if final < len(labels) else str(final),
-                               conf, source, source == "edge_fallback", local.hard, latency_ms)
-
-    def _offload(self, rid: str, raw: np.ndarray, edge_label: int, score: float,
-                 deadline_ms: float) -> tuple[p.Answer | None, int]:
-        if not self.transport.connected:
-            return None, 0
-        if not self.pending.open(rid):
-            self.counters.inc("offload_busy")
-            return None, 0
-        payload = p.Offload(id=rid, model=self.model_ref, input=np.asarray(raw),
-                            deadline_ms=deadline_ms, sent_at=time.time(), edge_label=edge_label,
-                            edge_score=score).encode()
-        self.counters.inc("offloaded")
-        if not self.transport.publish(self._topics[p.Channel.OFFLOAD], payload, qos=1,
-                                      expiry_s=deadline_ms / 1000.0):
-            self.pending.cancel(rid)
-            return None, 0
-        return self.pending.wait(rid, deadline_ms / 1000.0), len(payload)
+                               conf, source, degraded, local.hard, latency_ms)
 
     # ------------------------------------------------------------------ messages in
 

@@ -54,7 +54,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    agent.start(wait_connected_s=CONNECT_WAIT_S)
+    # The local API answers from the first moment, broker or not: a device whose network is
+    # down still serves its application from the edge model.
+    agent.start()
     api = None
     if settings.local_api.port >= 0:
         api = LocalApi(agent, settings.local_api.host, settings.local_api.port,
@@ -64,6 +66,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     replayed = 0
     try:
         if rp.file is not None:
+            # A replay is an experiment: give the broker a moment so that its first hard
+            # inputs are offloaded rather than answered at the edge.
+            if not agent.transport.wait_connected(CONNECT_WAIT_S):
+                log.warning("no broker after %.0f s; replaying with edge answers only",
+                            CONNECT_WAIT_S)
             x = load_stream(rp.file, rp.stream)
             idx = shard_indices(len(x), rp.shard_index, rp.shard_count, rp.limit)
             log.info("replaying %d inputs of %s:%s at %.0f/s", len(idx), rp.file, rp.stream,

@@ -82,6 +82,21 @@ class Engine:
         return LocalResult(label, float(probs[label]), probs, decision.score, decision.hard,
                            (time.perf_counter() - t0) * 1000.0)
 
+    def run_batch(self, raw: np.ndarray) -> list[LocalResult]:
+        """Like `run` for a batch [N, *raw_input]: one preprocessing and one model call."""
+        t0 = time.perf_counter()
+        try:
+            x = self.preprocess(raw)
+        except ProtocolError as exc:
+            raise InputError(str(exc)) from None
+        probs = softmax(self.backend.run(x))
+        labels = probs.argmax(axis=1)
+        scores = self.policy.scores(probs)
+        per_input_ms = (time.perf_counter() - t0) * 1000.0 / len(probs)
+        return [LocalResult(int(lab), float(p[lab]), p, float(s), bool(s > self.policy.threshold),
+                            per_input_ms)
+                for lab, p, s in zip(labels, probs, scores, strict=True)]
+
     def predict_batch(self, raw: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of raw samples (evaluation and benchmarks)."""
         try:

@@ -5,7 +5,7 @@
         application/octet-stream: raw tensor bytes; headers X-EHI-Dtype, X-EHI-Shape ("8,8"),
                                   optional X-EHI-Deadline-Ms and X-EHI-Input-Ref
       200 {"id", "label", "label_name", "confidence", "source", "degraded", "offloaded",
-           "latency_ms"}
+           "latency_ms"}; for a batch [N, ...] of inputs, {"answers": [...]} in input order
       400 {"error": "..."} for input the bundle does not accept; 413 for an oversized body
     GET /healthz   200 {"status": "ok", "model": ..., "backend": ..., "connected": ...}
     GET /v1/telemetry  the agent's current telemetry
@@ -35,6 +35,7 @@ class LocalApi:
     def __init__(self, agent: Agent, host: str, port: int, max_body_bytes: int) -> None:
         self.agent = agent
         self.max_body = max_body_bytes
+        self.sample_shape = agent.engine.manifest.raw_input.shape
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,6 +75,10 @@ class LocalApi:
                 try:
                     raw, deadline, ref = api.parse(self.headers.get("Content-Type", ""),
                                                    self.headers, body)
+                    if raw.ndim == len(api.sample_shape) + 1:
+                        answers = agent.infer_batch(raw, deadline_ms=deadline)
+                        self._send(200, {"answers": [a.to_dict() for a in answers]})
+                        return
                     answer = agent.infer(raw, input_ref=ref, deadline_ms=deadline)
                 except (InputError, ProtocolError) as exc:
                     if not isinstance(exc, InputError):

@@ -199,3 +199,34 @@ def test_status_online_retained_and_telemetry(make_agent: Callable[..., Agent],
     assert set(t["queues"]) == {"offloads_pending", "results_pending"}
     a.publish_telemetry()
     assert any(tp.endswith("/telemetry") for tp, _ in bus.log)
+
+
+def test_batch_answers_in_order_with_one_model_call(make_agent: Callable[..., Agent],
+                                                   hub: ScriptedHub) -> None:
+    a = make_agent()
+    batch = np.stack([EASY, HARD, EASY, HARD])
+    calls = a.engine.backend.calls  # type: ignore[attr-defined]
+    answers = a.infer_batch(batch, input_refs=["b:0", "b:1", "b:2", "b:3"])
+    assert a.engine.backend.calls == calls + 1  # type: ignore[attr-defined]
+    assert [x.source for x in answers] == ["edge", "cloud", "edge", "cloud"]
+    assert [x.label for x in answers] == [0, 9, 0, 9]
+    assert a.drain(5.0) and sorted(r.input_ref or "" for r in hub.results) == [
+        "b:0", "b:1", "b:2", "b:3"]
+
+
+def test_batch_waits_one_deadline_not_one_per_input(make_agent: Callable[..., Agent],
+                                                    hub: ScriptedHub) -> None:
+    hub.answer = False
+    a = make_agent()
+    t0 = time.perf_counter()
+    answers = a.infer_batch(np.stack([HARD] * 5), deadline_ms=50)
+    assert time.perf_counter() - t0 < 0.2
+    assert all(x.source == "edge_fallback" for x in answers)
+
+
+def test_offload_carries_the_request_deadline(make_agent: Callable[..., Agent],
+                                              bus: MemoryBus, hub: ScriptedHub) -> None:
+    a = make_agent()
+    a.infer(HARD, deadline_ms=77)
+    sent = [p.Offload.decode(b) for t, b in bus.log if t.endswith("/offload")]
+    assert sent[-1].deadline_ms == pytest.approx(77)

@@ -60,7 +60,11 @@ def test_json_and_raw_inputs_get_answers(api: tuple[str, Agent]) -> None:
                       {"Content-Type": "application/octet-stream", "X-EHI-Dtype": "float32",
                        "X-EHI-Shape": "8,8", "X-EHI-Input-Ref": "cam/1"})
     assert code == 200 and ans["label"] == labels[0]
-    assert agent.counters.snapshot()["inputs"] == 11
+    code, many = _post(base + "/v1/infer", x[:4].astype(np.float32).tobytes(),
+                       {"Content-Type": "application/octet-stream", "X-EHI-Dtype": "float32",
+                        "X-EHI-Shape": "4,8,8"})
+    assert code == 200 and [m["label"] for m in many["answers"]] == labels[:4]
+    assert agent.counters.snapshot()["inputs"] == 15
 
 
 @pytest.mark.parametrize("body, headers, code, message", [
