@@ -74,7 +74,8 @@ class Agent:
         self.settings = settings
         self.device = settings.device_id
         self.engine = engine or Engine.open(settings.bundle, settings.backend, settings.threads,
-                                            settings.policy, settings.threshold)
+                                            settings.policy, settings.threshold,
+                                            options=settings.backend_options())
         self.model_ref = self.engine.manifest.ref
         self.pending = PendingOffloads(settings.offload.max_pending)
         self.outbox = MemoryOutbox(settings.results.max_pending, settings.results.resend_after_s)

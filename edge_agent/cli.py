@@ -101,7 +101,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from edge_agent.engine import Engine
 
     s = load_settings(args.config, **_overrides(args))
-    eng = Engine.open(s.bundle, s.backend, s.threads, s.policy, s.threshold)
+    eng = Engine.open(s.bundle, s.backend, s.threads, s.policy, s.threshold,
+                      options=s.backend_options())
     spec = eng.manifest.raw_input
     r = eng.run(np.zeros(spec.shape, dtype=spec.dtype))
     print(json.dumps({"bundle": eng.manifest.ref, "backend": eng.backend.name,

@@ -19,11 +19,17 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from edge_agent.backends.base import BackendOptions
 from edge_agent.errors import ConfigError
 from fleet.mqtt import BrokerSettings
 from models import EDGE_BUNDLE
 
 CONFIG_ENV = "EHI_AGENT_CONFIG"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edge-hybrid-inference"
 
 
 class OffloadSettings(BaseModel):
@@ -72,6 +78,10 @@ class AgentSettings(BaseSettings):
     bundle: Path = EDGE_BUNDLE
     backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
     threads: int = Field(1, ge=1, le=64)
+    # OpenVINO's performance hint: LATENCY (one input at a time) or THROUGHPUT (batches).
+    openvino_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
+    # Compiled models and the measured `auto` backend choice live here between starts.
+    cache_dir: Path | None = Field(default_factory=default_cache_dir)
     # None: the policy and threshold recommended by the bundle's manifest.
     policy: str | None = None
     threshold: float | None = None
@@ -83,6 +93,10 @@ class AgentSettings(BaseSettings):
     results: ResultsSettings = ResultsSettings()
     local_api: LocalApiSettings = LocalApiSettings()
     replay: ReplaySettings = ReplaySettings()
+
+    def backend_options(self) -> BackendOptions:
+        return BackendOptions(threads=self.threads, openvino_hint=self.openvino_hint,
+                              cache_dir=self.cache_dir)
 
     @field_validator("device_id")
     @classmethod

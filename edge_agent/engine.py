@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.backends import InferenceBackend, open_backend, resolve_backend
+from edge_agent.backends import BackendOptions, InferenceBackend, candidates, choose_fastest
 from edge_agent.errors import BackendError, InputError
 from edge_agent.policy import HardExamplePolicy, softmax
 from fleet.bundle import Bundle, load_bundle
@@ -43,19 +43,23 @@ class Engine:
     @classmethod
     def open(cls, bundle_dir: Path, backend: str = "auto", threads: int = 1,
              policy: str | None = None, threshold: float | None = None,
-             seed: int | None = None) -> Engine:
+             seed: int | None = None, options: BackendOptions | None = None) -> Engine:
         """Load and verify a bundle, open it on a backend, and set up the hard-example policy.
 
-        Without `policy`/`threshold` the manifest's recommendation is used; a policy without a
-        threshold takes the one the manifest fitted for it.
+        `auto` opens the fastest installed backend for this model (measured once, cached in
+        `options.cache_dir`). Without `policy`/`threshold` the manifest's recommendation is
+        used; a policy without a threshold takes the one the manifest fitted for it.
         """
         try:
             bundle = load_bundle(bundle_dir)
         except BundleError as exc:
             raise BackendError(str(exc)) from None
         m = bundle.manifest
-        name = resolve_backend(backend, m.runtimes)
-        be = open_backend(name, bundle.model_path, threads)
+        opts = options or BackendOptions(threads=threads)
+        names = candidates(backend, m.runtimes)
+        sample = np.zeros((1, *m.raw_input.shape), dtype=m.raw_input.dtype)
+        be, _ = choose_fastest(names, bundle.model_path, m.model_file().sha256,
+                               Preprocessor.for_manifest(m)(sample), opts)
         he = m.hard_example
         pol = policy or (he.policy if he else DEFAULT_POLICY)
         if threshold is None:

@@ -1,15 +1,35 @@
-"""Inference backends behind one interface: onnxruntime and OpenVINO."""
+"""Inference backends behind one interface: onnxruntime and OpenVINO.
+
+`auto` measures every installed backend the bundle supports on the bundle's own model, picks
+the fastest, and caches the choice (keyed by the model's hash, the runtime versions and the
+CPU), so that only the first start on a device pays for the measurement.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import json
+import logging
+import os
+import platform
+import time
 from pathlib import Path
 
-from edge_agent.backends.base import FakeBackend, InferenceBackend
+import numpy as np
+
+from edge_agent.backends.base import DEFAULT_OPTIONS, BackendOptions, FakeBackend, InferenceBackend
 from edge_agent.errors import BackendError
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "openvino")
 _MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+_DISTRIBUTIONS = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+# Measuring a backend for `auto`: warm-up calls, then timed calls; the median decides.
+AUTO_WARMUP_CALLS = 20
+AUTO_TIMED_CALLS = 200
+AUTO_CACHE_FILE = "backend-choice.json"
 
 
 def available_backends() -> list[str]:
@@ -17,38 +37,112 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if importlib.util.find_spec(_MODULES[b]) is not None]
 
 
-def resolve_backend(name: str, supported: tuple[str, ...] = BACKENDS) -> str:
-    """Turn `auto` into a concrete backend: the first installed one the bundle supports.
-
-    onnxruntime comes first: on the bundled tiny models its per-call overhead is several times
-    lower than OpenVINO's (see docs/benchmarks.md).
-    """
+def candidates(name: str, supported: tuple[str, ...] = BACKENDS) -> list[str]:
+    """The backends `name` may mean: itself, or for `auto` every installed one the bundle lists."""
     have = available_backends()
     if name == "auto":
-        for b in BACKENDS:
-            if b in have and (not supported or b in supported):
-                return b
-        raise BackendError(f"no inference runtime installed for this bundle (supports "
-                           f"{list(supported)}); install 'edge-hybrid-inference[agent]'")
+        found = [b for b in BACKENDS if b in have and (not supported or b in supported)]
+        if not found:
+            raise BackendError(f"no inference runtime installed for this bundle (supports "
+                               f"{list(supported)}); install 'edge-hybrid-inference[agent]'")
+        return found
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {[*BACKENDS, 'auto']}")
     if supported and name not in supported:
         raise BackendError(f"the bundle does not list {name!r} among its runtimes "
                            f"{list(supported)}")
-    return name
+    return [name]
 
 
-def open_backend(name: str, model_path: Path, threads: int = 1) -> InferenceBackend:
+def resolve_backend(name: str, supported: tuple[str, ...] = BACKENDS) -> str:
+    """A concrete backend without measuring: `auto` means the first installed candidate."""
+    return candidates(name, supported)[0]
+
+
+def open_backend(name: str, model_path: Path,
+                 options: BackendOptions = DEFAULT_OPTIONS) -> InferenceBackend:
     if name == "onnxruntime":
         from edge_agent.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(model_path, threads)
+        return OnnxRuntimeBackend(model_path, options)
     if name == "openvino":
         from edge_agent.backends.openvino_backend import OpenVinoBackend
 
-        return OpenVinoBackend(model_path, threads)
+        return OpenVinoBackend(model_path, options)
     raise BackendError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "FakeBackend", "InferenceBackend", "available_backends", "open_backend",
-           "resolve_backend"]
+def median_call_us(backend: InferenceBackend, batch: np.ndarray,
+                   warmup: int = AUTO_WARMUP_CALLS, timed: int = AUTO_TIMED_CALLS) -> float:
+    run = backend.bare_runner(batch)
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(timed):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e6)
+
+
+def _versions(names: list[str]) -> dict[str, str]:
+    out = {}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(_DISTRIBUTIONS[n])
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = "?"
+    return out
+
+
+def choose_fastest(names: list[str], model_path: Path, model_sha256: str, batch: np.ndarray,
+                   options: BackendOptions) -> tuple[InferenceBackend, dict[str, float]]:
+    """Open the fastest of `names` on this model, measuring once per model, runtime and CPU."""
+    if len(names) == 1:
+        return open_backend(names[0], model_path, options), {}
+    key = json.dumps({"model": model_sha256, "versions": _versions(names),
+                      "cpu": platform.processor() or platform.machine(),
+                      "cpus": os.cpu_count(), "threads": options.threads,
+                      "hint": options.openvino_hint}, sort_keys=True)
+    cache = options.cache_dir / AUTO_CACHE_FILE if options.cache_dir else None
+    known: dict[str, dict[str, float]] = {}
+    if cache is not None and cache.is_file():
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+    if key in known:
+        timings = known[key]
+        best = min(timings, key=lambda b: timings[b])
+        log.info("auto backend: %s (cached measurement, median us per call %s)", best, timings)
+        return open_backend(best, model_path, options), timings
+    timings, opened = {}, {}
+    for n in names:
+        try:
+            be = open_backend(n, model_path, options)
+        except BackendError as exc:
+            log.warning("auto backend: %s unusable: %s", n, exc)
+            continue
+        timings[n] = round(median_call_us(be, batch), 2)
+        opened[n] = be
+    if not opened:
+        raise BackendError(f"no backend could load {model_path}")
+    best = min(timings, key=lambda b: timings[b])
+    for n, be in opened.items():
+        if n != best:
+            be.close()
+    log.info("auto backend: %s (measured median us per call %s)", best, timings)
+    if cache is not None:
+        known[key] = timings
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(cache)
+        except OSError as exc:
+            log.warning("could not cache the backend choice in %s: %s", cache, exc)
+    return opened[best], timings
+
+
+__all__ = ["BACKENDS", "BackendOptions", "FakeBackend", "InferenceBackend", "available_backends",
+           "candidates", "choose_fastest", "open_backend", "resolve_backend"]

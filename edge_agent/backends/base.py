@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class BackendOptions:
+    """How a backend runs a model; the same options serve the agent and its benchmark."""
+
+    # Inference threads: 1 suits small models and devices shared with their application.
+    threads: int = 1
+    # OpenVINO's performance hint: "LATENCY" for one input at a time, "THROUGHPUT" for batches.
+    openvino_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
+    # Where OpenVINO keeps compiled models between starts (a faster cold start); None: off.
+    cache_dir: Path | None = None
+
+
+DEFAULT_OPTIONS = BackendOptions()
 
 
 class InferenceBackend(Protocol):
@@ -16,6 +32,10 @@ class InferenceBackend(Protocol):
     model_path: Path
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def bare_runner(self, batch: np.ndarray) -> Callable[[], object]:
+        """The runtime's own call on this model and `batch`, with nothing of ours around it."""
+        ...
 
     def close(self) -> None: ...
 
@@ -32,6 +52,9 @@ class FakeBackend:
     def run(self, batch: np.ndarray) -> np.ndarray:
         self.calls += 1
         return self._fn(batch)
+
+    def bare_runner(self, batch: np.ndarray) -> Callable[[], object]:
+        return lambda: self._fn(batch)
 
     def close(self) -> None:
         pass

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from edge_agent.backends.base import DEFAULT_OPTIONS, BackendOptions
 from edge_agent.errors import BackendError
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, threads: int = 1) -> None:
+    def __init__(self, model_path: Path, options: BackendOptions = DEFAULT_OPTIONS) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -21,8 +23,9 @@ class OnnxRuntimeBackend:
         opts = ort.SessionOptions()
         # Threads: 1 by default, since small models gain nothing from more and several agents
         # or the application share the device's cores.
-        opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = options.threads
         opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         self.model_path = Path(model_path)
@@ -41,6 +44,10 @@ class OnnxRuntimeBackend:
             raise BackendError(f"onnxruntime failed on a {batch.dtype}{list(batch.shape)} "
                                f"batch: {exc}") from None
         return out
+
+    def bare_runner(self, batch: np.ndarray) -> Callable[[], object]:
+        sess, feed, outs = self._sess, {self._input: batch}, [self._output]
+        return lambda: sess.run(outs, feed)
 
     def close(self) -> None:
         del self._sess
