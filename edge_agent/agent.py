@@ -254,7 +254,9 @@ class Agent:
             # Let a batch fill up for a moment: fewer, larger messages.
             if len(self.outbox) < rs.batch_max:
                 self._stop.wait(rs.flush_interval_s)
-            self.flush_results()
+            if self.flush_results() == 0:
+                # Nothing was due (all in flight awaiting acks, or no broker): wait, don't spin.
+                self._stop.wait(rs.flush_interval_s)
 
     def flush_results(self) -> int:
         """Send every due record in batches; returns how many were sent."""

@@ -230,3 +230,17 @@ def test_offload_carries_the_request_deadline(make_agent: Callable[..., Agent],
     a.infer(HARD, deadline_ms=77)
     sent = [p.Offload.decode(b) for t, b in bus.log if t.endswith("/offload")]
     assert sent[-1].deadline_ms == pytest.approx(77)
+
+
+def test_offline_agent_with_a_backlog_does_not_spin(make_agent: Callable[..., Agent],
+                                                     hub: ScriptedHub) -> None:
+    a = make_agent()
+    a.transport.online = False  # type: ignore[attr-defined]
+    for _ in range(300):  # more than results.batch_max, all pending
+        a.infer(EASY)
+    cpu0, t0 = time.process_time(), time.monotonic()
+    time.sleep(0.5)
+    used = (time.process_time() - cpu0) / (time.monotonic() - t0)
+    assert used < 0.2, f"the agent burned {used:.0%} of a core while idle and offline"
+    a.transport.online = True  # type: ignore[attr-defined]
+    assert a.drain(5.0)
