@@ -2,6 +2,7 @@
 
     edge-agent run [--config FILE] [--device-id ID] [--replay FILE --stream mixed ...]
     edge-agent check [--config FILE]    load the bundle on the backend and run one input
+    edge-agent bench [BUNDLE] [--backend all] [--batch N] [--seconds S] [--json PATH]
 """
 
 from __future__ import annotations
@@ -111,6 +112,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edge_agent.backends import candidates
+    from edge_agent.bench import dump, format_table, run_bench
+    from fleet.bundle import load_bundle
+
+    try:
+        manifest = load_bundle(args.bundle).manifest
+    except Exception as exc:
+        raise AgentError(str(exc)) from None
+    names = candidates("auto" if args.backend == "all" else args.backend, manifest.runtimes)
+    if args.backend == "auto":
+        names = names[:1]
+    rows = run_bench(args.bundle, names, batch=args.batch, seconds=args.seconds,
+                     rounds=args.rounds, cold=not args.no_cold_start, threads=args.threads)
+    print(format_table(rows, manifest.ref))
+    if args.json:
+        dump(rows, args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="edge-agent", description="Edge inference agent.")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -122,12 +143,28 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--backend", choices=["auto", "onnxruntime", "openvino"])
         sp.add_argument("--policy")
         sp.add_argument("--threshold", type=float)
+    bp = sub.add_parser("bench", help="measure a bundle: bare runtime vs the agent, cold start, "
+                                      "memory")
+    bp.add_argument("bundle", type=Path, nargs="?", default=None,
+                    help="bundle directory (default: the bundled digits edge model)")
+    bp.add_argument("--backend", default="all", choices=["all", "auto", "onnxruntime", "openvino"])
+    bp.add_argument("--batch", type=int, default=1)
+    bp.add_argument("--seconds", type=float, default=5.0,
+                    help="measuring time per path and backend, split into rounds")
+    bp.add_argument("--rounds", type=int, default=5)
+    bp.add_argument("--threads", type=int, default=1)
+    bp.add_argument("--no-cold-start", action="store_true", help="skip the cold-start runs")
+    bp.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
+    if args.cmd == "bench" and args.bundle is None:
+        from models import EDGE_BUNDLE
+
+        args.bundle = EDGE_BUNDLE
     tune_gil_switch_interval()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": cmd_run, "check": cmd_check}[args.cmd](args)
+        return {"run": cmd_run, "check": cmd_check, "bench": cmd_bench}[args.cmd](args)
     except AgentError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2

@@ -75,7 +75,7 @@ class Engine:
         """Preprocess one raw sample, run the model, and ask the policy."""
         t0 = time.perf_counter()
         try:
-            x = self.preprocess(raw)
+            x = self.preprocess(raw, reuse=True)
         except ProtocolError as exc:
             raise InputError(str(exc)) from None
         if x.shape[0] != 1:
@@ -90,7 +90,7 @@ class Engine:
         """Like `run` for a batch [N, *raw_input]: one preprocessing and one model call."""
         t0 = time.perf_counter()
         try:
-            x = self.preprocess(raw)
+            x = self.preprocess(raw, reuse=True)
         except ProtocolError as exc:
             raise InputError(str(exc)) from None
         probs = softmax(self.backend.run(x))

@@ -223,7 +223,8 @@ class MqttSession:
             info = self._client.publish(final[0], final[1], qos=final[2], retain=final[3])
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
-        self._client.disconnect()
+        if self._connected.is_set():
+            self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
 

@@ -3,11 +3,13 @@
 A manifest's `preprocessing` is a list of steps:
 - `{"type": "minmax", "min": a, "max": b}`: (x - a) / (b - a), clipped to [0, 1];
 - `{"type": "standardize", "mean": m, "std": s}`: (x - m) / s;
-- `{"type": "reshape", "shape": [...]}`: the per-sample shape the model wants.
+- `{"type": "reshape", "shape": [...]}`: the per-sample shape the model wants;
+- `{"type": "transpose", "axes": [2, 0, 1]}`: reorder a sample's axes (HWC -> CHW).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +18,10 @@ import numpy as np
 from fleet.bundle import Manifest, TensorSpec
 from fleet.errors import BundleError, ProtocolError
 
+# Reused buffers per thread: a few batch shapes at a time.
+_MAX_BUFFERS = 8
+
+# A step works in place on a float32 working array and returns it (or a view of it).
 Step = Callable[[np.ndarray], np.ndarray]
 
 
@@ -27,7 +33,10 @@ def _minmax(spec: dict[str, Any]) -> Step:
     lo32 = np.float32(lo)
 
     def step(x: np.ndarray) -> np.ndarray:
-        return np.clip((x - lo32) * scale, 0.0, 1.0, dtype=np.float32)
+        if lo32:
+            np.subtract(x, lo32, out=x)
+        np.multiply(x, scale, out=x)
+        return np.clip(x, 0.0, 1.0, out=x)
 
     return step
 
@@ -36,7 +45,12 @@ def _standardize(spec: dict[str, Any]) -> Step:
     mean, std = np.float32(spec["mean"]), np.float32(spec["std"])
     if std <= 0:
         raise BundleError("standardize step needs std > 0")
-    return lambda x: ((x - mean) / std).astype(np.float32, copy=False)
+
+    def step(x: np.ndarray) -> np.ndarray:
+        np.subtract(x, mean, out=x)
+        return np.divide(x, std, out=x)
+
+    return step
 
 
 def _reshape(spec: dict[str, Any]) -> Step:
@@ -44,10 +58,16 @@ def _reshape(spec: dict[str, Any]) -> Step:
     return lambda x: x.reshape((x.shape[0], *shape))
 
 
+def _transpose(spec: dict[str, Any]) -> Step:
+    axes = (0, *(int(a) + 1 for a in spec["axes"]))
+    return lambda x: x.transpose(axes)
+
+
 _STEPS: dict[str, Callable[[dict[str, Any]], Step]] = {
     "minmax": _minmax,
     "standardize": _standardize,
     "reshape": _reshape,
+    "transpose": _transpose,
 }
 
 
@@ -57,6 +77,7 @@ class Preprocessor:
     def __init__(self, raw_input: TensorSpec, steps: Sequence[dict[str, Any]]) -> None:
         self.raw_input = raw_input
         self._sample_shape = tuple(s for s in raw_input.shape)
+        self._local = threading.local()
         self._steps: list[Step] = []
         for spec in steps:
             kind = spec.get("type")
@@ -87,8 +108,36 @@ class Preprocessor:
             raise ProtocolError("input contains NaN or infinity")
         return x
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        batch = self.check(x).astype(np.float32, copy=False)
+    def __call__(self, x: np.ndarray, reuse: bool = False) -> np.ndarray:
+        """The model input for `x` (one sample or a batch), C-contiguous float32.
+
+        With `reuse`, the result lives in a buffer of the calling thread that the thread's next
+        call overwrites: for a hot path that hands it to the model at once. Fresh arrays cost a
+        large input its page faults and cache misses (docs/benchmarks.md).
+        """
+        batch = self.check(x)
+        if not reuse:
+            work = batch.astype(np.float32)  # a copy: the steps work in place
+            for step in self._steps:
+                work = step(work)
+            return np.ascontiguousarray(work)
+        work = self._buffer("work", batch.shape)
+        np.copyto(work, batch, casting="unsafe")
         for step in self._steps:
-            batch = step(batch)
-        return np.ascontiguousarray(batch, dtype=np.float32)
+            work = step(work)
+        if work.flags.c_contiguous:
+            return work
+        out = self._buffer("out", work.shape)
+        np.copyto(out, work)
+        return out
+
+    def _buffer(self, role: str, shape: tuple[int, ...]) -> np.ndarray:
+        bufs: dict[tuple[str, tuple[int, ...]], np.ndarray] = self._local.__dict__.setdefault(
+            "bufs", {})
+        key = (role, shape)
+        buf = bufs.get(key)
+        if buf is None:
+            if len(bufs) >= _MAX_BUFFERS:
+                bufs.clear()  # batch sizes come and go; keep the cache bounded
+            buf = bufs[key] = np.empty(shape, dtype=np.float32)
+        return buf

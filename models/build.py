@@ -62,17 +62,19 @@ def _preprocess(x: np.ndarray) -> np.ndarray:
     return Preprocessor(RAW_INPUT, PREPROCESSING)(x)
 
 
-def export_onnx(model: Any, path: Path) -> None:
+def export_onnx(model: Any, path: Path, sample_shape: tuple[int, ...] = (1, 8, 8)) -> None:
+    """ONNX with a free batch dimension, input "input", output "logits"."""
     import torch
 
-    sample = torch.zeros(2, 1, 8, 8)
+    sample = torch.zeros(2, *sample_shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(model, (sample,), str(path), input_names=["input"], output_names=["logits"],
                       opset_version=OPSET, dynamo=True, external_data=False,
-                      dynamic_shapes={"x": {0: batch}})
+                      dynamic_shapes=({0: batch},))
 
 
-def quantize_int8(fp32: Path, out: Path, calib: np.ndarray) -> None:
+def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool = True) -> None:
+    """Static QDQ: uint8 activations, int8 weights (the fast pair on x86 with VNNI)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -90,7 +92,8 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray) -> None:
 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre))
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     pre.unlink()
 
