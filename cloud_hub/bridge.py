@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy.orm import sessionmaker
 
-from cloud_hub.batcher import DynamicBatcher
 from cloud_hub.errors import StoreError
 from cloud_hub.ingest import ingest_results, record_status, record_telemetry
 from cloud_hub.metrics import HubMetrics
 from edge_agent.engine import Engine
 from edge_agent.errors import InputError
 from fleet import protocol as p
+from fleet.batcher import DynamicBatcher
 from fleet.errors import ProtocolError, UnsupportedVersion
 from fleet.mqtt import MqttConfig, MqttSession, Transport
 

@@ -12,18 +12,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edge_agent.config import AgentSettings
 from edge_agent.engine import Engine, LocalResult
-from edge_agent.errors import InputError
+from edge_agent.errors import AgentBusy, InputError
 from edge_agent.offload import PendingOffloads
 from edge_agent.outbox import MemoryOutbox
 from edge_agent.telemetry import TelemetrySampler
 from fleet import protocol as p
+from fleet.batcher import DynamicBatcher
 from fleet.errors import ProtocolError
 from fleet.mqtt import MqttSession, Transport, Will
 
@@ -50,6 +51,16 @@ class InferenceAnswer:
         return {"id": self.id, "label": self.label, "label_name": self.label_name,
                 "confidence": self.confidence, "source": self.source, "degraded": self.degraded,
                 "offloaded": self.offloaded, "latency_ms": self.latency_ms}
+
+
+@dataclass(slots=True)
+class _Request:
+    raw: np.ndarray
+    input_ref: str | None
+    deadline_ms: float | None
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: InferenceAnswer | None = None
+    error: Exception | None = None
 
 
 class Counters:
@@ -80,6 +91,10 @@ class Agent:
         self.pending = PendingOffloads(settings.offload.max_pending)
         self.outbox = MemoryOutbox(settings.results.max_pending, settings.results.resend_after_s)
         self.counters = Counters()
+        tp = settings.throughput
+        self._batcher: DynamicBatcher[_Request] | None = (
+            DynamicBatcher(tp.max_batch, tp.max_wait_ms / 1000.0, tp.max_queue)
+            if tp.mode == "batch" else None)
         self._seq = itertools.count()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -104,8 +119,10 @@ class Agent:
         if wait_connected_s > 0 and not self.transport.wait_connected(wait_connected_s):
             log.warning("no broker connection after %.1f s; answering locally until it comes",
                         wait_connected_s)
-        for name, fn in (("results-sender", self._sender_loop),
-                         ("telemetry", self._telemetry_loop)):
+        loops = [("results-sender", self._sender_loop), ("telemetry", self._telemetry_loop)]
+        if self._batcher is not None:
+            loops.append(("batcher", self._batch_loop))
+        for name, fn in loops:
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -172,6 +189,45 @@ class Agent:
                       if nbytes else None)
             out.append(self._finish(rid, loc, answer, nbytes, t0, ref))
         return out
+
+    def submit(self, raw: np.ndarray, input_ref: str | None = None,
+               deadline_ms: float | None = None) -> InferenceAnswer:
+        """Answer one input the way the throughput settings say: at once, or in a batch.
+
+        Raises InputError for a bad input, AgentBusy when the batch queue is full.
+        """
+        if self._batcher is None:
+            return self.infer(raw, input_ref, deadline_ms)
+        raw = self.engine.preprocess.check_sample(raw)
+        req = _Request(raw, input_ref, deadline_ms)
+        if not self._batcher.offer(req):
+            raise AgentBusy("the agent's batch queue is full; retry later")
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        assert req.answer is not None
+        return req.answer
+
+    def _batch_loop(self) -> None:
+        assert self._batcher is not None
+        while not self._stop.is_set():
+            reqs = self._batcher.next_batch()
+            if not reqs:
+                continue
+            # One deadline per batch: the tightest of its requests.
+            deadlines = [r.deadline_ms for r in reqs if r.deadline_ms is not None]
+            try:
+                answers = self.infer_batch(np.stack([r.raw for r in reqs]),
+                                           [r.input_ref for r in reqs],
+                                           min(deadlines) if deadlines else None)
+                for r, a in zip(reqs, answers, strict=True):
+                    r.answer = a
+            except Exception as exc:  # every waiter must hear of it
+                log.exception("batch of %d failed", len(reqs))
+                for r in reqs:
+                    r.error = exc
+            for r in reqs:
+                r.done.set()
 
     def _deadline_s(self, deadline_ms: float | None) -> float:
         ms = deadline_ms if deadline_ms is not None else self.settings.offload.deadline_ms

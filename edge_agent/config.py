@@ -56,6 +56,22 @@ class LocalApiSettings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
 
 
+class ThroughputSettings(BaseModel):
+    """How the agent serves inputs that arrive faster than one inference at a time.
+
+    "latency" (default): each request runs at once on its own thread (backends run requests in
+    parallel: onnxruntime sessions are thread-safe, OpenVINO keeps a pool of infer requests).
+    "batch": requests are gathered into batches of up to `max_batch`, waiting at most
+    `max_wait_ms` after the first, and run as one model call.
+    """
+
+    mode: Literal["latency", "batch"] = "latency"
+    max_batch: int = Field(8, ge=1, le=1024)
+    max_wait_ms: float = Field(2.0, ge=0)
+    # Requests waiting to be batched; beyond it the local API answers 503.
+    max_queue: int = Field(1024, ge=1)
+
+
 class ReplaySettings(BaseModel):
     """A built-in source feeding a stream file (.npz with `{stream}_x` arrays) into the agent."""
 
@@ -92,6 +108,7 @@ class AgentSettings(BaseSettings):
     offload: OffloadSettings = OffloadSettings()
     results: ResultsSettings = ResultsSettings()
     local_api: LocalApiSettings = LocalApiSettings()
+    throughput: ThroughputSettings = ThroughputSettings()
     replay: ReplaySettings = ReplaySettings()
 
     def backend_options(self) -> BackendOptions:

@@ -3,7 +3,8 @@
     AgentError
     ├── ConfigError    the settings file or environment is wrong
     ├── BackendError   the inference runtime is missing or failed to load or run a model
-    └── InputError     an input submitted to the agent is not what the bundle accepts
+    ├── InputError     an input submitted to the agent is not what the bundle accepts
+    └── AgentBusy      the agent cannot take more work now (a full queue); retry later
 """
 
 
@@ -21,3 +22,7 @@ class BackendError(AgentError):
 
 class InputError(AgentError):
     """An input the bundle does not accept (shape, dtype, encoding)."""
+
+
+class AgentBusy(AgentError):
+    """The agent cannot take more work now (a full queue); retry later."""

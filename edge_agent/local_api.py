@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.errors import InputError
+from edge_agent.errors import AgentBusy, InputError
 from fleet.errors import ProtocolError
 from fleet.protocol import decode_tensor
 
@@ -82,7 +82,10 @@ class LocalApi:
                         answers = agent.infer_batch(raw, deadline_ms=deadline)
                         self._send(200, {"answers": [a.to_dict() for a in answers]})
                         return
-                    answer = agent.infer(raw, input_ref=ref, deadline_ms=deadline)
+                    answer = agent.submit(raw, input_ref=ref, deadline_ms=deadline)
+                except AgentBusy as exc:
+                    self._send(503, {"error": str(exc)})
+                    return
                 except (InputError, ProtocolError) as exc:
                     if not isinstance(exc, InputError):
                         agent.counters.inc("input_errors")

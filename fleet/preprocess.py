@@ -108,6 +108,13 @@ class Preprocessor:
             raise ProtocolError("input contains NaN or infinity")
         return x
 
+    def check_sample(self, x: np.ndarray) -> np.ndarray:
+        """One raw sample, validated (for callers that batch samples themselves)."""
+        batch = self.check(x)
+        if batch.shape[0] != 1:
+            raise ProtocolError(f"submit one sample at a time, got a batch of {batch.shape[0]}")
+        return batch[0]
+
     def __call__(self, x: np.ndarray, reuse: bool = False) -> np.ndarray:
         """The model input for `x` (one sample or a batch), C-contiguous float32.
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import threading
+import queue
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,10 +23,11 @@ class OpenVinoBackend:
             raise BackendError("openvino is not installed: pip install "
                                "'edge-hybrid-inference[openvino]'") from None
         self.model_path = Path(model_path)
-        config: dict[str, object] = {
-            "PERFORMANCE_HINT": options.openvino_hint,
-            "INFERENCE_NUM_THREADS": options.threads,
-        }
+        config: dict[str, object] = {"PERFORMANCE_HINT": options.openvino_hint}
+        # THROUGHPUT makes one stream per core group: capping its threads at the default 1
+        # would leave it a single stream. LATENCY, or an explicit count, caps them.
+        if options.openvino_hint == "LATENCY" or options.threads > 1:
+            config["INFERENCE_NUM_THREADS"] = options.threads
         try:
             core = ov.Core()
             if options.cache_dir is not None:
@@ -35,19 +37,26 @@ class OpenVinoBackend:
             self._compiled = core.compile_model(str(model_path), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with its own text
             raise BackendError(f"OpenVINO could not load {model_path}: {exc}") from None
-        # An infer request is not thread-safe; the agent serves requests from several threads.
-        self._request = self._compiled.create_infer_request()
-        self._lock = threading.Lock()
+        # An infer request is not thread-safe, and the agent serves requests from several
+        # threads: a pool of as many requests as OpenVINO can run at once (1 with the LATENCY
+        # hint, one per stream with THROUGHPUT).
+        n = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.parallel_requests = max(1, n)
+        self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(self.parallel_requests):
+            self._pool.put(self._compiled.create_infer_request())
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        req = self._pool.get()
         try:
-            with self._lock:
-                # Zero-copy input: the call is synchronous, so the array outlives its use.
-                self._request.infer({0: batch}, share_inputs=True)
-                out: np.ndarray = self._request.get_output_tensor(0).data.copy()
+            # Zero-copy input: the call is synchronous, so the array outlives its use.
+            req.infer({0: batch}, share_inputs=True)
+            out: np.ndarray = req.get_output_tensor(0).data.copy()
         except Exception as exc:
             raise BackendError(f"OpenVINO failed on a {batch.dtype}{list(batch.shape)} "
                                f"batch: {exc}") from None
+        finally:
+            self._pool.put(req)
         return out
 
     def bare_runner(self, batch: np.ndarray) -> Callable[[], object]:
@@ -56,4 +65,4 @@ class OpenVinoBackend:
         return lambda: req.infer(inputs, share_inputs=True)
 
     def close(self) -> None:
-        del self._request, self._compiled
+        del self._pool, self._compiled
