@@ -7,8 +7,9 @@ and fail instead when CI=true, so that CI cannot pass by skipping them.
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,20 @@ from fleet.processes import ProcessGroup
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("EHI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+# How often wait_until looks again.
+POLL_S = 0.01
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll `pred` until it is true or `timeout` passes; returns whether it came true."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(POLL_S)
+    return False
 
 
 def need(condition: bool, why: str) -> None:

@@ -20,6 +20,7 @@ from edge_agent.engine import Engine
 from fleet import protocol as p
 from fleet.mqtt import MemoryBus, MemorySession
 from models import CLOUD_BUNDLE, STREAMS_FILE
+from tests.conftest import wait_until
 
 
 def record(i: int, device: str = "dev-1", **kw: object) -> p.ResultRecord:
@@ -130,14 +131,6 @@ def bridge_on_bus(database_url: str, request: pytest.FixtureRequest
     eng.dispose()
 
 
-def _wait(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
-
 
 def _bad(bridge: Bridge, reason: str) -> float:
     return bridge.metrics.registry.get_sample_value("ehi_hub_bad_messages_total",
@@ -151,7 +144,7 @@ def test_bridge_answers_offloads_with_the_cloud_model(bridge_on_bus) -> None:
     for i, xi in enumerate(x):
         bus.publish(p.topic("dev-1", p.Channel.OFFLOAD),
                     p.Offload(f"o{i}", "digits-edge@1", xi, 100, time.time(), 0, 0.5).encode())
-    assert _wait(lambda: len(inbox) == 20)
+    assert wait_until(lambda: len(inbox) == 20)
     answers = {a.id: a for a in (p.Answer.decode(b) for _, b in inbox)}
     assert all(t == "ehi/v1/dev-1/answer" for t, _ in inbox)
     labels = np.array([answers[f"o{i}"].label for i in range(20)])
@@ -168,14 +161,14 @@ def test_bridge_survives_bad_messages(bridge_on_bus) -> None:
     bus.publish("ehi/v1/dev-1/telemetry", b"EH\x01\x05\x00\x00\x00\x01[")
     wrong = p.Offload("o2", "m", np.zeros((3, 3), np.float32), 100, 0, 0, 0).encode()
     bus.publish("ehi/v1/dev-1/offload", wrong)
-    assert _wait(lambda: _bad(bridge, "malformed") == 3 and _bad(bridge, "version") == 1)
-    assert _wait(lambda: len(inbox) == 1)
+    assert wait_until(lambda: _bad(bridge, "malformed") == 3 and _bad(bridge, "version") == 1)
+    assert wait_until(lambda: len(inbox) == 1)
     err = p.Answer.decode(inbox[0][1])
     assert err.id == "o2" and err.label == -1 and "does not fit" in (err.error or "")
     # ... and it still works.
     good = p.Offload("o3", "m", np.zeros((8, 8), np.float32), 100, 0, 0, 0).encode()
     bus.publish("ehi/v1/dev-1/offload", good)
-    assert _wait(lambda: len(inbox) == 2)
+    assert wait_until(lambda: len(inbox) == 2)
 
 
 def test_bridge_acks_after_commit_and_refuses_foreign_records(bridge_on_bus) -> None:
@@ -183,7 +176,7 @@ def test_bridge_acks_after_commit_and_refuses_foreign_records(bridge_on_bus) -> 
     batch = [record(1), record(2), record(3, device="dev-2")]
     bus.publish("ehi/v1/dev-1/results", p.ResultBatch(batch).encode())
     bus.publish("ehi/v1/dev-1/results", p.ResultBatch(batch[:2]).encode())  # a resend
-    assert _wait(lambda: len(inbox) == 2)
+    assert wait_until(lambda: len(inbox) == 2)
     acks = [p.Ack.decode(b) for _, b in inbox]
     assert acks[0].ids == ["r00001", "r00002"] and set(acks[0].rejected) == {"r00003"}
     assert sorted(acks[1].ids) == ["r00001", "r00002"]
@@ -204,11 +197,11 @@ def test_bridge_records_status_and_telemetry(bridge_on_bus) -> None:
         with bridge.sessions() as s:
             d = s.get(Device, "dev-7")
             return d is not None and d.backend == "openvino" and d.online
-    assert _wait(seen)
+    assert wait_until(seen)
     bus.publish("ehi/v1/dev-7/status", p.status_payload("offline", "dev-7"))
 
     def offline() -> bool:
         with bridge.sessions() as s:
             d = s.get(Device, "dev-7")
             return d is not None and not d.online
-    assert _wait(offline)
+    assert wait_until(offline)

@@ -10,6 +10,7 @@ import pytest
 
 from fleet.brokers import RunningBroker
 from fleet.mqtt import MqttConfig, MqttSession, Will, topic_matches
+from tests.conftest import wait_until
 
 
 def _session(port: int, cid: str, subs: list[tuple[str, int]], sink: list,
@@ -22,14 +23,6 @@ def _session(port: int, cid: str, subs: list[tuple[str, int]], sink: list,
     return s
 
 
-def _wait(pred, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
-
 
 def test_pubsub_qos1_and_wildcards(embedded_broker: RunningBroker) -> None:
     got: list = []
@@ -39,7 +32,7 @@ def test_pubsub_qos1_and_wildcards(embedded_broker: RunningBroker) -> None:
         assert pub.publish("a/b/c", str(i).encode(), qos=1)
     pub.publish("x/y/z", b"deep", qos=0)
     pub.publish("a/b/d", b"no", qos=1)
-    assert _wait(lambda: len(got) == 201)
+    assert wait_until(lambda: len(got) == 201)
     assert [b for t, b in got if t == "a/b/c"] == [str(i).encode() for i in range(200)]
     sub.stop()
     pub.stop()
@@ -51,11 +44,11 @@ def test_retained_and_last_will(embedded_broker: RunningBroker) -> None:
     time.sleep(0.1)
     late: list = []
     watcher = _session(embedded_broker.port, "ret-watch", [("status/#", 1)], late)
-    assert _wait(lambda: late == [("status/dev", b"online")])
+    assert wait_until(lambda: late == [("status/dev", b"online")])
     doomed = _session(embedded_broker.port, "doomed", [], [],
                       will=Will("status/doomed", b"offline"))
     doomed.abort()  # vanish, no DISCONNECT
-    assert _wait(lambda: ("status/doomed", b"offline") in late)
+    assert wait_until(lambda: ("status/doomed", b"offline") in late)
     # A clean DISCONNECT sends no will.
     polite = _session(embedded_broker.port, "polite", [], [], will=Will("status/polite", b"x"))
     polite.stop()
@@ -73,7 +66,7 @@ def test_shared_subscription_splits_messages(embedded_broker: RunningBroker) -> 
     pub = _session(embedded_broker.port, "share-pub", [], [])
     for i in range(40):
         pub.publish(f"jobs/{i}", b"j", qos=1)
-    assert _wait(lambda: len(a) + len(b) == 40)
+    assert wait_until(lambda: len(a) + len(b) == 40)
     assert len(a) == 20 and len(b) == 20  # round robin: each message to exactly one member
     for s in (sa, sb, pub):
         s.stop()

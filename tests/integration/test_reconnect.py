@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +22,11 @@ from models import CLOUD_BUNDLE
 HARD = np.random.default_rng(0).uniform(0, 16, (8, 8)).astype(np.float32)
 
 
-def _wait(pred: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
 
 @pytest.mark.parametrize("kind", ["embedded", "mosquitto"])
 def test_agent_and_hub_reconnect_after_a_broker_restart(kind: str, tmp_path: Path) -> None:
     from fleet.brokers import mosquitto_path
-    from tests.conftest import need
+    from tests.conftest import need, wait_until
 
     if kind == "mosquitto":
         need(mosquitto_path() is not None, "mosquitto is not installed")
@@ -58,12 +49,12 @@ def test_agent_and_hub_reconnect_after_a_broker_restart(kind: str, tmp_path: Pat
             assert agent.infer(HARD, deadline_ms=2000).source == "cloud"
 
             broker.process.stop()
-            assert _wait(lambda: not agent.transport.connected, 10)
+            assert wait_until(lambda: not agent.transport.connected, 10)
             during = agent.infer(HARD, deadline_ms=2000)
             assert during.source == "edge_fallback" and during.degraded  # answered at once
 
             start_broker(group, tmp_path, kind, port=broker.port)
-            assert _wait(lambda: agent.transport.connected and hub.transport.connected, 30)
+            assert wait_until(lambda: agent.transport.connected and hub.transport.connected, 30)
             time.sleep(0.3)  # the re-subscriptions land
             assert agent.infer(HARD, deadline_ms=2000).source == "cloud"
             # Results produced while the broker was away reach the hub after the reconnect.
