@@ -112,8 +112,10 @@ class _Setup:
         self.engine = Engine.open(bundle, backend, threads)
         self.name = self.engine.backend.name
         raw = sample_inputs(self.engine, batch)
-        pre = self.engine.preprocess(raw)
-        self.bare = self.engine.backend.bare_runner(pre)
+        # The runtime's own call on what it takes: our preprocessed tensor, or for a backend
+        # that compiled the preprocessing into the model, the raw images.
+        model_in = raw if self.engine.backend.takes_raw else self.engine.preprocess(raw)
+        self.bare = self.engine.backend.bare_runner(np.ascontiguousarray(model_in))
         settings = AgentSettings(device_id=f"bench-{self.name}", bundle=bundle,
                                  telemetry_interval_s=3600, local_api={"port": -1})
         self.agent = Agent(settings, engine=self.engine, transport_factory=_offline)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +55,12 @@ class Engine:
         except BundleError as exc:
             raise BackendError(str(exc)) from None
         m = bundle.manifest
-        opts = options or BackendOptions(threads=threads)
+        opts = replace(options or BackendOptions(threads=threads),
+                       preprocessing=m.preprocessing, raw_dtype=m.raw_input.dtype)
         names = candidates(backend, m.runtimes)
         sample = np.zeros((1, *m.raw_input.shape), dtype=m.raw_input.dtype)
         be, _ = choose_fastest(names, bundle.model_path, m.model_file().sha256,
-                               Preprocessor.for_manifest(m)(sample), opts)
+                               sample, Preprocessor.for_manifest(m)(sample), opts)
         he = m.hard_example
         pol = policy or (he.policy if he else DEFAULT_POLICY)
         if threshold is None:
@@ -75,7 +76,7 @@ class Engine:
         """Preprocess one raw sample, run the model, and ask the policy."""
         t0 = time.perf_counter()
         try:
-            x = self.preprocess(raw, reuse=True)
+            x = self._model_input(raw)
         except ProtocolError as exc:
             raise InputError(str(exc)) from None
         if x.shape[0] != 1:
@@ -90,7 +91,7 @@ class Engine:
         """Like `run` for a batch [N, *raw_input]: one preprocessing and one model call."""
         t0 = time.perf_counter()
         try:
-            x = self.preprocess(raw, reuse=True)
+            x = self._model_input(raw)
         except ProtocolError as exc:
             raise InputError(str(exc)) from None
         probs = softmax(self.backend.run(x))
@@ -101,10 +102,17 @@ class Engine:
                             per_input_ms)
                 for lab, p, s in zip(labels, probs, scores, strict=True)]
 
+    def _model_input(self, raw: np.ndarray) -> np.ndarray:
+        """What the backend's `run` takes: the raw batch if it preprocesses, else ours."""
+        if self.backend.takes_raw:
+            return np.ascontiguousarray(self.preprocess.check(raw),
+                                        dtype=self.manifest.raw_input.dtype)
+        return self.preprocess(raw, reuse=True)
+
     def predict_batch(self, raw: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of raw samples (evaluation and benchmarks)."""
         try:
-            x = self.preprocess(raw)
+            x = self._model_input(raw)
         except ProtocolError as exc:
             raise InputError(str(exc)) from None
         return softmax(self.backend.run(x))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -20,6 +20,9 @@ class BackendOptions:
     openvino_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
     # Where OpenVINO keeps compiled models between starts (a faster cold start); None: off.
     cache_dir: Path | None = None
+    # The bundle's preprocessing, for a backend that can compile it into the model.
+    preprocessing: tuple[dict[str, Any], ...] = ()
+    raw_dtype: str = ""
 
 
 DEFAULT_OPTIONS = BackendOptions()
@@ -30,6 +33,9 @@ class InferenceBackend(Protocol):
 
     name: str
     model_path: Path
+    # True when the backend applies the bundle's preprocessing itself: `run` then takes raw
+    # inputs (validated, batched) instead of preprocessed ones.
+    takes_raw: bool
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -46,6 +52,7 @@ class FakeBackend:
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], name: str = "fake") -> None:
         self.name = name
         self.model_path = Path("<memory>")
+        self.takes_raw = False
         self._fn = fn
         self.calls = 0
 

@@ -13,6 +13,7 @@ from edge_agent.errors import BackendError
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    takes_raw = False
 
     def __init__(self, model_path: Path, options: BackendOptions = DEFAULT_OPTIONS) -> None:
         try:

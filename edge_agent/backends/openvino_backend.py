@@ -13,6 +13,21 @@ from edge_agent.backends.base import DEFAULT_OPTIONS, BackendOptions
 from edge_agent.errors import BackendError
 
 
+def fusable(preprocessing: tuple[dict[str, Any], ...], raw_dtype: str) -> bool:
+    """Whether OpenVINO can run the bundle's preprocessing inside the model, exactly.
+
+    uint8 images with `minmax` over at least 0..255 (so its clip never bites), optionally
+    followed by an HWC -> CHW transpose: the camera case.
+    """
+    if raw_dtype != "uint8" or not preprocessing:
+        return False
+    first, rest = preprocessing[0], preprocessing[1:]
+    if first.get("type") != "minmax" or float(first["min"]) > 0 or float(first["max"]) < 255:
+        return False
+    return rest == () or (len(rest) == 1 and rest[0].get("type") == "transpose"
+                          and list(rest[0].get("axes", [])) == [2, 0, 1])
+
+
 class OpenVinoBackend:
     name = "openvino"
 
@@ -28,13 +43,19 @@ class OpenVinoBackend:
         # would leave it a single stream. LATENCY, or an explicit count, caps them.
         if options.openvino_hint == "LATENCY" or options.threads > 1:
             config["INFERENCE_NUM_THREADS"] = options.threads
+        self.takes_raw = fusable(options.preprocessing, options.raw_dtype)
         try:
             core = ov.Core()
             if options.cache_dir is not None:
                 options.cache_dir.mkdir(parents=True, exist_ok=True)
                 # Compiled blobs keyed by model and device: later starts skip compilation.
                 core.set_property({"CACHE_DIR": str(options.cache_dir / "openvino")})
-            self._compiled = core.compile_model(str(model_path), "CPU", config)
+            if self.takes_raw:
+                self._compiled = core.compile_model(
+                    self._with_preprocessing(ov, core.read_model(str(model_path)),
+                                             options.preprocessing), "CPU", config)
+            else:
+                self._compiled = core.compile_model(str(model_path), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with its own text
             raise BackendError(f"OpenVINO could not load {model_path}: {exc}") from None
         # An infer request is not thread-safe, and the agent serves requests from several
@@ -45,6 +66,24 @@ class OpenVinoBackend:
         self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(self.parallel_requests):
             self._pool.put(self._compiled.create_infer_request())
+
+    @staticmethod
+    def _with_preprocessing(ov: Any, model: Any, steps: tuple[dict[str, Any], ...]) -> Any:
+        """The model taking raw uint8 images: convert, (x - min) / (max - min), re-layout."""
+        from openvino.preprocess import PrePostProcessor
+
+        mm = steps[0]
+        lo, hi = float(mm["min"]), float(mm["max"])
+        ppp = PrePostProcessor(model)
+        tensor = ppp.input().tensor().set_element_type(ov.Type.u8)
+        pre = ppp.input().preprocess().convert_element_type(ov.Type.f32)
+        if lo:
+            pre.mean(lo)
+        pre.scale(hi - lo)
+        if len(steps) > 1:  # HWC -> CHW
+            tensor.set_layout(ov.Layout("NHWC"))
+            ppp.input().model().set_layout(ov.Layout("NCHW"))
+        return ppp.build()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         req = self._pool.get()

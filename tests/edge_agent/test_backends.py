@@ -61,3 +61,23 @@ def test_backend_errors_are_clear(tmp_path) -> None:
         with pytest.raises(BackendError, match="could not load"):
             open_backend(name, bad)
     assert resolve_backend("auto", ("openvino",)) == "openvino"
+
+
+@pytest.mark.parametrize("steps, dtype, ok", [
+    ((), "uint8", False),
+    (({"type": "minmax", "min": 0, "max": 255},), "uint8", True),
+    (({"type": "minmax", "min": 0, "max": 255}, {"type": "transpose", "axes": [2, 0, 1]}),
+     "uint8", True),
+    (({"type": "minmax", "min": 0, "max": 16},), "uint8", False),   # the clip would bite
+    (({"type": "minmax", "min": 0, "max": 255},), "float32", False),
+    (({"type": "minmax", "min": 0, "max": 255}, {"type": "transpose", "axes": [1, 2, 0]}),
+     "uint8", False),
+])
+def test_openvino_fuses_only_exact_preprocessing(steps, dtype, ok) -> None:
+    from edge_agent.backends.openvino_backend import fusable
+
+    assert fusable(steps, dtype) is ok
+
+
+def test_digits_preprocessing_stays_in_numpy() -> None:
+    assert not Engine.open(EDGE_BUNDLE, "openvino").backend.takes_raw

@@ -28,6 +28,9 @@ def test_perf_bundles_build_and_both_backends_agree(tmp_path: Path) -> None:
     for precision, d in dirs.items():
         for backend in ("onnxruntime", "openvino"):
             probs[precision, backend] = Engine.open(d, backend).predict_batch(x)
+    # OpenVINO runs these bundles' preprocessing inside the compiled model (uint8 HWC input).
+    assert Engine.open(dirs["int8"], "openvino").backend.takes_raw
+    assert not Engine.open(dirs["int8"], "onnxruntime").backend.takes_raw
     for precision in ("fp32", "int8"):
         a, b = probs[precision, "onnxruntime"], probs[precision, "openvino"]
         assert a.shape == (4, 1000)
