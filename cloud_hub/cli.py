@@ -20,16 +20,34 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--port", type=int, default=8080)
     sp.add_argument("--database-url", help="overrides EHI_HUB_DATABASE_URL")
     sp.add_argument("--no-bridge", action="store_true", help="API only, no MQTT")
+    mp = sub.add_parser("migrate", help="bring the database schema to the newest version "
+                                        "(serve does this too at start)")
+    mp.add_argument("--database-url", help="overrides EHI_HUB_DATABASE_URL")
     args = ap.parse_args(argv)
     tune_gil_switch_interval()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
+    if not args.verbose:
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from cloud_hub.core.config import HubSettings
-    from cloud_hub.main import create_app
 
     overrides = {"database_url": args.database_url} if args.database_url else {}
+    if args.cmd == "migrate":
+        from cloud_hub.db import init_db, make_engine
+
+        try:
+            eng = make_engine(HubSettings(**overrides).database_url)
+            init_db(eng)
+            eng.dispose()
+        except HubError as exc:
+            print(f"cloud-hub: {exc}", file=sys.stderr)
+            return 2
+        print("database schema is up to date")
+        return 0
+    import uvicorn
+
+    from cloud_hub.main import create_app
+
     try:
         app = create_app(HubSettings(**overrides), with_bridge=not args.no_bridge)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

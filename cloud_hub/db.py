@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -16,7 +17,7 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -109,12 +110,27 @@ def make_engine(url: str) -> Engine:
         raise HubConfigError(f"cannot use database URL {url!r}: {exc}") from None
 
 
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def alembic_config(connection: Connection) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
 def init_db(engine: Engine) -> None:
-    """Create the tables that do not exist yet."""
+    """Bring the database schema to the newest migration (Alembic)."""
+    from alembic import command
+
     try:
-        Base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "head")
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot create the hub's tables: {exc}") from None
+        raise StoreError(f"cannot migrate the hub's database: {exc}") from None
 
 
 def ping(engine: Engine) -> bool:
