@@ -105,8 +105,12 @@ class Engine:
     def _model_input(self, raw: np.ndarray) -> np.ndarray:
         """What the backend's `run` takes: the raw batch if it preprocesses, else ours."""
         if self.backend.takes_raw:
-            return np.ascontiguousarray(self.preprocess.check(raw),
-                                        dtype=self.manifest.raw_input.dtype)
+            batch = self.preprocess.check(raw)
+            if batch.dtype != np.uint8:
+                # The compiled model takes uint8 images: clip and round other numbers the way
+                # our own preprocessing would treat them, instead of wrapping around.
+                batch = np.rint(np.clip(batch, 0, 255))
+            return np.ascontiguousarray(batch, dtype=np.uint8)
         return self.preprocess(raw, reuse=True)
 
     def predict_batch(self, raw: np.ndarray) -> np.ndarray:

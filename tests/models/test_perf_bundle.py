@@ -37,6 +37,15 @@ def test_perf_bundles_build_and_both_backends_agree(tmp_path: Path) -> None:
         assert np.abs(a - b).max() < 0.05, precision
     # INT8 follows FP32 (random weights: compare the distributions, not labels).
     assert np.abs(probs["fp32", "onnxruntime"] - probs["int8", "onnxruntime"]).max() < 0.05
+    # Float inputs to the uint8 bundle: clipped and rounded on the fused path, like numpy's.
+    ov_eng = Engine.open(dirs["int8"], "openvino")
+    odd = x[:1].astype(np.float32)
+    odd[0, :10] = 300.0
+    odd[0, 10:20] = -5.0
+    fed = ov_eng._model_input(odd)
+    assert fed.dtype == np.uint8
+    assert (fed[0, :10] == 255).all() and (fed[0, 10:20] == 0).all()
+    np.testing.assert_array_equal(fed[0, 20:], x[0, 20:])
     # The HWC uint8 -> NCHW float preprocessing.
     pre = Preprocessor.for_manifest(load_bundle(dirs["int8"]).manifest)
     out = pre(x)
