@@ -31,6 +31,7 @@ from edge_agent.config import AgentSettings, default_cache_dir
 from edge_agent.engine import Engine
 from edge_agent.local_api import LocalApi
 from fleet.mqtt import Will
+from fleet.processes import free_port
 
 DEFAULT_ROUNDS = 5
 COLD_STARTS = 3
@@ -174,26 +175,18 @@ def measure_paths(bundle: Path, backends: list[str], batch: int, seconds: float,
             s.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return int(sk.getsockname()[1])
-
-
 def cold_start(bundle: Path, backend: str, threads: int = 1) -> dict[str, float]:
     """Start `edge-agent run` (no broker reachable); time its first answer; read RSS, idle CPU."""
     import psutil
 
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "agent.toml"
         cfg.write_text("\n".join([
             'device_id = "bench-cold"', f'bundle = "{bundle}"', f'backend = "{backend}"',
             f"threads = {threads}", f'cache_dir = "{default_cache_dir()}"',
             "telemetry_interval_s = 10",
-            "[mqtt]", f"port = {_free_port()}",  # nothing listens there: no broker
+            "[mqtt]", f"port = {free_port()}",  # nothing listens there: no broker
             "[local_api]", f"port = {port}", ""]))
         eng = Engine.open(bundle, backend, threads)
         one = sample_inputs(eng, 1)[0]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -41,8 +40,9 @@ PRECISIONS = ("fp32", "int8")
 
 
 def default_out() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edge-hybrid-inference" / "perf-bundles"
+    from edge_agent.config import default_cache_dir
+
+    return default_cache_dir() / "perf-bundles"
 
 
 def bundle_dirs(out: Path | None = None) -> dict[str, Path]:

@@ -54,11 +54,6 @@ def candidates(name: str, supported: tuple[str, ...] = BACKENDS) -> list[str]:
     return [name]
 
 
-def resolve_backend(name: str, supported: tuple[str, ...] = BACKENDS) -> str:
-    """A concrete backend without measuring: `auto` means the first installed candidate."""
-    return candidates(name, supported)[0]
-
-
 def open_backend(name: str, model_path: Path,
                  options: BackendOptions = DEFAULT_OPTIONS) -> InferenceBackend:
     if name == "onnxruntime":
@@ -151,4 +146,4 @@ def choose_fastest(names: list[str], model_path: Path, model_sha256: str, raw: n
 
 
 __all__ = ["BACKENDS", "BackendOptions", "FakeBackend", "InferenceBackend", "available_backends",
-           "candidates", "choose_fastest", "open_backend", "resolve_backend"]
+           "candidates", "choose_fastest", "open_backend"]

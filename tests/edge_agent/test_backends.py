@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edge_agent.backends import available_backends, open_backend, resolve_backend
+from edge_agent.backends import available_backends, candidates, open_backend
 from edge_agent.engine import Engine
 from edge_agent.errors import BackendError
 from fleet.bundle import load_bundle
@@ -54,13 +54,13 @@ def test_engine_uses_the_manifest_recommendation() -> None:
 
 def test_backend_errors_are_clear(tmp_path) -> None:
     with pytest.raises(BackendError, match="unknown backend"):
-        resolve_backend("tensorrt")
+        candidates("tensorrt")
     bad = tmp_path / "m.onnx"
     bad.write_bytes(b"not a model")
     for name in ("onnxruntime", "openvino"):
         with pytest.raises(BackendError, match="could not load"):
             open_backend(name, bad)
-    assert resolve_backend("auto", ("openvino",)) == "openvino"
+    assert candidates("auto", ("openvino",)) == ["openvino"]
 
 
 @pytest.mark.parametrize("steps, dtype, ok", [
