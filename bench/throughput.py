@@ -17,6 +17,7 @@ import argparse
 import http.client
 import json
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_agent.agent import Agent
 from edge_agent.backends import BackendOptions
-from edge_agent.bench import _offline, sample_inputs
+from edge_agent.bench import _offline, forget_outbox, sample_inputs
 from edge_agent.config import AgentSettings
 from edge_agent.engine import Engine
 from edge_agent.local_api import LocalApi
@@ -47,8 +48,10 @@ class Target:
     def __init__(self, bundle: Path, cfg: dict[str, Any], threads: int) -> None:
         opts = BackendOptions(threads=threads, openvino_hint=cfg["hint"])
         engine = Engine.open(bundle, cfg["backend"], threads, options=opts)
+        self.tmp = tempfile.TemporaryDirectory()
         settings = AgentSettings(device_id="tp", bundle=bundle, telemetry_interval_s=3600,
                                  threads=threads, local_api={"port": -1},
+                                 results={"outbox_dir": Path(self.tmp.name) / "outbox"},
                                  throughput={"mode": cfg["mode"], "max_batch": 8,
                                              "max_wait_ms": 2.0})
         self.agent = Agent(settings, engine=engine, transport_factory=_offline)
@@ -88,12 +91,12 @@ class Target:
         for lt in lat:
             self.latencies += lt
             self.done += len(lt)
-        ob = self.agent.outbox
-        ob.ack([r.id for r in ob.due(len(ob) + 1)])
+        forget_outbox(self.agent)
 
     def close(self) -> None:
         self.api.stop()
         self.agent.stop()
+        self.tmp.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

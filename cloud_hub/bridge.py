@@ -18,7 +18,13 @@ import numpy as np
 from sqlalchemy.orm import sessionmaker
 
 from cloud_hub.errors import StoreError
-from cloud_hub.ingest import ingest_results, record_status, record_telemetry
+from cloud_hub.ingest import (
+    LateAnswer,
+    ingest_hard_examples,
+    ingest_results,
+    record_status,
+    record_telemetry,
+)
 from cloud_hub.metrics import HubMetrics
 from edge_agent.engine import Engine
 from edge_agent.errors import InputError
@@ -72,7 +78,8 @@ class Bridge:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         subs = [(p.hub_filter(c, shared), p.QOS[c]) for c in
-                (p.Channel.OFFLOAD, p.Channel.RESULTS, p.Channel.TELEMETRY, p.Channel.STATUS)]
+                (p.Channel.OFFLOAD, p.Channel.RESULTS, p.Channel.TELEMETRY, p.Channel.STATUS,
+                 p.Channel.HARD)]
         if transport_factory is not None:
             self.transport = transport_factory(self._on_message, subs, None)
         else:
@@ -216,9 +223,16 @@ class Bridge:
         try:
             if item.channel is p.Channel.RESULTS:
                 self._ingest_results(item)
+            elif item.channel is p.Channel.HARD:
+                self._ingest_hard(item)
             elif item.channel is p.Channel.TELEMETRY:
                 h = p.decode_frame(item.payload, p.Kind.TELEMETRY).header
                 record_telemetry(self.sessions, item.device, h)
+                ob = h.get("outbox")
+                if isinstance(ob, dict):
+                    for key in ("entries", "dropped_full", "dropped_expired"):
+                        if isinstance(ob.get(key), int | float):
+                            self.metrics.device_outbox.labels(item.device, key).set(ob[key])
             elif item.channel is p.Channel.STATUS:
                 h = p.decode_frame(item.payload, p.Kind.STATUS).header
                 record_status(self.sessions, item.device, h.get("state") == "online")
@@ -243,3 +257,34 @@ class Bridge:
         ack = p.Ack(outcome.committed, bad)
         self.transport.publish(p.topic(item.device, p.Channel.ACK), ack.encode(), qos=1)
 
+
+    def _ingest_hard(self, item: _Incoming) -> None:
+        """Answer hard examples with the cloud model, store them with the answer, then ack."""
+        good, bad = p.HardExample.decode_batch(item.payload)
+        ok = []
+        for ex in good:
+            if ex.input.shape != self.cloud_raw_shape:
+                bad[ex.id] = (f"input shape {list(ex.input.shape)} does not fit the cloud model's "
+                              f"{list(self.cloud_raw_shape)}")
+            else:
+                ok.append(ex)
+        answers: list[LateAnswer] = []
+        if ok:
+            try:
+                probs = self.engine.predict_batch(np.stack([ex.input for ex in ok]))
+            except InputError as exc:
+                bad.update((ex.id, str(exc)) for ex in ok)
+            else:
+                ref = self.engine.manifest.ref
+                for ex, pr in zip(ok, probs, strict=True):
+                    label = int(pr.argmax())
+                    answers.append(LateAnswer(ex, label, float(pr[label]), ref))
+        outcome = ingest_hard_examples(self.sessions, item.device, answers)
+        self.metrics.hard_examples.labels("stored").inc(len(outcome.inserted))
+        self.metrics.hard_examples.labels("duplicate").inc(len(outcome.duplicates))
+        if bad:
+            self.metrics.hard_examples.labels("rejected").inc(len(bad))
+            log.warning("refused %d hard examples from %s, e.g. %s", len(bad), item.device,
+                        next(iter(bad.items())))
+        ack = p.Ack(outcome.committed, bad, of="hard")
+        self.transport.publish(p.topic(item.device, p.Channel.ACK), ack.encode(), qos=1)

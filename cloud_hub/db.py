@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Float,
     Integer,
+    LargeBinary,
     Select,
     String,
     create_engine,
@@ -41,6 +42,9 @@ class Device(Base):
     model: Mapped[str | None] = mapped_column(String(128), nullable=True)
     backend: Mapped[str | None] = mapped_column(String(32), nullable=True)
     telemetry: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Every copy of a result or hard example this device sent again after the hub had stored it
+    # (resends after a lost acknowledgement): counted, never stored twice.
+    duplicates: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Result(Base):
@@ -68,6 +72,29 @@ class Result(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     edge_ms: Mapped[float] = mapped_column(Float)
     offload_bytes: Mapped[int] = mapped_column(Integer)
+
+
+class HardExample(Base):
+    """A hard input the device answered without the cloud (offline, past its deadline, hub busy
+    or failing), answered late by the cloud model: for statistics and retraining."""
+
+    __tablename__ = "hard_examples"
+
+    n: Mapped[int] = mapped_column(_Serial, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    device: Mapped[str] = mapped_column(String(64), index=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    received_at: Mapped[float] = mapped_column(Float)
+    model: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(String(16))
+    edge_label: Mapped[int] = mapped_column(Integer)
+    edge_score: Mapped[float] = mapped_column(Float)
+    cloud_label: Mapped[int] = mapped_column(Integer)
+    cloud_confidence: Mapped[float] = mapped_column(Float)
+    cloud_model: Mapped[str] = mapped_column(String(128))
+    dtype: Mapped[str] = mapped_column(String(16))
+    shape: Mapped[list[int]] = mapped_column(JSON)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 _Q = TypeVar("_Q", bound=Select)

@@ -12,9 +12,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud_hub.db import Device, Result
+from cloud_hub.db import Device, HardExample, Result
 from cloud_hub.errors import StoreError
-from fleet.protocol import ResultRecord
+from fleet.protocol import HardExample as WireHardExample
+from fleet.protocol import ResultRecord, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,27 @@ class IngestOutcome:
     committed: list[str]
 
 
-def _insert(session: Session) -> Any:
+def _insert(session: Session, table: type[Result] | type[HardExample]) -> Any:
     name = session.get_bind().dialect.name
     if name == "postgresql":
-        return postgresql.insert(Result)
+        return postgresql.insert(table)
     if name == "sqlite":
-        return sqlite.insert(Result)
+        return sqlite.insert(table)
     raise StoreError(f"ingest supports SQLite and PostgreSQL, not {name}")
+
+
+def _split(ids: list[str], existing: set[str]) -> tuple[list[str], list[str], list[str]]:
+    """(new ids to insert once, every duplicate copy, each id once)."""
+    fresh: list[str] = []
+    dup: list[str] = []
+    seen: set[str] = set()
+    for i in ids:
+        if i in existing or i in seen:
+            dup.append(i)
+        else:
+            fresh.append(i)
+        seen.add(i)
+    return fresh, dup, list(dict.fromkeys(ids))
 
 
 def ingest_results(sessions: sessionmaker, records: list[ResultRecord]) -> IngestOutcome:
@@ -43,7 +58,8 @@ def ingest_results(sessions: sessionmaker, records: list[ResultRecord]) -> Inges
 
     Insert-or-ignore on the unique id makes this safe when the same batch arrives twice, also at
     two hub replicas at once. The caller acknowledges every id after this returns: inserted and
-    duplicate records are both committed.
+    duplicate records are both committed. Each device's duplicate counter grows in the same
+    transaction.
     """
     if not records:
         return IngestOutcome([], [], [])
@@ -52,35 +68,74 @@ def ingest_results(sessions: sessionmaker, records: list[ResultRecord]) -> Inges
     try:
         with sessions.begin() as s:
             existing = set(s.scalars(select(Result.id).where(Result.id.in_(list(by_id)))))
-            rows = [{**r.model_dump(), "received_at": now}
-                    for rid, r in by_id.items() if rid not in existing]
-            if rows:
-                stmt = _insert(s).values(rows).on_conflict_do_nothing(index_elements=["id"])
-                s.execute(stmt)
-            _touch_devices(s, {r.device for r in records}, now)
+            fresh, dup, committed = _split([r.id for r in records], existing)
+            if fresh:
+                rows = [{**by_id[i].model_dump(), "received_at": now} for i in fresh]
+                s.execute(_insert(s, Result).values(rows)
+                          .on_conflict_do_nothing(index_elements=["id"]))
+            _touch_devices(s, [r.device for r in records],
+                           [by_id[i].device for i in dup], now)
     except SQLAlchemyError as exc:
         raise StoreError(f"could not store {len(records)} results: {exc}") from None
     # Under a race with another replica, on_conflict_do_nothing may skip a row counted here as
     # inserted; the acknowledgement is right either way (the row is committed), only the
     # inserted/duplicate split of the metrics can be off by those rows.
-    inserted = [r["id"] for r in rows]
-    fresh = set(inserted)
-    dup: list[str] = []
-    for r in records:
-        if r.id in fresh:
-            fresh.discard(r.id)  # the first copy was stored; later ones are duplicates
-        else:
-            dup.append(r.id)
-    return IngestOutcome(inserted, dup, list(by_id))
+    return IngestOutcome(fresh, dup, committed)
 
 
-def _touch_devices(s: Session, devices: set[str], now: float) -> None:
-    for d in devices:
+@dataclass(frozen=True, slots=True)
+class LateAnswer:
+    """A hard example with the answer the cloud model gave it on arrival."""
+
+    example: WireHardExample
+    label: int
+    confidence: float
+    model: str
+
+
+def ingest_hard_examples(sessions: sessionmaker, device: str,
+                         answers: list[LateAnswer]) -> IngestOutcome:
+    """Store hard examples with their late cloud answers, idempotent on the id. One transaction."""
+    if not answers:
+        return IngestOutcome([], [], [])
+    now = time.time()
+    by_id = {a.example.id: a for a in answers}
+    try:
+        with sessions.begin() as s:
+            existing = set(s.scalars(select(HardExample.id)
+                                     .where(HardExample.id.in_(list(by_id)))))
+            fresh, dup, committed = _split([a.example.id for a in answers], existing)
+            if fresh:
+                rows = []
+                for i in fresh:
+                    a = by_id[i]
+                    ex = a.example
+                    rows.append({
+                        "id": i, "device": device, "ts": ex.ts, "received_at": now,
+                        "model": ex.model, "reason": ex.reason, "edge_label": ex.edge_label,
+                        "edge_score": ex.edge_score, "cloud_label": a.label,
+                        "cloud_confidence": a.confidence, "cloud_model": a.model,
+                        "dtype": ex.input.dtype.name, "shape": list(ex.input.shape),
+                        "data": tensor_bytes(ex.input)})
+                s.execute(_insert(s, HardExample).values(rows)
+                          .on_conflict_do_nothing(index_elements=["id"]))
+            _touch_devices(s, [device], [device] * len(dup), now)
+    except SQLAlchemyError as exc:
+        raise StoreError(f"could not store {len(answers)} hard examples: {exc}") from None
+    return IngestOutcome(fresh, dup, committed)
+
+
+def _touch_devices(s: Session, devices: list[str], duplicates_of: list[str], now: float) -> None:
+    for d in dict.fromkeys(devices):
+        n = duplicates_of.count(d)
         dev = s.get(Device, d)
         if dev is None:
-            s.add(Device(id=d, first_seen=now, last_seen=now, online=True))
-        else:
-            dev.last_seen = now
+            s.add(Device(id=d, first_seen=now, last_seen=now, online=True, duplicates=n))
+            continue
+        dev.last_seen = now
+        if n:
+            # Computed by the database: two hub replicas counting at once lose no update.
+            dev.duplicates = Device.duplicates + n
 
 
 def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from cloud_hub.api.routes import devices, health, results, stats
+from cloud_hub.api.routes import devices, hard_examples, health, results, stats
 from cloud_hub.bridge import Bridge
 from cloud_hub.core.config import HubSettings
 from cloud_hub.db import init_db, make_engine, session_factory
@@ -52,6 +52,7 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
     app = FastAPI(title="cloud-hub", version="0.1.0", lifespan=lifespan,
                   description="Edge-cloud hybrid inference hub: devices, results, statistics.")
     app.state.settings = settings
-    for r in (health.router, devices.router, results.router, stats.router):
+    for r in (health.router, devices.router, results.router, hard_examples.router,
+              stats.router):
         app.include_router(r)
     return app

@@ -30,5 +30,12 @@ class HubMetrics:
                                        registry=r)
         self.queue_depth = Gauge("ehi_hub_queue_depth", "Messages waiting for a worker", ["queue"],
                                  registry=r)
+        self.hard_examples = Counter("ehi_hub_hard_examples_total",
+                                     "Hard examples answered late: stored, duplicate, rejected",
+                                     ["outcome"], registry=r)
+        # From each device's telemetry: what its outbox holds and has lost.
+        self.device_outbox = Gauge("ehi_device_outbox", "A device's outbox, from its telemetry: "
+                                   "entries waiting, dropped_full, dropped_expired",
+                                   ["device", "figure"], registry=r)
         self.store_errors = Counter("ehi_hub_store_errors_total", "Database operations failed",
                                     registry=r)

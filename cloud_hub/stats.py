@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_hub.db import Result, filter_results
+from cloud_hub.db import HardExample, Result, filter_results
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -37,7 +37,28 @@ def compute_stats(s: Session, device: str | None = None, since: float | None = N
         "groups": [{"device": d, "model": m, **_summary(rows)}
                    for (d, m), rows in sorted(groups.items())],
         "total": _summary(total),
+        "late_answers": _late(s, device, since, until),
     }
+
+
+def _late(s: Session, device: str | None, since: float | None,
+          until: float | None) -> dict[str, Any]:
+    """Hard examples answered late by the cloud: how many, why late, and how often the edge's
+    final (degraded) answer agreed with the cloud's."""
+    q = select(HardExample.reason, HardExample.edge_label, HardExample.cloud_label)
+    if device:
+        q = q.where(HardExample.device == device)
+    if since is not None:
+        q = q.where(HardExample.ts >= since)
+    if until is not None:
+        q = q.where(HardExample.ts < until)
+    rows = list(s.execute(q))
+    reasons: dict[str, int] = defaultdict(int)
+    for r in rows:
+        reasons[r.reason] += 1
+    agree = sum(1 for r in rows if r.edge_label == r.cloud_label)
+    return {"count": len(rows), "by_reason": dict(sorted(reasons.items())),
+            "edge_agreement": round(agree / len(rows), 4) if rows else None}
 
 
 def _summary(rows: list[Any]) -> dict[str, Any]:

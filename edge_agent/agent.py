@@ -21,7 +21,8 @@ from edge_agent.config import AgentSettings
 from edge_agent.engine import Engine, LocalResult
 from edge_agent.errors import AgentBusy, InputError
 from edge_agent.offload import PendingOffloads
-from edge_agent.outbox import MemoryOutbox
+from edge_agent.outbox import Outbox, OutboxFull, OutboxLimits
+from edge_agent.outbox_store import EntryKind, MemoryStore, SqliteStore, Store
 from edge_agent.telemetry import TelemetrySampler
 from fleet import protocol as p
 from fleet.batcher import DynamicBatcher
@@ -68,7 +69,7 @@ class Counters:
         self._lock = threading.Lock()
         self.values: dict[str, int] = dict.fromkeys(
             ("inputs", "offloaded", "cloud_answers", "fallbacks", "input_errors",
-             "offload_busy", "bad_messages", "hub_errors"), 0)
+             "offload_busy", "bad_messages", "hub_errors", "late_queued", "outbox_full"), 0)
 
     def inc(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -77,6 +78,32 @@ class Counters:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self.values)
+
+
+def open_outbox(settings: AgentSettings) -> Outbox:
+    rs = settings.results
+    store: Store = (SqliteStore(settings.outbox_path(), rs.fsync) if rs.store == "sqlite"
+                    else MemoryStore())
+    return Outbox(store, OutboxLimits(rs.max_entries, rs.max_bytes, rs.max_age_s, rs.on_full),
+                  rs.resend_after_s)
+
+
+class _TokenBucket:
+    """At most `rate` entries per second on average, in bursts of up to `burst`."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.at = time.monotonic()
+
+    def available(self) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return self.tokens
+
+    def take(self, n: int) -> None:
+        self.tokens -= n
 
 
 class Agent:
@@ -89,7 +116,9 @@ class Agent:
                                             options=settings.backend_options())
         self.model_ref = self.engine.manifest.ref
         self.pending = PendingOffloads(settings.offload.max_pending)
-        self.outbox = MemoryOutbox(settings.results.max_pending, settings.results.resend_after_s)
+        self.outbox = open_outbox(settings)
+        rs = settings.results
+        self._drain = _TokenBucket(rs.drain_rate, max(rs.batch_max, rs.drain_rate * 0.5))
         self.counters = Counters()
         tp = settings.throughput
         self._batcher: DynamicBatcher[_Request] | None = (
@@ -140,6 +169,7 @@ class Agent:
         self.transport.stop(final=(self._topics[p.Channel.STATUS],
                                    p.status_payload("offline", self.device), 1, True))
         self.engine.close()
+        self.outbox.close()
 
     # ------------------------------------------------------------------ inference
 
@@ -158,11 +188,11 @@ class Agent:
         self.counters.inc("inputs")
         rid = uuid.uuid4().hex
         if not local.hard:
-            return self._finish(rid, local, None, 0, t0, input_ref)
+            return self._finish(rid, raw, local, None, 0, t0, input_ref)
         deadline_s = self._deadline_s(deadline_ms)
         sent = self._offload_send(rid, raw, local, deadline_s)
         answer = self.pending.wait(rid, deadline_s) if sent else None
-        return self._finish(rid, local, answer, sent, t0, input_ref)
+        return self._finish(rid, raw, local, answer, sent, t0, input_ref)
 
     def infer_batch(self, raws: np.ndarray, input_refs: list[str | None] | None = None,
                     deadline_ms: float | None = None) -> list[InferenceAnswer]:
@@ -184,10 +214,10 @@ class Agent:
                 for i, (rid, loc) in enumerate(zip(rids, locals_, strict=True))]
         end = t0 + deadline_s
         out = []
-        for rid, loc, nbytes, ref in zip(rids, locals_, sent, refs, strict=True):
+        for i, (rid, loc, nbytes, ref) in enumerate(zip(rids, locals_, sent, refs, strict=True)):
             answer = (self.pending.wait(rid, max(0.0, end - time.perf_counter()))
                       if nbytes else None)
-            out.append(self._finish(rid, loc, answer, nbytes, t0, ref))
+            out.append(self._finish(rid, raws[i], loc, answer, nbytes, t0, ref))
         return out
 
     def submit(self, raw: np.ndarray, input_ref: str | None = None,
@@ -251,9 +281,10 @@ class Agent:
             return 0
         return len(payload)
 
-    def _finish(self, rid: str, local: LocalResult, answer: p.Answer | None, offload_bytes: int,
-                t0: float, input_ref: str | None) -> InferenceAnswer:
-        """Decide the final answer, queue the result record, and build the reply."""
+    def _finish(self, rid: str, raw: np.ndarray, local: LocalResult, answer: p.Answer | None,
+                offload_bytes: int, t0: float, input_ref: str | None) -> InferenceAnswer:
+        """Decide the final answer, store the result record (and a hard example still owed a
+        cloud answer) in the outbox, and build the reply."""
         source: p.Source = "edge"
         final, conf = local.label, local.confidence
         cloud_label: int | None = None
@@ -271,13 +302,28 @@ class Agent:
                     log.warning("hub could not answer offload %s: %s", rid, answer.error)
         latency_ms = (time.perf_counter() - t0) * 1000.0
         degraded = source == "edge_fallback"
-        self.outbox.add(p.ResultRecord.model_construct(
-            id=rid, device=self.device, seq=next(self._seq), ts=time.time(), input_ref=input_ref,
+        now = time.time()
+        record = p.ResultRecord.model_construct(
+            id=rid, device=self.device, seq=next(self._seq), ts=now, input_ref=input_ref,
             model=self.model_ref, backend=self.engine.backend.name, policy=self.engine.policy.name,
             score=local.score, edge_label=local.label, edge_confidence=local.confidence,
             offloaded=local.hard, cloud_label=cloud_label, cloud_model=cloud_model,
             final_label=final, source=source, degraded=degraded, latency_ms=latency_ms,
-            edge_ms=local.edge_ms, offload_bytes=offload_bytes))
+            edge_ms=local.edge_ms, offload_bytes=offload_bytes)
+        try:
+            if degraded and self.settings.offload.late_answers:
+                reason: p.HardReason = (
+                    "hub_error" if answer is not None else "deadline" if offload_bytes
+                    else "offline" if not self.transport.connected else "busy")
+                self.outbox.add(EntryKind.HARD, rid, p.HardExample(
+                    rid, self.model_ref, np.asarray(raw), now, local.label, local.score,
+                    reason).blob())
+                self.counters.inc("late_queued")
+            self.outbox.add(EntryKind.RESULT, rid, p.record_blob(record))
+        except OutboxFull as exc:
+            # The application still gets its answer; the loss is counted and reported.
+            self.counters.inc("outbox_full")
+            log.warning("result %s not kept: %s", rid, exc)
         labels = self.engine.manifest.labels
         return InferenceAnswer(rid, final, labels[final] if final < len(labels) else str(final),
                                conf, source, degraded, local.hard, latency_ms)
@@ -291,7 +337,8 @@ class Agent:
                 self.pending.deliver(p.Answer.decode(payload))
             elif channel is p.Channel.ACK:
                 ack = p.Ack.decode(payload)
-                self.outbox.ack(ack.ids, ack.rejected)
+                kind = EntryKind.RESULT if ack.of == "results" else EntryKind.HARD
+                self.outbox.ack(kind, ack.ids, ack.rejected)
         except ProtocolError as exc:
             self.counters.inc("bad_messages")
             log.warning("dropped a malformed message on %s: %s", topic, exc)
@@ -308,26 +355,41 @@ class Agent:
         while not self._stop.is_set():
             self.outbox.wait_for_work(rs.flush_interval_s)
             # Let a batch fill up for a moment: fewer, larger messages.
-            if len(self.outbox) < rs.batch_max:
+            if self.outbox.pending(EntryKind.RESULT) < rs.batch_max:
                 self._stop.wait(rs.flush_interval_s)
-            if self.flush_results() == 0:
+            try:
+                self.outbox.maintain()
+                sent = self.flush_results()
+            except Exception:  # a disk error must not end the sender; it is retried
+                log.exception("outbox: sending failed; retrying")
+                sent = 0
+            if sent == 0:
                 # Nothing was due (all in flight awaiting acks, or no broker): wait, don't spin.
                 self._stop.wait(rs.flush_interval_s)
 
     def flush_results(self) -> int:
-        """Send every due record in batches; returns how many were sent."""
+        """Send due result records and hard examples in batches, within the drain rate and the
+        in-flight window; returns how many entries were sent."""
         if not self.transport.connected:
             return 0
+        rs = self.settings.results
         sent = 0
-        while True:
-            batch = self.outbox.due(self.settings.results.batch_max)
-            if not batch:
-                return sent
-            payload = p.ResultBatch(batch).encode()
-            if not self.transport.publish(self._topics[p.Channel.RESULTS], payload, qos=1):
-                return sent
-            self.outbox.mark_sent([r.id for r in batch])
-            sent += len(batch)
+        for kind, channel in ((EntryKind.RESULT, p.Channel.RESULTS),
+                              (EntryKind.HARD, p.Channel.HARD)):
+            while self._drain.available() >= 1:
+                batch = self.outbox.due(kind, min(rs.batch_max, int(self._drain.tokens)),
+                                        rs.batch_max_bytes, rs.max_inflight)
+                if not batch.entries:
+                    break
+                blobs = [e.body for e in batch.entries]
+                payload = (p.ResultBatch(batch.ids, blobs).encode() if kind is EntryKind.RESULT
+                           else p.encode_hard_batch(batch.ids, blobs))
+                if not self.transport.publish(self._topics[channel], payload, qos=1):
+                    return sent
+                self.outbox.mark_sent(batch)
+                self._drain.take(len(batch))
+                sent += len(batch)
+        return sent
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.settings.telemetry_interval_s):
@@ -339,9 +401,8 @@ class Agent:
             "model": self.model_ref, "backend": self.engine.backend.name,
             "policy": self.engine.policy.name, "threshold": self.engine.policy.threshold,
             "labels": self.settings.labels,
-            "queues": {"offloads_pending": len(self.pending), "results_pending": len(self.outbox)},
-            "results": {"produced": self.outbox.produced, "acked": self.outbox.acked,
-                        "rejected": self.outbox.rejected, "dropped": self.outbox.dropped},
+            "queues": {"offloads_pending": len(self.pending), "outbox": len(self.outbox)},
+            "outbox": self.outbox.stats().to_dict(),
             "counters": {**self.counters.snapshot(), "late_answers": self.pending.late_answers},
             "system": self._telemetry.sample(),
         }

@@ -3,7 +3,9 @@
 For each backend, side by side and alternating in rounds, on the same session:
 - bare:  the runtime's own call on an already preprocessed tensor (`InferenceBackend.bare_runner`);
 - agent: `Agent.infer` in-process (preprocessing, inference, the hard-example policy, the result
-         record queued for the hub), with the broker away so that no input waits on the cloud;
+         record stored in the durable outbox), with the broker away so that no input waits on
+         the cloud (hard inputs are then kept as hard examples for a late answer);
+- agent_mem: the same with the outbox in memory: `agent / agent_mem` is what durability costs;
 - api:   the same through the local API's HTTP transport from a keep-alive client;
 then, in a fresh process each time, the cold start (process start to first answer over the
 local API) and the resident memory and idle CPU of the agent.
@@ -30,6 +32,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings, default_cache_dir
 from edge_agent.engine import Engine
 from edge_agent.local_api import LocalApi
+from edge_agent.outbox_store import EntryKind
 from fleet.mqtt import Will
 from fleet.processes import free_port
 
@@ -39,7 +42,7 @@ COLD_START_TIMEOUT_S = 30.0
 # After the first answer: inputs sent before the memory is read, and how long idle CPU is read.
 WARM_INPUTS = 200
 IDLE_WINDOW_S = 3.0
-PATHS = ("bare", "agent", "api")
+PATHS = ("bare", "agent", "agent_mem", "api")
 
 
 class _Offline:
@@ -117,13 +120,24 @@ class _Setup:
         # that compiled the preprocessing into the model, the raw images.
         model_in = raw if self.engine.backend.takes_raw else self.engine.preprocess(raw)
         self.bare = self.engine.backend.bare_runner(np.ascontiguousarray(model_in))
-        settings = AgentSettings(device_id=f"bench-{self.name}", bundle=bundle,
-                                 telemetry_interval_s=3600, local_api={"port": -1})
-        self.agent = Agent(settings, engine=self.engine, transport_factory=_offline)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.agents = []
+        for store in ("sqlite", "memory"):
+            settings = AgentSettings(
+                device_id=f"bench-{self.name}", bundle=bundle, telemetry_interval_s=3600,
+                local_api={"port": -1},
+                results={"store": store, "outbox_dir": Path(self.tmp.name) / "outbox"})
+            # Started: the sender thread moves the journal into SQLite as in production.
+            a = Agent(settings, engine=self.engine, transport_factory=_offline)
+            a.start()
+            self.agents.append(a)
+        self.agent, agent_mem = self.agents
         agent = self.agent
         one = raw[0]
         self.agent_call: Callable[[], object] = (
             (lambda: agent.infer(one)) if batch == 1 else (lambda: agent.infer_batch(raw)))
+        self.agent_mem_call: Callable[[], object] = (
+            (lambda: agent_mem.infer(one)) if batch == 1 else (lambda: agent_mem.infer_batch(raw)))
         self.api = LocalApi(agent, "127.0.0.1", 0, max_body_bytes=1 << 30)
         self.api.start()
         self.conn = http.client.HTTPConnection("127.0.0.1", self.api.port, timeout=30)
@@ -145,14 +159,24 @@ class _Setup:
         self.series = {p: Series(batch) for p in PATHS}
 
     def forget_results(self) -> None:
-        """Keep memory flat between rounds: the bench's records go nowhere."""
-        ob = self.agent.outbox
-        ob.ack([r.id for r in ob.due(len(ob) + 1)])
+        """Keep the outboxes small between rounds, as a hub's acknowledgements would."""
+        for a in self.agents:
+            forget_outbox(a)
 
     def close(self) -> None:
         self.conn.close()
         self.api.stop()
-        self.engine.close()
+        for a in self.agents:
+            a.stop()
+        self.tmp.cleanup()
+
+
+def forget_outbox(agent: Agent) -> None:
+    """Acknowledge everything in an agent's outbox, as if the hub had stored it."""
+    ob = agent.outbox
+    for kind in EntryKind:
+        while batch := ob.due(kind, 1000, 1 << 30, 1 << 30):
+            ob.ack(kind, batch.ids)
 
 
 def measure_paths(bundle: Path, backends: list[str], batch: int, seconds: float, rounds: int,
@@ -161,12 +185,13 @@ def measure_paths(bundle: Path, backends: list[str], batch: int, seconds: float,
     try:
         slice_s = seconds / rounds
         for s in setups:  # warm-up, not recorded
-            for fn in (s.bare, s.agent_call, s.api_call):
+            for fn in (s.bare, s.agent_call, s.agent_mem_call, s.api_call):
                 Series(batch).run(fn, min(0.2, slice_s))
             s.forget_results()
         for _ in range(rounds):
             for s in setups:
-                for path, fn in (("bare", s.bare), ("agent", s.agent_call), ("api", s.api_call)):
+                for path, fn in (("bare", s.bare), ("agent", s.agent_call),
+                                 ("agent_mem", s.agent_mem_call), ("api", s.api_call)):
                     s.series[path].run(fn, slice_s)
                     s.forget_results()
         return {s.name: s.series for s in setups}
@@ -187,7 +212,8 @@ def cold_start(bundle: Path, backend: str, threads: int = 1) -> dict[str, float]
             f"threads = {threads}", f'cache_dir = "{default_cache_dir()}"',
             "telemetry_interval_s = 10",
             "[mqtt]", f"port = {free_port()}",  # nothing listens there: no broker
-            "[local_api]", f"port = {port}", ""]))
+            "[local_api]", f"port = {port}",
+            "[results]", f'outbox_dir = "{Path(tmp) / "outbox"}"', ""]))
         eng = Engine.open(bundle, backend, threads)
         one = sample_inputs(eng, 1)[0]
         eng.close()
@@ -238,12 +264,14 @@ def run_bench(bundle: Path, backends: list[str], batch: int = 1, seconds: float 
     series = measure_paths(bundle, backends, batch, seconds, rounds, threads)
     out = []
     for name, s in series.items():
-        bare, agent, api = s["bare"], s["agent"], s["api"]
+        bare, agent, api, mem = s["bare"], s["agent"], s["api"], s["agent_mem"]
         row: dict[str, Any] = {
             "backend": name, "batch": batch,
             "bare_ips": round(bare.ips, 1), "agent_ips": round(agent.ips, 1),
             "ratio": round(agent.ips / bare.ips, 4) if bare.ips else 0.0,
             "added_us_p50": round(agent.pct_us(50) - bare.pct_us(50), 1),
+            "agent_mem_ips": round(mem.ips, 1),
+            "outbox_ratio": round(agent.ips / mem.ips, 4) if mem.ips else 0.0,
             "api_ips": round(api.ips, 1),
             "api_added_us_p50": round(api.pct_us(50) - bare.pct_us(50), 1),
             "bare_p50_us": round(bare.pct_us(50), 1), "bare_p99_us": round(bare.pct_us(99), 1),
@@ -265,7 +293,8 @@ def format_table(rows: list[dict[str, Any]], bundle: str) -> str:
     cols = [("backend", "backend", "{}"), ("bare_ips", "bare/s", "{:,.0f}"),
             ("agent_ips", "agent/s", "{:,.0f}"), ("ratio", "ratio", "{:.3f}"),
             ("bare_p50_us", "bare p50 us", "{:.1f}"), ("agent_p50_us", "agent p50 us", "{:.1f}"),
-            ("added_us_p50", "added us", "{:.1f}"), ("api_ips", "api/s", "{:,.0f}"),
+            ("added_us_p50", "added us", "{:.1f}"),
+            ("outbox_ratio", "durable/mem", "{:.3f}"), ("api_ips", "api/s", "{:,.0f}"),
             ("api_added_us_p50", "api added us", "{:.1f}"),
             ("cold_start_s", "cold s", "{:.2f}"), ("rss_mb", "RSS MB", "{:.0f}"),
             ("idle_cpu_percent", "idle CPU %", "{:.2f}")]

@@ -32,21 +32,49 @@ def default_cache_dir() -> Path:
     return Path(base) / "edge-hybrid-inference"
 
 
+def default_state_dir() -> Path:
+    """Where an agent keeps state that must survive restarts (the outbox): $XDG_STATE_HOME."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edge-hybrid-inference"
+
+
 class OffloadSettings(BaseModel):
     # How long an input may wait for the cloud before the edge answer is final (degraded).
     deadline_ms: float = Field(200.0, gt=0)
     # Offloads waiting for an answer at once; beyond it hard inputs are answered at the edge.
     max_pending: int = Field(256, ge=1)
+    # Keep hard inputs whose cloud answer did not come in time (offline, deadline, busy) in the
+    # outbox; the hub answers them late and stores them for statistics and retraining.
+    late_answers: bool = True
 
 
 class ResultsSettings(BaseModel):
+    """The outbox: result records and hard examples kept until the hub has committed them."""
+
+    # "sqlite": durable, survives kill -9 and reboots. "memory": lost with the process.
+    store: Literal["sqlite", "memory"] = "sqlite"
+    # None: $XDG_STATE_HOME/edge-hybrid-inference/outbox-{device_id}. One agent per folder.
+    outbox_dir: Path | None = None
+    # Each entry also flushed to the storage medium before the answer returns: survives a power
+    # cut too, at the cost of an fdatasync per answer.
+    fsync: bool = False
+    # Bounds of the outbox; beyond them `on_full` says what goes (every loss is counted).
+    max_entries: int = Field(100_000, ge=1)
+    max_bytes: int = Field(256 << 20, ge=1 << 16)
+    max_age_s: float = Field(7 * 24 * 3600.0, gt=0)
+    on_full: Literal["drop_oldest", "reject_new"] = "drop_oldest"
     batch_max: int = Field(100, ge=1, le=1000)
+    # A message stays under this many bytes (brokers cap message sizes; Mosquitto's
+    # message_size_limit, EMQX's max_packet_size).
+    batch_max_bytes: int = Field(256 << 10, ge=1 << 12, le=4 << 20)
     # A batch is sent when full or this long after its first record.
     flush_interval_s: float = Field(0.2, gt=0)
-    # Unacknowledged batches are sent again after this long (the hub ingests idempotently).
+    # Unacknowledged entries are sent again after this long (the hub ingests idempotently).
     resend_after_s: float = Field(5.0, gt=0)
-    # Records kept while the hub has not acknowledged them; the oldest go first beyond it.
-    max_pending: int = Field(100_000, ge=1)
+    # Draining a backlog after an outage: at most this many entries per second, and at most
+    # `max_inflight` sent and not yet acknowledged, so a fleet coming back does not flood the hub.
+    drain_rate: float = Field(2000.0, gt=0)
+    max_inflight: int = Field(1000, ge=1)
 
 
 class LocalApiSettings(BaseModel):
@@ -110,6 +138,9 @@ class AgentSettings(BaseSettings):
     local_api: LocalApiSettings = LocalApiSettings()
     throughput: ThroughputSettings = ThroughputSettings()
     replay: ReplaySettings = ReplaySettings()
+
+    def outbox_path(self) -> Path:
+        return self.results.outbox_dir or default_state_dir() / f"outbox-{self.device_id}"
 
     def backend_options(self) -> BackendOptions:
         return BackendOptions(threads=self.threads, openvino_hint=self.openvino_hint,

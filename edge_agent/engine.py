@@ -122,4 +122,7 @@ class Engine:
         return softmax(self.backend.run(x))
 
     def close(self) -> None:
-        self.backend.close()
+        """Release the model; a second call does nothing (agents may share an engine)."""
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.backend.close()

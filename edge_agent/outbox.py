@@ -1,112 +1,290 @@
-"""Result records waiting for the hub's acknowledgement.
+"""What the agent owes the hub: result records and hard examples, kept until the hub commits them.
 
-The outbox keeps every record until the hub acknowledges it at the application level (after its
-database commit): a broker PUBACK is no proof of storage. Unacknowledged records are sent again
-after `resend_after_s` and after every reconnect; the hub ingests idempotently on the record id.
+An entry is stored before it is published and deleted only when the hub acknowledges it at the
+application level, after its database commit (a broker PUBACK is no proof of storage). Entries
+drain in order, per kind, with a window of unacknowledged entries in flight: when the oldest
+unacknowledged entry was sent longer ago than `resend_after_s`, or after a reconnect, everything
+from it on is sent again (go-back-N). The hub ingests idempotently on the id, so a copy sent twice
+is stored once.
 
-This outbox lives in memory: it survives broker and hub outages, not an agent crash or reboot.
-A durable SQLite outbox is planned (see the README's "Not yet" list).
+The outbox is bounded by entries, bytes and age. When full, `drop_oldest` deletes the oldest
+entries and `reject_new` refuses the new one; either way every loss is counted (`dropped_full`,
+`dropped_expired`) and reported in telemetry.
+
+`Outbox` holds that logic over a `Store`: `SqliteStore` (durable, the default) or `MemoryStore`
+(for tests and for measuring the durable store's cost). See edge_agent/outbox_store.py.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
-from fleet.protocol import ResultRecord
+from edge_agent.outbox_store import Entry, EntryKind, Store
 
 log = logging.getLogger(__name__)
 
+OverflowPolicy = Literal["drop_oldest", "reject_new"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxLimits:
+    max_entries: int = 100_000
+    max_bytes: int = 256 << 20
+    max_age_s: float = 7 * 24 * 3600.0
+    on_full: OverflowPolicy = "drop_oldest"
+
 
 @dataclass(slots=True)
-class _Entry:
-    record: ResultRecord
-    sent_at: float = 0.0  # 0: never sent, or to be sent again
+class _Lane:
+    """Send state of one kind: go-back-N over the store's sequence numbers."""
+
+    cursor: int = 0  # highest seq sent since the last go-back
+    epoch: int = 0  # counts go-backs: a batch read before one is not marked sent after it
+    sent: collections.deque[tuple[int, float]] = field(default_factory=collections.deque)
+    inflight: int = 0  # entries sent and not acknowledged (seq <= cursor)
+    count: int = 0
+    nbytes: int = 0
+    produced: int = 0
+    acked: int = 0
 
 
-class MemoryOutbox:
-    def __init__(self, max_pending: int, resend_after_s: float) -> None:
-        self._max = max_pending
-        self._resend_after = resend_after_s
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    entries: int
+    bytes: int
+    results: int
+    hard_examples: int
+    oldest_age_s: float
+    results_produced: int
+    results_acked: int
+    hard_produced: int
+    hard_acked: int
+    rejected: int
+    dropped_full: int
+    dropped_expired: int
+    resent: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class SendBatch:
+    kind: EntryKind
+    entries: list[Entry]
+    epoch: int
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class OutboxFull(Exception):
+    """The outbox is full and its policy is `reject_new`."""
+
+
+class Outbox:
+    def __init__(self, store: Store, limits: OutboxLimits, resend_after_s: float) -> None:
+        self.store = store
+        self.limits = limits
+        self.resend_after_s = resend_after_s
         self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
-        self.produced = 0
-        self.acked = 0
+        self._changed = threading.Condition(self._lock)
+        self._lanes = {k: _Lane() for k in EntryKind}
+        for kind, (n, nbytes) in store.totals().items():
+            self._lanes[kind].count, self._lanes[kind].nbytes = n, nbytes
         self.rejected = 0
-        self.dropped = 0
+        self.dropped_full = self.dropped_expired = self.resent = 0
+        if len(self):
+            log.info("outbox holds %d entries from before the last stop; they are sent first",
+                     len(self))
 
-    def add(self, record: ResultRecord) -> None:
+    # ------------------------------------------------------------------ producing
+
+    def add(self, kind: EntryKind, entry_id: str, body: bytes) -> None:
+        """Store an entry durably (as the store promises) before anything is published.
+
+        Raises OutboxFull when full under `reject_new` (the loss is counted).
+        """
+        size = len(body)
         with self._lock:
-            if len(self._entries) >= self._max:
-                old_id, _ = self._entries.popitem(last=False)
-                self.dropped += 1
-                log.warning("outbox full (%d records): dropped the oldest, %s", self._max, old_id)
-            self._entries[record.id] = _Entry(record)
-            self.produced += 1
-            self._ready.notify()
+            lane = self._lanes[kind]
+            if self.limits.on_full == "reject_new" and self._over(1, size):
+                self.dropped_full += 1
+                raise OutboxFull(f"outbox full ({self._total()} entries, {self._bytes()} bytes)")
+            self.store.append(Entry(self.store.next_seq(), kind, entry_id, time.time(), body))
+            lane.count += 1
+            lane.nbytes += size
+            lane.produced += 1
+            self._changed.notify_all()
 
-    def due(self, max_records: int, now: float | None = None) -> list[ResultRecord]:
-        """Records never sent, or sent longer ago than the resend interval, oldest first."""
+    def _total(self) -> int:
+        return sum(lane.count for lane in self._lanes.values())
+
+    def _bytes(self) -> int:
+        return sum(lane.nbytes for lane in self._lanes.values())
+
+    def _over(self, extra: int, extra_bytes: int) -> bool:
+        return (self._total() + extra > self.limits.max_entries
+                or self._bytes() + extra_bytes > self.limits.max_bytes)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def maintain(self, now: float | None = None) -> None:
+        """Move journalled entries into the store, expire old ones, enforce the bounds."""
+        now = time.time() if now is None else now
+        self.store.flush()
+        expired = self.store.drop_older_than(now - self.limits.max_age_s)
+        with self._lock:
+            over = self._total() - self.limits.max_entries
+            over_bytes = self._bytes() - self.limits.max_bytes
+        full = self.store.drop_oldest(over, over_bytes) if over > 0 or over_bytes > 0 else []
+        if expired or full:
+            with self._lock:
+                for dropped in (expired, full):
+                    for kind, seq, size in dropped:
+                        self._forget(kind, seq, size)
+                self.dropped_expired += len(expired)
+                self.dropped_full += len(full)
+                self._changed.notify_all()
+            if expired:
+                log.warning("outbox: %d entries older than %.0f s expired unsent", len(expired),
+                            self.limits.max_age_s)
+            if full:
+                log.warning("outbox full: dropped the %d oldest entries", len(full))
+
+    def _forget(self, kind: EntryKind, seq: int, size: int) -> None:
+        lane = self._lanes[kind]
+        lane.count -= 1
+        lane.nbytes -= size
+        if seq <= lane.cursor:
+            lane.inflight -= 1
+
+    # ------------------------------------------------------------------ sending
+
+    def due(self, kind: EntryKind, max_entries: int, max_bytes: int,
+            max_inflight: int, now: float | None = None) -> SendBatch:
+        """The next entries to send, in order; [] when the window is full or nothing is due.
+
+        Goes back to the oldest unacknowledged entry when it waited longer than the resend time.
+        """
         now = time.monotonic() if now is None else now
-        out: list[ResultRecord] = []
+        self.store.flush()
+        lane = self._lanes[kind]
         with self._lock:
-            for e in self._entries.values():
-                if e.sent_at == 0.0 or now - e.sent_at >= self._resend_after:
-                    out.append(e.record)
-                    if len(out) >= max_records:
-                        break
-        return out
+            head = self.store.head(kind)
+            while lane.sent and head is not None and lane.sent[0][0] < head:
+                lane.sent.popleft()  # batches acknowledged in full
+            if head is not None and head <= lane.cursor and lane.sent \
+                    and now - lane.sent[0][1] >= self.resend_after_s:
+                log.info("outbox: %s from #%d unacknowledged for %.1f s; sending again",
+                         kind.name.lower(), head, now - lane.sent[0][1])
+                self._go_back(lane)
+            room = min(max_entries, max_inflight - lane.inflight)
+            cursor, epoch = lane.cursor, lane.epoch
+        entries = self.store.read(kind, cursor, room, max_bytes) if room > 0 else []
+        return SendBatch(kind, entries, epoch)
 
-    def mark_sent(self, ids: list[str], now: float | None = None) -> None:
+    def mark_sent(self, batch: SendBatch, now: float | None = None) -> None:
+        if not batch.entries:
+            return
         now = time.monotonic() if now is None else now
         with self._lock:
-            for i in ids:
-                e = self._entries.get(i)
-                if e is not None:
-                    e.sent_at = now
-
-    def ack(self, ids: list[str], rejected: dict[str, str] | None = None) -> int:
-        """Forget acknowledged and refused records; returns how many were still here."""
-        n = 0
-        with self._lock:
-            for i in ids:
-                if self._entries.pop(i, None) is not None:
-                    self.acked += 1
-                    n += 1
-            for i, why in (rejected or {}).items():
-                if self._entries.pop(i, None) is not None:
-                    self.rejected += 1
-                    n += 1
-                    log.error("hub refused result %s for good: %s", i, why)
-            if not self._entries:
-                self._ready.notify_all()
-        return n
+            lane = self._lanes[batch.kind]
+            if batch.epoch != lane.epoch or batch.entries[0].seq <= lane.cursor:
+                return  # a go-back happened while this batch was being published
+            lane.cursor = batch.entries[-1].seq
+            lane.inflight += len(batch.entries)
+            lane.sent.append((lane.cursor, now))
 
     def resend_all(self) -> None:
-        """After a reconnect: whatever was in flight may be lost, send it again."""
+        """After a reconnect: what was in flight may be lost; send it again from the oldest."""
         with self._lock:
-            for e in self._entries.values():
-                e.sent_at = 0.0
+            for lane in self._lanes.values():
+                if lane.inflight:
+                    self._go_back(lane)
+
+    def _go_back(self, lane: _Lane) -> None:
+        self.resent += lane.inflight
+        lane.epoch += 1
+        lane.cursor = 0
+        lane.inflight = 0
+        lane.sent.clear()
+
+    # ------------------------------------------------------------------ acknowledgements
+
+    def ack(self, kind: EntryKind, ids: list[str], rejected: dict[str, str] | None = None) -> int:
+        """Forget entries the hub committed or refused for good; returns how many were here."""
+        rejected = rejected or {}
+        done = self.store.delete(kind, list(ids) + list(rejected))
+        with self._lock:
+            for seq, size in done:
+                self._forget(kind, seq, size)
+            n_rej = len(rejected)
+            self.rejected += n_rej
+            self._lanes[kind].acked += max(0, len(done) - n_rej)
+            self._changed.notify_all()
+        for i, why in list(rejected.items())[:3]:
+            log.error("hub refused %s %s for good: %s", kind.name.lower(), i, why)
+        return len(done)
+
+    # ------------------------------------------------------------------ waiting and figures
 
     def wait_for_work(self, timeout: float) -> None:
         with self._lock:
-            if not self._entries:
-                self._ready.wait(timeout)
+            if not self._total():
+                self._changed.wait(timeout)
 
     def wait_empty(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._entries:
+            while self._total():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._ready.wait(min(left, 0.1))
+                self._changed.wait(min(left, 0.1))
             return True
+
+    @property
+    def produced(self) -> int:
+        """Result records stored since start."""
+        return self._lanes[EntryKind.RESULT].produced
+
+    @property
+    def acked(self) -> int:
+        """Result records the hub acknowledged since start."""
+        return self._lanes[EntryKind.RESULT].acked
+
+    def pending(self, kind: EntryKind) -> int:
+        with self._lock:
+            return self._lanes[kind].count
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._entries)
+            return self._total()
+
+    def stats(self) -> OutboxStats:
+        oldest = self.store.oldest_ts()
+        with self._lock:
+            return OutboxStats(
+                entries=self._total(), bytes=self._bytes(),
+                results=self._lanes[EntryKind.RESULT].count,
+                hard_examples=self._lanes[EntryKind.HARD].count,
+                oldest_age_s=max(0.0, time.time() - oldest) if oldest is not None else 0.0,
+                results_produced=self._lanes[EntryKind.RESULT].produced,
+                results_acked=self._lanes[EntryKind.RESULT].acked,
+                hard_produced=self._lanes[EntryKind.HARD].produced,
+                hard_acked=self._lanes[EntryKind.HARD].acked, rejected=self.rejected,
+                dropped_full=self.dropped_full, dropped_expired=self.dropped_expired,
+                resent=self.resent)
+
+    def close(self) -> None:
+        self.store.close()

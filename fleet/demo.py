@@ -140,7 +140,7 @@ def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]
                 if a.proc.returncode != 0:
                     raise FleetError(f"agent {i} failed (exit {a.proc.returncode}):\n{a.tail()}")
                 summaries.append(json.loads((workdir / f"agent-{i}.json").read_text()))
-            produced = sum(s["results"]["produced"] for s in summaries)
+            produced = sum(s["outbox"]["results_produced"] for s in summaries)
             deadline = time.monotonic() + RESULTS_SETTLE_TIMEOUT_S
             while at_hub < produced and time.monotonic() < deadline:
                 time.sleep(POLL_S)

@@ -51,6 +51,7 @@ class Kind(IntEnum):
     ACK = 4
     TELEMETRY = 5
     STATUS = 6
+    HARD_EXAMPLES = 7
 
 
 class Channel(StrEnum):
@@ -62,11 +63,12 @@ class Channel(StrEnum):
     ACK = "ack"              # hub -> agent, QoS 1: record ids committed by the hub
     TELEMETRY = "telemetry"  # agent -> hub, QoS 0: heartbeat
     STATUS = "status"        # agent -> hub, QoS 1, retained, last will: online/offline
+    HARD = "hard"            # agent -> hub, QoS 1: hard examples for a late cloud answer
 
 
 QOS: dict[Channel, int] = {
     Channel.OFFLOAD: 1, Channel.ANSWER: 1, Channel.RESULTS: 1, Channel.ACK: 1,
-    Channel.TELEMETRY: 0, Channel.STATUS: 1,
+    Channel.TELEMETRY: 0, Channel.STATUS: 1, Channel.HARD: 1,
 }
 
 
@@ -264,53 +266,159 @@ class ResultRecord(BaseModel):
     offload_bytes: int = Field(default=0, ge=0)
 
 
+# A batch frame (results, hard examples) carries items as separate blobs: the header lists each
+# item's id and size, the body holds the blobs back to back. An item that does not decode is
+# refused by its id while the others are kept: one bad item never blocks the queue behind it.
+_MAX_ID = 64
+
+
+def encode_items(kind: Kind, ids: list[str], blobs: list[bytes]) -> bytes:
+    return encode_frame(kind, {"ids": ids, "sizes": [len(b) for b in blobs]}, b"".join(blobs))
+
+
+def decode_items(payload: bytes, kind: Kind) -> list[tuple[str, bytes]]:
+    f = decode_frame(payload, kind)
+    ids, sizes = f.header.get("ids"), f.header.get("sizes")
+    if (not isinstance(ids, list) or not isinstance(sizes, list) or len(ids) != len(sizes)
+            or not all(isinstance(i, str) and 0 < len(i) <= _MAX_ID for i in ids)
+            or not all(isinstance(z, int) and not isinstance(z, bool) and z >= 0
+                       for z in sizes)):
+        raise ProtocolError("a batch header needs 'ids' (strings of 1-64 characters) and "
+                            "'sizes' (non-negative integers) of the same length")
+    if sum(sizes) != len(f.body):
+        raise ProtocolError(f"batch item sizes add up to {sum(sizes)} bytes, body has "
+                            f"{len(f.body)}")
+    out = []
+    pos = 0
+    for i, z in zip(ids, sizes, strict=True):
+        out.append((i, f.body[pos:pos + z]))
+        pos += z
+    return out
+
+
+def record_blob(r: ResultRecord) -> bytes:
+    """A result record as it travels and as the agent's outbox keeps it: compact JSON."""
+    return r.__pydantic_serializer__.to_json(r)
+
+
 @dataclass(frozen=True, slots=True)
 class ResultBatch:
-    records: list[ResultRecord]
-
-    def encode(self) -> bytes:
-        return encode_frame(Kind.RESULTS, {"records": [r.model_dump() for r in self.records]})
+    ids: list[str]
+    blobs: list[bytes]
 
     @classmethod
-    def decode_lenient(cls, payload: bytes) -> tuple[list[ResultRecord], dict[str, str]]:
-        """Decode a batch, keeping the valid records and naming each invalid one with a reason.
+    def of(cls, records: list[ResultRecord]) -> ResultBatch:
+        return cls([r.id for r in records], [record_blob(r) for r in records])
 
-        One bad record never blocks the others. Records without a usable id are reported under
-        their index ("#3").
-        """
-        h = decode_frame(payload, Kind.RESULTS).header
-        raw = h.get("records")
-        if not isinstance(raw, list):
-            raise ProtocolError("results header needs a 'records' list")
+    def encode(self) -> bytes:
+        return encode_items(Kind.RESULTS, self.ids, self.blobs)
+
+    @staticmethod
+    def decode_lenient(payload: bytes) -> tuple[list[ResultRecord], dict[str, str]]:
+        """Decode a batch, keeping the valid records and naming each invalid one with a reason."""
         good: list[ResultRecord] = []
         bad: dict[str, str] = {}
-        for i, r in enumerate(raw):
+        for rid, blob in decode_items(payload, Kind.RESULTS):
             try:
-                good.append(ResultRecord.model_validate(r))
+                r = ResultRecord.model_validate_json(blob)
             except ValidationError as exc:
-                rid = r.get("id") if isinstance(r, dict) else None
-                key = rid if isinstance(rid, str) and 0 < len(rid) <= 64 else f"#{i}"
-                bad[key] = _short_validation(exc)
+                bad[rid] = _short_validation(exc)
+                continue
+            if r.id != rid:
+                bad[rid] = f"record id {r.id!r} differs from its id in the batch"
+            else:
+                good.append(r)
         return good, bad
+
+
+HardReason = Literal["deadline", "offline", "busy", "hub_error"]
+_U32 = struct.Struct(">I")
+
+
+@dataclass(frozen=True, slots=True)
+class HardExample:
+    """A hard input whose cloud answer did not come in time: the hub answers it late and keeps
+    it (for statistics and retraining). `reason` says why the live answer was missing."""
+
+    id: str
+    model: str
+    input: np.ndarray
+    ts: float
+    edge_label: int
+    edge_score: float
+    reason: HardReason
+
+    def blob(self) -> bytes:
+        meta = json.dumps({"id": self.id, "model": self.model, "ts": self.ts,
+                           "edge_label": self.edge_label, "edge_score": self.edge_score,
+                           "reason": self.reason, "tensor": tensor_header(self.input)},
+                          separators=(",", ":")).encode()
+        return _U32.pack(len(meta)) + meta + tensor_bytes(self.input)
+
+    @classmethod
+    def from_blob(cls, blob: bytes) -> HardExample:
+        if len(blob) < _U32.size:
+            raise ProtocolError("hard example is shorter than its length prefix")
+        (mlen,) = _U32.unpack_from(blob)
+        if mlen > len(blob) - _U32.size:
+            raise ProtocolError("hard example metadata runs past its end")
+        try:
+            h = json.loads(blob[_U32.size:_U32.size + mlen])
+            if not isinstance(h, dict):
+                raise ProtocolError("hard example metadata must be a JSON object")
+            reason = h.get("reason")
+            if reason not in ("deadline", "offline", "busy", "hub_error"):
+                raise ProtocolError(f"hard example reason {reason!r} is unknown")
+            return cls(id=_str(h, "id"), model=_str(h, "model"),
+                       input=decode_tensor(h.get("tensor"), blob[_U32.size + mlen:]),
+                       ts=float(h["ts"]), edge_label=int(h["edge_label"]),
+                       edge_score=float(h["edge_score"]), reason=reason)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"hard example metadata is incomplete or mistyped: {exc!r}") \
+                from None
+
+    @staticmethod
+    def decode_batch(payload: bytes) -> tuple[list[HardExample], dict[str, str]]:
+        good: list[HardExample] = []
+        bad: dict[str, str] = {}
+        for hid, blob in decode_items(payload, Kind.HARD_EXAMPLES):
+            try:
+                ex = HardExample.from_blob(blob)
+            except ProtocolError as exc:
+                bad[hid] = str(exc)
+                continue
+            if ex.id != hid:
+                bad[hid] = f"hard example id {ex.id!r} differs from its id in the batch"
+            else:
+                good.append(ex)
+        return good, bad
+
+
+def encode_hard_batch(ids: list[str], blobs: list[bytes]) -> bytes:
+    return encode_items(Kind.HARD_EXAMPLES, ids, blobs)
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Record ids the hub committed (`ids`) or refused for good (`rejected`, id -> reason)."""
+    """Ids the hub committed (`ids`) or refused for good (`rejected`, id -> reason), of the
+    results or the hard examples of a device (`of`)."""
 
     ids: list[str]
     rejected: dict[str, str] = field(default_factory=dict)
+    of: Literal["results", "hard"] = "results"
 
     def encode(self) -> bytes:
-        return encode_frame(Kind.ACK, {"ids": self.ids, "rejected": self.rejected})
+        return encode_frame(Kind.ACK, {"ids": self.ids, "rejected": self.rejected, "of": self.of})
 
     @classmethod
     def decode(cls, payload: bytes) -> Ack:
         h = decode_frame(payload, Kind.ACK).header
-        ids, rej = h.get("ids", []), h.get("rejected", {})
+        ids, rej, of = h.get("ids", []), h.get("rejected", {}), h.get("of", "results")
         if not isinstance(ids, list) or not isinstance(rej, dict):
             raise ProtocolError("ack needs an 'ids' list and a 'rejected' object")
-        return cls([str(i) for i in ids], {str(k): str(v) for k, v in rej.items()})
+        if of not in ("results", "hard"):
+            raise ProtocolError(f"ack of {of!r}: expected 'results' or 'hard'")
+        return cls([str(i) for i in ids], {str(k): str(v) for k, v in rej.items()}, of)
 
 
 def encode_json(kind: Kind, header: dict[str, Any]) -> bytes:

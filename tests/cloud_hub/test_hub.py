@@ -174,8 +174,8 @@ def test_bridge_survives_bad_messages(bridge_on_bus) -> None:
 def test_bridge_acks_after_commit_and_refuses_foreign_records(bridge_on_bus) -> None:
     bridge, bus, inbox = bridge_on_bus
     batch = [record(1), record(2), record(3, device="dev-2")]
-    bus.publish("ehi/v1/dev-1/results", p.ResultBatch(batch).encode())
-    bus.publish("ehi/v1/dev-1/results", p.ResultBatch(batch[:2]).encode())  # a resend
+    bus.publish("ehi/v1/dev-1/results", p.ResultBatch.of(batch).encode())
+    bus.publish("ehi/v1/dev-1/results", p.ResultBatch.of(batch[:2]).encode())  # a resend
     assert wait_until(lambda: len(inbox) == 2)
     acks = [p.Ack.decode(b) for _, b in inbox]
     assert acks[0].ids == ["r00001", "r00002"] and set(acks[0].rejected) == {"r00003"}

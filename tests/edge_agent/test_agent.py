@@ -196,7 +196,8 @@ def test_status_online_retained_and_telemetry(make_agent: Callable[..., Agent],
     t = a.telemetry()
     assert t["model"] == "digits-edge@1" and t["labels"] == {"site": "lab"}
     assert "cpu_percent" in t["system"] and "rss_mb" in t["system"]
-    assert set(t["queues"]) == {"offloads_pending", "results_pending"}
+    assert set(t["queues"]) == {"offloads_pending", "outbox"}
+    assert t["outbox"]["results_produced"] == 0 and t["outbox"]["dropped_full"] == 0
     a.publish_telemetry()
     assert any(tp.endswith("/telemetry") for tp, _ in bus.log)
 

@@ -1,3 +1,4 @@
+import json
 import struct
 
 import numpy as np
@@ -43,8 +44,13 @@ def test_answer_ack_results_roundtrip() -> None:
                          policy="entropy", score=0.1, edge_label=1, edge_confidence=0.9,
                          offloaded=False, final_label=1, source="edge", latency_ms=0.3,
                          edge_ms=0.2)
-    good, bad = p.ResultBatch.decode_lenient(p.ResultBatch([rec]).encode())
+    good, bad = p.ResultBatch.decode_lenient(p.ResultBatch.of([rec]).encode())
     assert good == [rec] and bad == {}
+    hard = p.Ack(["h1"], of="hard")
+    assert p.Ack.decode(hard.encode()) == hard
+    assert p.Ack.decode(p.encode_frame(p.Kind.ACK, {"ids": ["x"]})).of == "results"
+    with pytest.raises(ProtocolError, match="ack of"):
+        p.Ack.decode(p.encode_frame(p.Kind.ACK, {"ids": [], "of": "nope"}))
 
 
 @pytest.mark.parametrize("payload, message", [
@@ -102,12 +108,36 @@ def test_results_batch_keeps_good_records_and_names_bad_ones() -> None:
           "offloaded": False, "final_label": 1, "source": "edge", "latency_ms": 1.0,
           "edge_ms": 1.0}
     bad = {**ok, "id": "r2", "latency_ms": -5}
-    worse = "not a record"
-    payload = p.encode_frame(p.Kind.RESULTS, {"records": [ok, bad, worse]})
+    blobs = [json.dumps(ok).encode(), json.dumps(bad).encode(), b"\x00not a record",
+             json.dumps({**ok, "id": "r9"}).encode(), json.dumps({**ok, "id": "r5"}).encode()]
+    payload = p.ResultBatch(["r1", "r2", "r3", "r4", "r5"], blobs).encode()
     good, refused = p.ResultBatch.decode_lenient(payload)
-    assert [r.id for r in good] == ["r1"]
-    assert set(refused) == {"r2", "#2"}
-    assert "latency_ms" in refused["r2"]
+    assert [r.id for r in good] == ["r1", "r5"]  # the bad ones do not hide those after them
+    assert set(refused) == {"r2", "r3", "r4"}
+    assert "latency_ms" in refused["r2"] and "differs" in refused["r4"]
+
+
+@pytest.mark.parametrize("header, body, message", [
+    ({"ids": ["a"], "sizes": [3]}, b"ab", "add up"),
+    ({"ids": ["a"], "sizes": []}, b"", "same length"),
+    ({"ids": [""], "sizes": [0]}, b"", "1-64"),
+    ({"ids": ["a"], "sizes": [-1]}, b"", "non-negative"),
+    ({"records": []}, b"", "ids"),
+])
+def test_malformed_batches_are_refused(header: dict, body: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        p.ResultBatch.decode_lenient(p.encode_frame(p.Kind.RESULTS, header, body))
+
+
+def test_hard_examples_roundtrip_and_bad_items_are_named() -> None:
+    x = np.arange(64, dtype=np.float32).reshape(8, 8)
+    ex = p.HardExample("h1", "digits-edge@1", x, 12.5, 3, 0.25, "offline")
+    blob = ex.blob()
+    good, bad = p.HardExample.decode_batch(p.encode_hard_batch(
+        ["h1", "h2", "h3", "h4"], [blob, blob[:10], b"\x00\x00\x00\x02{}", blob]))
+    assert len(good) == 1 and good[0].id == "h1" and good[0].reason == "offline"
+    np.testing.assert_array_equal(good[0].input, x)
+    assert set(bad) == {"h2", "h3", "h4"} and "differs" in bad["h4"]
 
 
 def test_topics() -> None:
