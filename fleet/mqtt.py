@@ -29,9 +29,9 @@ from fleet.errors import FleetError
 log = logging.getLogger(__name__)
 
 # Backoff between reconnect attempts: quick first retry, capped so a device that was offline for
-# hours comes back within half a minute of the broker.
+# hours comes back within 10 s of the broker, while a fleet retries at most once per 10 s each.
 RECONNECT_MIN_S = 0.5
-RECONNECT_MAX_S = 30.0
+RECONNECT_MAX_S = 10.0
 KEEPALIVE_S = 30
 # QoS 1 messages in flight per connection; paho's default of 20 throttles result batches and
 # offloads of several threads.

@@ -205,3 +205,71 @@ def test_bridge_records_status_and_telemetry(bridge_on_bus) -> None:
             d = s.get(Device, "dev-7")
             return d is not None and not d.online
     assert wait_until(offline)
+
+
+def test_duplicates_are_counted_per_device_in_the_database(database_url: str) -> None:
+    from cloud_hub.db import Device
+
+    eng = make_engine(database_url)
+    init_db(eng)
+    sessions = session_factory(eng)
+    ingest_results(sessions, [record(i) for i in range(4)])
+    ingest_results(sessions, [record(i) for i in range(2, 6)] + [record(5)])
+    with sessions() as s:
+        assert s.get(Device, "dev-1").duplicates == 3  # r2, r3 again; r5 twice in one batch
+    eng.dispose()
+
+
+def _hard(i: int, x: np.ndarray, reason: str = "offline") -> p.HardExample:
+    return p.HardExample(f"h{i}", "digits-edge@1", x, 1000.0 + i, 0, 0.5, reason)  # type: ignore[arg-type]
+
+
+def test_bridge_answers_hard_examples_late_and_stores_them_once(bridge_on_bus) -> None:
+    from sqlalchemy import select
+
+    from cloud_hub.db import Device, HardExample
+    from cloud_hub.stats import compute_stats
+
+    bridge, bus, inbox = bridge_on_bus
+    data = np.load(STREAMS_FILE)
+    x, y = data["clean_x"][:10], data["clean_y"][:10]
+    exs = [_hard(i, xi, "deadline" if i % 2 else "offline") for i, xi in enumerate(x)]
+    bad_shape = _hard(99, np.zeros((3, 3), np.float32))
+    ids = [e.id for e in exs] + ["h99", "h-garbage"]
+    blobs = [e.blob() for e in exs] + [bad_shape.blob(), b"\x00\x01"]
+    topic = p.topic("dev-1", p.Channel.HARD)
+    bus.publish(topic, p.encode_hard_batch(ids, blobs))
+    bus.publish(topic, p.encode_hard_batch(ids[:3], blobs[:3]))  # a resend
+    assert wait_until(lambda: len(inbox) == 2)
+    first, second = (p.Ack.decode(b) for _, b in inbox)
+    assert first.of == "hard" and sorted(first.ids) == sorted(e.id for e in exs)
+    assert set(first.rejected) == {"h99", "h-garbage"} and "does not fit" in first.rejected["h99"]
+    assert sorted(second.ids) == ["h0", "h1", "h2"]
+    with bridge.sessions() as s:
+        rows = {r.id: r for r in s.scalars(select(HardExample))}
+        assert s.get(Device, "dev-1").duplicates == 3
+        late = compute_stats(s)["late_answers"]
+    assert len(rows) == 10
+    cloud = np.array([rows[f"h{i}"].cloud_label for i in range(10)])
+    assert (cloud == y).mean() >= 0.9  # answered by the cloud model, not copied from the edge
+    back = np.frombuffer(rows["h3"].data, dtype=rows["h3"].dtype).reshape(rows["h3"].shape)
+    np.testing.assert_array_equal(back, x[3])
+    assert late["count"] == 10 and late["by_reason"] == {"deadline": 5, "offline": 5}
+
+
+def test_api_lists_hard_examples_and_serves_their_inputs(client: TestClient) -> None:
+    from cloud_hub.ingest import LateAnswer, ingest_hard_examples
+
+    x = np.arange(64, dtype=np.float32).reshape(8, 8)
+    sessions = session_factory(client.app.state.engine)  # type: ignore[attr-defined]
+    ingest_hard_examples(sessions, "dev-3", [LateAnswer(_hard(i, x), 7, 0.9, "digits-cloud@1")
+                                             for i in range(3)])
+    page = client.get("/v1/hard-examples", params={"device": "dev-3", "limit": 2}).json()
+    assert [i["id"] for i in page["items"]] == ["h0", "h1"] and page["next_cursor"]
+    assert page["items"][0]["cloud_label"] == 7 and page["items"][0]["reason"] == "offline"
+    assert client.get("/v1/hard-examples/count").json() == {"count": 3}
+    r = client.get("/v1/hard-examples/h1/input")
+    assert r.headers["x-ehi-shape"] == "8,8" and r.headers["x-ehi-dtype"] == "float32"
+    np.testing.assert_array_equal(np.frombuffer(r.content, np.float32).reshape(8, 8), x)
+    assert client.get("/v1/hard-examples/nope/input").status_code == 404
+    assert client.get("/v1/stats").json()["late_answers"]["count"] == 3

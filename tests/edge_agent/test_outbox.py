@@ -331,7 +331,7 @@ class MemoryOutboxMachine(OutboxMachine):
     store_kind = "memory"
 
     @rule()
-    def restart(self) -> None:  # type: ignore[override]
+    def restart(self) -> None:
         pass  # nothing survives a restart in memory
 
 
