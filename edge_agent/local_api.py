@@ -9,6 +9,7 @@
       400 {"error": "..."} for input the bundle does not accept; 413 for an oversized body
     GET /healthz   200 {"status": "ok", "model": ..., "backend": ..., "connected": ...}
     GET /v1/telemetry  the agent's current telemetry
+    GET /metrics       Prometheus text: outbox depth, bytes, age, drops; events; connection
 
 The stdlib server keeps the agent free of a web framework; one thread per connection.
 """
@@ -25,6 +26,7 @@ import numpy as np
 
 from edge_agent.agent import Agent
 from edge_agent.errors import AgentBusy, InputError
+from edge_agent.metrics import render as render_metrics
 from fleet.errors import ProtocolError
 from fleet.protocol import decode_tensor
 
@@ -55,6 +57,13 @@ class LocalApi:
                                      "connected": agent.transport.connected})
                 elif self.path == "/v1/telemetry":
                     self._send(200, agent.telemetry())
+                elif self.path == "/metrics":
+                    data = render_metrics(agent).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
                 else:
                     self._send(404, {"error": f"no route {self.path}"})
 

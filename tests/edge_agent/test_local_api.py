@@ -97,3 +97,15 @@ def test_health_and_telemetry(api: tuple[str, Agent]) -> None:
     assert h["status"] == "ok" and h["model"] == "digits-edge@1"
     with urllib.request.urlopen(base + "/v1/telemetry", timeout=5) as r:
         assert "queues" in json.loads(r.read())
+
+
+def test_metrics_show_the_outbox(api: tuple[str, Agent]) -> None:
+    base, agent = api
+    agent.infer(np.zeros((8, 8), np.float32))
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+        assert r.headers["Content-Type"].startswith("text/plain")
+    assert "# TYPE ehi_agent_outbox_entries gauge" in text
+    assert 'ehi_agent_outbox_entries{kind="result"} 1' in text
+    assert "ehi_agent_outbox_dropped_full_total 0" in text
+    assert 'ehi_agent_events_total{event="inputs"} 1' in text
