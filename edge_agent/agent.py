@@ -303,7 +303,7 @@ class Agent:
         latency_ms = (time.perf_counter() - t0) * 1000.0
         degraded = source == "edge_fallback"
         now = time.time()
-        record = p.ResultRecord.model_construct(
+        record = p.encode_record(
             id=rid, device=self.device, seq=next(self._seq), ts=now, input_ref=input_ref,
             model=self.model_ref, backend=self.engine.backend.name, policy=self.engine.policy.name,
             score=local.score, edge_label=local.label, edge_confidence=local.confidence,
@@ -319,7 +319,7 @@ class Agent:
                     rid, self.model_ref, np.asarray(raw), now, local.label, local.score,
                     reason).blob())
                 self.counters.inc("late_queued")
-            self.outbox.add(EntryKind.RESULT, rid, p.record_blob(record))
+            self.outbox.add(EntryKind.RESULT, rid, record)
         except OutboxFull as exc:
             # The application still gets its answer; the loss is counted and reported.
             self.counters.inc("outbox_full")

@@ -38,9 +38,10 @@ from edge_agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# A journal record: body length, crc32 of the rest, kind, id length; then seq, ts, id, body.
-_REC = struct.Struct("<IIBB")
-_SEQ_TS = struct.Struct("<qd")
+# A journal record: body length, kind, id length, seq, ts; the id; the body; then the crc32 of
+# everything before it. Zeros where a record would start end the segment.
+_REC = struct.Struct("<IBBqd")
+_CRC = struct.Struct("<I")
 JOURNAL_GLOB = "journal-*.log"
 # Rows looked at per step when dropping the oldest entries.
 DROP_CHUNK = 512
@@ -261,9 +262,8 @@ class SqliteStore:
     def append(self, e: Entry) -> None:
         # The hot path of every answer: kept to a few C calls.
         ident = e.id.encode()
-        head = _SEQ_TS.pack(e.seq, e.ts)
-        crc = zlib.crc32(e.body, zlib.crc32(ident, zlib.crc32(head, e.kind)))
-        rec = b"".join((_REC.pack(len(e.body), crc, e.kind, len(ident)), head, ident, e.body))
+        rec = _REC.pack(len(e.body), e.kind, len(ident), e.seq, e.ts) + ident + e.body
+        rec += _CRC.pack(zlib.crc32(rec))
         with self._jlock:
             j = self._journal
             if j.pos + len(rec) > j.size:
@@ -449,18 +449,17 @@ def read_journal(path: Path) -> list[Entry]:
     out: list[Entry] = []
     pos = 0
     while pos + _REC.size <= len(data):
-        blen, crc, kind, ilen = _REC.unpack_from(data, pos)
-        if blen == crc == kind == ilen == 0:
+        blen, kind, ilen, seq, ts = _REC.unpack_from(data, pos)
+        if blen == kind == ilen == seq == 0:
             break  # the unwritten rest of the segment
-        start = pos + _REC.size
-        end = start + _SEQ_TS.size + ilen + blen
-        rest = data[start:end]
-        if end > len(data) or zlib.crc32(rest, kind) != crc or kind not in (0, 1):
+        end = pos + _REC.size + ilen + blen
+        if (end + _CRC.size > len(data) or kind not in (0, 1)
+                or zlib.crc32(data[pos:end]) != _CRC.unpack_from(data, end)[0]):
             log.warning("journal %s: a torn record at byte %d; %d entries before it kept",
                         path.name, pos, len(out))
             break
-        seq, ts = _SEQ_TS.unpack_from(rest)
-        ident = rest[_SEQ_TS.size:_SEQ_TS.size + ilen].decode()
-        out.append(Entry(seq, EntryKind(kind), ident, ts, rest[_SEQ_TS.size + ilen:]))
-        pos = end
+        start = pos + _REC.size
+        ident = data[start:start + ilen].decode()
+        out.append(Entry(seq, EntryKind(kind), ident, ts, data[start + ilen:end]))
+        pos = end + _CRC.size
     return out

@@ -40,8 +40,19 @@ class ScriptedHub:
         self.answer = True
         self.ack = True
         self.results: list[p.ResultRecord] = []
+        self.hard: list[p.HardExample] = []
+        self.batches: list[int] = []  # entries per results message
         bus.subscribe(p.hub_filter(p.Channel.OFFLOAD), self._offload)
         bus.subscribe(p.hub_filter(p.Channel.RESULTS), self._results)
+        bus.subscribe(p.hub_filter(p.Channel.HARD), self._hard)
+
+    def _hard(self, topic: str, payload: bytes) -> None:
+        dev, _ = p.parse_topic(topic)
+        good, bad = p.HardExample.decode_batch(payload)
+        self.hard.extend(good)
+        if self.ack:
+            self.bus.publish(p.topic(dev, p.Channel.ACK),
+                             p.Ack([e.id for e in good], bad, of="hard").encode())
 
     def _offload(self, topic: str, payload: bytes) -> None:
         dev, _ = p.parse_topic(topic)
@@ -54,6 +65,7 @@ class ScriptedHub:
         dev, _ = p.parse_topic(topic)
         good, bad = p.ResultBatch.decode_lenient(payload)
         self.results.extend(good)
+        self.batches.append(len(good) + len(bad))
         if self.ack:
             self.bus.publish(p.topic(dev, p.Channel.ACK),
                              p.Ack([r.id for r in good], bad).encode())
@@ -74,10 +86,11 @@ def make_agent(bus: MemoryBus) -> Iterator[Callable[..., Agent]]:
     agents: list[Agent] = []
 
     def make(**overrides: Any) -> Agent:
-        settings = AgentSettings(device_id="dev-1", telemetry_interval_s=60,
-                                 offload={"deadline_ms": 100.0},
-                                 results={"flush_interval_s": 0.01, "resend_after_s": 0.2},
-                                 **overrides)
+        offload = {"deadline_ms": 100.0, **overrides.pop("offload", {})}
+        results = {"flush_interval_s": 0.01, "resend_after_s": 0.2, "store": "memory",
+                   **overrides.pop("results", {})}
+        settings = AgentSettings(device_id="dev-1", telemetry_interval_s=60, offload=offload,
+                                 results=results, **overrides)
         engine = Engine(load_bundle(EDGE_BUNDLE), FakeBackend(fake_logits),
                         HardExamplePolicy("margin", 0.5))
         agent = Agent(settings, engine, functools.partial(_memory, bus))
@@ -245,3 +258,45 @@ def test_offline_agent_with_a_backlog_does_not_spin(make_agent: Callable[..., Ag
     assert used < 0.2, f"the agent burned {used:.0%} of a core while idle and offline"
     a.transport.online = True  # type: ignore[attr-defined]
     assert a.drain(5.0)
+
+
+def test_hard_inputs_without_a_cloud_answer_are_kept_for_a_late_one(
+        make_agent: Callable[..., Agent], hub: ScriptedHub) -> None:
+    hub.answer = False
+    a = make_agent()
+    late = a.infer(HARD, deadline_ms=20)
+    a.transport.online = False  # type: ignore[attr-defined]
+    offline = a.infer(HARD)
+    a.infer(EASY)  # easy inputs owe the cloud nothing
+    assert a.counters.snapshot()["late_queued"] == 2
+    a.transport.online = True  # type: ignore[attr-defined]
+    a._on_connect()
+    assert a.drain(5.0)
+    reasons = {e.id: e.reason for e in hub.hard}
+    assert reasons == {late.id: "deadline", offline.id: "offline"}
+    np.testing.assert_array_equal(hub.hard[0].input, HARD)
+    assert a.outbox.stats().hard_acked == 2
+
+
+def test_late_answers_can_be_turned_off(make_agent: Callable[..., Agent],
+                                        hub: ScriptedHub) -> None:
+    hub.answer = False
+    a = make_agent(offload={"deadline_ms": 10.0, "late_answers": False})
+    a.infer(HARD)
+    assert a.drain(5.0) and hub.hard == [] and len(hub.results) == 1
+
+
+def test_a_backlog_drains_at_the_configured_rate(make_agent: Callable[..., Agent],
+                                                 hub: ScriptedHub) -> None:
+    a = make_agent(results={"flush_interval_s": 3600, "drain_rate": 100, "batch_max": 50})
+    a.transport.online = False  # type: ignore[attr-defined]
+    for _ in range(400):
+        a.infer(EASY)
+    a.transport.online = True  # type: ignore[attr-defined]
+    a.outbox.maintain()
+    sent = a.flush_results()
+    # A burst of half a second's worth, then the bucket is empty: no flood after an outage.
+    assert sent == 50 and hub.batches == [50]
+    assert a.flush_results() == 0
+    time.sleep(0.6)
+    assert a.flush_results() == 50

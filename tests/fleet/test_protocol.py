@@ -149,3 +149,34 @@ def test_topics() -> None:
             p.parse_topic(bad)
     with pytest.raises(ProtocolError):
         p.topic("has/slash", p.Channel.ACK)
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"input_ref": 'cam "1"/é', "cloud_label": 3, "cloud_model": "digits-cloud@1",
+     "source": "cloud", "offloaded": True, "degraded": False},
+    {"source": "edge_fallback", "degraded": True, "offloaded": True, "score": 1e-7,
+     "ts": 1.7e9 + 0.123456},
+])
+def test_hand_written_record_encoder_matches_the_model(kw: dict) -> None:
+    fields = dict(id="r1", device="d-1", seq=7, ts=1.5, input_ref=None, model="m@1",
+                  backend="onnxruntime", policy="entropy", score=0.25, edge_label=1,
+                  edge_confidence=0.9, offloaded=False, cloud_label=None, cloud_model=None,
+                  final_label=1, source="edge", degraded=False, latency_ms=0.3, edge_ms=0.1,
+                  offload_bytes=0)
+    fields.update(kw)
+    blob = p.encode_record(**fields)
+    assert p.ResultRecord.model_validate_json(blob) == p.ResultRecord(**fields)
+    assert json.loads(blob) == json.loads(p.record_blob(p.ResultRecord(**fields)))
+    assert set(json.loads(blob)) == set(p.ResultRecord.model_fields)
+
+
+def test_a_record_with_a_non_finite_number_is_refused_by_id() -> None:
+    fields = dict(id="r1", device="d", seq=0, ts=1.0, input_ref=None, model="m",
+                  backend="b", policy="p", score=float("nan"), edge_label=1,
+                  edge_confidence=1.0, offloaded=False, cloud_label=None, cloud_model=None,
+                  final_label=1, source="edge", degraded=False, latency_ms=1.0, edge_ms=1.0,
+                  offload_bytes=0)
+    good, bad = p.ResultBatch.decode_lenient(p.ResultBatch(["r1"], [p.encode_record(**fields)])
+                                             .encode())
+    assert good == [] and "score" in bad["r1"]
