@@ -103,6 +103,7 @@ class Outbox:
             self._lanes[kind].count, self._lanes[kind].nbytes = n, nbytes
         self.rejected = 0
         self.dropped_full = self.dropped_expired = self.resent = 0
+        self._closed: OutboxStats | None = None
         if len(self):
             log.info("outbox holds %d entries from before the last stop; they are sent first",
                      len(self))
@@ -272,6 +273,8 @@ class Outbox:
             return self._total()
 
     def stats(self) -> OutboxStats:
+        if self._closed is not None:
+            return self._closed
         oldest = self.store.oldest_ts()
         with self._lock:
             return OutboxStats(
@@ -287,4 +290,8 @@ class Outbox:
                 resent=self.resent)
 
     def close(self) -> None:
-        self.store.close()
+        """Close the store; `stats()` keeps answering with the figures at this moment."""
+        if self._closed is None:
+            self.maintain()
+            self._closed = self.stats()
+            self.store.close()

@@ -1,5 +1,6 @@
 import json
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -159,7 +160,7 @@ def test_topics() -> None:
      "ts": 1.7e9 + 0.123456},
 ])
 def test_hand_written_record_encoder_matches_the_model(kw: dict) -> None:
-    fields = dict(id="r1", device="d-1", seq=7, ts=1.5, input_ref=None, model="m@1",
+    fields: dict[str, Any] = dict(id="r1", device="d-1", seq=7, ts=1.5, input_ref=None, model="m@1",
                   backend="onnxruntime", policy="entropy", score=0.25, edge_label=1,
                   edge_confidence=0.9, offloaded=False, cloud_label=None, cloud_model=None,
                   final_label=1, source="edge", degraded=False, latency_ms=0.3, edge_ms=0.1,
@@ -172,7 +173,7 @@ def test_hand_written_record_encoder_matches_the_model(kw: dict) -> None:
 
 
 def test_a_record_with_a_non_finite_number_is_refused_by_id() -> None:
-    fields = dict(id="r1", device="d", seq=0, ts=1.0, input_ref=None, model="m",
+    fields: dict[str, Any] = dict(id="r1", device="d", seq=0, ts=1.0, input_ref=None, model="m",
                   backend="b", policy="p", score=float("nan"), edge_label=1,
                   edge_confidence=1.0, offloaded=False, cloud_label=None, cloud_model=None,
                   final_label=1, source="edge", degraded=False, latency_ms=1.0, edge_ms=1.0,

@@ -110,6 +110,7 @@ def test_status_and_last_will(broker: RunningBroker, hub: Bridge) -> None:
     while online() and time.monotonic() < deadline:
         time.sleep(0.05)
     a._stop.set()
+    a.outbox.close()
     assert online() is False, "the broker published the last will: offline"
 
 
