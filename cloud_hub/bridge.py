@@ -227,12 +227,12 @@ class Bridge:
                 self._ingest_hard(item)
             elif item.channel is p.Channel.TELEMETRY:
                 h = p.decode_frame(item.payload, p.Kind.TELEMETRY).header
-                record_telemetry(self.sessions, item.device, h)
                 ob = h.get("outbox")
                 if isinstance(ob, dict):
                     for key in ("entries", "dropped_full", "dropped_expired"):
                         if isinstance(ob.get(key), int | float):
                             self.metrics.device_outbox.labels(item.device, key).set(ob[key])
+                record_telemetry(self.sessions, item.device, h)
             elif item.channel is p.Channel.STATUS:
                 h = p.decode_frame(item.payload, p.Kind.STATUS).header
                 record_status(self.sessions, item.device, h.get("state") == "online")

@@ -8,7 +8,7 @@ from it on is sent again (go-back-N). The hub ingests idempotently on the id, so
 is stored once.
 
 The outbox is bounded by entries, bytes and age. When full, `drop_oldest` deletes the oldest
-entries and `reject_new` refuses the new one; either way every loss is counted (`dropped_full`,
+entries, hard examples before result records, and `reject_new` refuses the new one; either way every loss is counted (`dropped_full`,
 `dropped_expired`) and reported in telemetry.
 
 `Outbox` holds that logic over a `Store`: `SqliteStore` (durable, the default) or `MemoryStore`
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from edge_agent.outbox_store import Entry, EntryKind, Store
+from edge_agent.outbox_store import Dropped, Entry, EntryKind, Store
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,15 @@ class Outbox:
         with self._lock:
             over = self._total() - self.limits.max_entries
             over_bytes = self._bytes() - self.limits.max_bytes
-        full = self.store.drop_oldest(over, over_bytes) if over > 0 or over_bytes > 0 else []
+        full: Dropped = []
+        if over > 0 or over_bytes > 0:
+            # Hard examples give way first: they are large and only feed statistics and
+            # retraining, while every result record is an answer the hub must know of.
+            full = self.store.drop_oldest(over, over_bytes, EntryKind.HARD)
+            over -= len(full)
+            over_bytes -= sum(z for _, _, z in full)
+            if over > 0 or over_bytes > 0:
+                full += self.store.drop_oldest(over, over_bytes)
         if expired or full:
             with self._lock:
                 for dropped in (expired, full):

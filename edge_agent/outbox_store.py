@@ -88,8 +88,9 @@ class Store(Protocol):
 
     def drop_older_than(self, ts: float) -> Dropped: ...
 
-    def drop_oldest(self, entries: int, nbytes: int) -> Dropped:
-        """Delete the oldest entries until `entries` entries and `nbytes` bytes are gone."""
+    def drop_oldest(self, entries: int, nbytes: int, kind: EntryKind | None = None) -> Dropped:
+        """Delete the oldest entries (of `kind`, or of any) until `entries` entries and `nbytes`
+        bytes are gone, or none is left."""
 
     def oldest_ts(self) -> float | None: ...
 
@@ -157,12 +158,14 @@ class MemoryStore:
                 del self._lanes[e.kind][e.id]
         return [(e.kind, e.seq, len(e.body)) for e in gone]
 
-    def drop_oldest(self, entries: int, nbytes: int) -> Dropped:
+    def drop_oldest(self, entries: int, nbytes: int, kind: EntryKind | None = None) -> Dropped:
         out: Dropped = []
         with self._lock:
             for e in self._oldest_first():
                 if len(out) >= entries and nbytes <= 0:
                     break
+                if kind is not None and e.kind is not kind:
+                    continue
                 del self._lanes[e.kind][e.id]
                 out.append((e.kind, e.seq, len(e.body)))
                 nbytes -= len(e.body)
@@ -346,8 +349,7 @@ class SqliteStore:
         return out
 
     def _drop_rows(self, rows: list[tuple[int, int, int]]) -> Dropped:
-        if rows:
-            self._db.execute("DELETE FROM entries WHERE seq<=?", (rows[-1][0],))
+        self._db.executemany("DELETE FROM entries WHERE seq=?", [(r[0],) for r in rows])
         return [(EntryKind(k), s, z) for s, k, z in rows]
 
     def drop_older_than(self, ts: float) -> Dropped:
@@ -362,12 +364,13 @@ class SqliteStore:
                 self._db.executemany("DELETE FROM entries WHERE seq=?", [(r[0],) for r in rows])
                 out.extend((EntryKind(k), s, z) for s, k, z in rows)
 
-    def drop_oldest(self, entries: int, nbytes: int) -> Dropped:
+    def drop_oldest(self, entries: int, nbytes: int, kind: EntryKind | None = None) -> Dropped:
         out: Dropped = []
+        where = "" if kind is None else f"WHERE kind={int(kind)} "
         with self._db_lock, self._tx():
             while len(out) < entries or nbytes > 0:
-                rows = self._db.execute("SELECT seq, kind, size FROM entries ORDER BY seq LIMIT ?",
-                                        (DROP_CHUNK,)).fetchall()
+                rows = self._db.execute(f"SELECT seq, kind, size FROM entries {where}"
+                                        "ORDER BY seq LIMIT ?", (DROP_CHUNK,)).fetchall()
                 if not rows:
                     break
                 take: list[tuple[int, int, int]] = []

@@ -88,6 +88,9 @@ def _agent_toml(i: int, o: DemoOptions, broker: RunningBroker, n_samples: int,
         "[mqtt]", f"port = {broker.port}", f'protocol = "{broker.protocol}"',
         "[offload]", f"deadline_ms = {o.deadline_ms}",
         "[local_api]", "port = -1",
+        # Each run's outboxes live in its workdir: an interrupted run leaves nothing behind
+        # for the next run's fresh hub.
+        "[results]", f'outbox_dir = "{workdir / f"outbox-{i}"}"',
         "[replay]", f'file = "{STREAMS_FILE}"', f'stream = "{o.stream}"',
         f"shard_index = {i}", f"shard_count = {o.devices}", f"rate_hz = {o.rate_hz}",
         f"limit = {max(limit, 1)}", "exit_when_done = true",

@@ -100,8 +100,9 @@ def test_api_health_devices_docs(client: TestClient) -> None:
     assert ready.status_code == 200 and ready.json()["database"] is True
     assert client.get("/v1/devices/nope").status_code == 404
     ingest_results(client.app.state.sessions, [record(1)])  # type: ignore[attr-defined]
+    ingest_results(client.app.state.sessions, [record(1)])  # type: ignore[attr-defined]
     devs = client.get("/v1/devices").json()
-    assert [d["id"] for d in devs] == ["dev-1"]
+    assert [d["id"] for d in devs] == ["dev-1"] and devs[0]["duplicates"] == 1
     assert client.get("/openapi.json").status_code == 200
     assert client.get("/docs").status_code == 200
     assert "ehi_hub" in client.get("/metrics").text
@@ -190,7 +191,8 @@ def test_bridge_records_status_and_telemetry(bridge_on_bus) -> None:
     bridge, bus, _ = bridge_on_bus
     bus.publish("ehi/v1/dev-7/status", p.status_payload("online", "dev-7"))
     bus.publish("ehi/v1/dev-7/telemetry", p.encode_json(p.Kind.TELEMETRY, {
-        "model": "digits-edge@1", "backend": "openvino", "system": {"cpu_percent": 3}}))
+        "model": "digits-edge@1", "backend": "openvino", "system": {"cpu_percent": 3},
+        "outbox": {"entries": 42, "dropped_full": 3, "dropped_expired": 0}}))
     from cloud_hub.db import Device
 
     def seen() -> bool:
@@ -198,6 +200,9 @@ def test_bridge_records_status_and_telemetry(bridge_on_bus) -> None:
             d = s.get(Device, "dev-7")
             return d is not None and d.backend == "openvino" and d.online
     assert wait_until(seen)
+    gauge = bridge.metrics.registry.get_sample_value
+    assert gauge("ehi_device_outbox", {"device": "dev-7", "figure": "entries"}) == 42
+    assert gauge("ehi_device_outbox", {"device": "dev-7", "figure": "dropped_full"}) == 3
     bus.publish("ehi/v1/dev-7/status", p.status_payload("offline", "dev-7"))
 
     def offline() -> bool:

@@ -347,3 +347,13 @@ TestMemoryOutbox = MemoryOutboxMachine.TestCase
 TestMemoryOutbox.settings = _PROP
 TestSqliteOutbox = SqliteOutboxMachine.TestCase
 TestSqliteOutbox.settings = _PROP
+
+
+def test_hard_examples_give_way_to_results_when_full(make_store) -> None:
+    ob = Outbox(make_store(), OutboxLimits(max_bytes=1000, on_full="drop_oldest"), 60)
+    for i in range(3):
+        ob.add(H, f"h{i}", b"x" * 300)
+        ob.add(R, f"r{i}", b"x" * 50)
+    ob.maintain()
+    assert ob.stats().bytes <= 1000 and ob.stats().dropped_full == 1
+    assert drain(ob, H) == ["h1", "h2"] and drain(ob, R) == ["r0", "r1", "r2"]

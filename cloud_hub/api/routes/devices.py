@@ -19,6 +19,9 @@ class DeviceOut(BaseModel):
     online: bool
     model: str | None
     backend: str | None
+    duplicates: int
+    """Copies of results and hard examples this device sent again after the hub had stored
+    them (after a lost acknowledgement): counted, never stored twice."""
     telemetry: dict[str, Any] | None
 
 
