@@ -4,7 +4,7 @@ For each backend, side by side and alternating in rounds, on the same session:
 - bare:  the runtime's own call on an already preprocessed tensor (`InferenceBackend.bare_runner`);
 - agent: `Agent.infer` in-process (preprocessing, inference, the hard-example policy, the result
          record stored in the durable outbox), with the broker away so that no input waits on
-         the cloud (hard inputs are then kept as hard examples for a late answer);
+         the cloud;
 - agent_mem: the same with the outbox in memory: `agent / agent_mem` is what durability costs;
 - api:   the same through the local API's HTTP transport from a keep-alive client;
 then, in a fresh process each time, the cold start (process start to first answer over the
@@ -112,7 +112,8 @@ def sample_inputs(engine: Engine, batch: int, seed: int = 0) -> np.ndarray:
 class _Setup:
     """The three paths of one backend, ready to be timed."""
 
-    def __init__(self, bundle: Path, backend: str, batch: int, threads: int) -> None:
+    def __init__(self, bundle: Path, backend: str, batch: int, threads: int,
+                 late_answers: bool = False) -> None:
         self.engine = Engine.open(bundle, backend, threads)
         self.name = self.engine.backend.name
         raw = sample_inputs(self.engine, batch)
@@ -123,9 +124,12 @@ class _Setup:
         self.tmp = tempfile.TemporaryDirectory()
         self.agents = []
         for store in ("sqlite", "memory"):
+            # The local path: with the broker away nothing is offloaded, and hard inputs are not
+            # kept for a late answer (offline, random inputs are all hard; keeping each one is
+            # the offline path's cost, measured apart in docs/benchmarks.md).
             settings = AgentSettings(
                 device_id=f"bench-{self.name}", bundle=bundle, telemetry_interval_s=3600,
-                local_api={"port": -1},
+                local_api={"port": -1}, offload={"late_answers": late_answers},
                 results={"store": store, "outbox_dir": Path(self.tmp.name) / "outbox"})
             # Started: the sender thread moves the journal into SQLite as in production.
             a = Agent(settings, engine=self.engine, transport_factory=_offline)
@@ -180,8 +184,8 @@ def forget_outbox(agent: Agent) -> None:
 
 
 def measure_paths(bundle: Path, backends: list[str], batch: int, seconds: float, rounds: int,
-                  threads: int = 1) -> dict[str, dict[str, Series]]:
-    setups = [_Setup(bundle, b, batch, threads) for b in backends]
+                  threads: int = 1, late_answers: bool = False) -> dict[str, dict[str, Series]]:
+    setups = [_Setup(bundle, b, batch, threads, late_answers) for b in backends]
     try:
         slice_s = seconds / rounds
         for s in setups:  # warm-up, not recorded
@@ -259,9 +263,9 @@ def cold_start(bundle: Path, backend: str, threads: int = 1) -> dict[str, float]
 
 
 def run_bench(bundle: Path, backends: list[str], batch: int = 1, seconds: float = 5.0,
-              rounds: int = DEFAULT_ROUNDS, cold: bool = True,
-              threads: int = 1) -> list[dict[str, Any]]:
-    series = measure_paths(bundle, backends, batch, seconds, rounds, threads)
+              rounds: int = DEFAULT_ROUNDS, cold: bool = True, threads: int = 1,
+              late_answers: bool = False) -> list[dict[str, Any]]:
+    series = measure_paths(bundle, backends, batch, seconds, rounds, threads, late_answers)
     out = []
     for name, s in series.items():
         bare, agent, api, mem = s["bare"], s["agent"], s["api"], s["agent_mem"]

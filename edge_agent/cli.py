@@ -125,7 +125,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.backend == "auto":
         names = names[:1]
     rows = run_bench(args.bundle, names, batch=args.batch, seconds=args.seconds,
-                     rounds=args.rounds, cold=not args.no_cold_start, threads=args.threads)
+                     rounds=args.rounds, cold=not args.no_cold_start, threads=args.threads,
+                     late_answers=args.late_answers)
     print(format_table(rows, manifest.ref))
     if args.json:
         dump(rows, args.json)
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--rounds", type=int, default=5)
     bp.add_argument("--threads", type=int, default=1)
     bp.add_argument("--no-cold-start", action="store_true", help="skip the cold-start runs")
+    bp.add_argument("--late-answers", action="store_true",
+                    help="keep hard inputs for a late cloud answer, as an offline agent does "
+                         "(the bench's random inputs are mostly hard: the offline worst case)")
     bp.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
     if args.cmd == "bench" and args.bundle is None:

@@ -265,15 +265,17 @@ class SqliteStore:
     def append(self, e: Entry) -> None:
         # The hot path of every answer: kept to a few C calls.
         ident = e.id.encode()
-        rec = _REC.pack(len(e.body), e.kind, len(ident), e.seq, e.ts) + ident + e.body
-        rec += _CRC.pack(zlib.crc32(rec))
+        head = _REC.pack(len(e.body), e.kind, len(ident), e.seq, e.ts) + ident
+        crc = _CRC.pack(zlib.crc32(e.body, zlib.crc32(head)))
+        n = len(head) + len(e.body) + len(crc)
         with self._jlock:
             j = self._journal
-            if j.pos + len(rec) > j.size:
+            if j.pos + n > j.size:
                 j.seal()
                 self._sealed.append(j)
-                j = self._journal = self._new_segment(max(SEGMENT_BYTES, len(rec)))
-            j.write(rec, self.fsync)
+                j = self._journal = self._new_segment(max(SEGMENT_BYTES, n))
+            # In parts, not joined: a hard example's tensor is copied once, into the mapping.
+            j.write((head, e.body, crc), n, self.fsync)
             self._pending.append(e)
 
     def flush(self) -> None:
@@ -430,10 +432,13 @@ class _Segment:
         self.size = size
         self.pos = 0
 
-    def write(self, rec: bytes, sync: bool) -> None:
+    def write(self, parts: tuple[bytes, ...], n: int, sync: bool) -> None:
         assert self.map is not None
-        end = self.pos + len(rec)
-        self.map[self.pos:end] = rec
+        end = self.pos + n
+        at = self.pos
+        for part in parts:
+            self.map[at:at + len(part)] = part
+            at += len(part)
         if sync:
             # msync wants page-aligned offsets: flush the pages this record touched.
             start = self.pos - self.pos % mmap.PAGESIZE
