@@ -8,8 +8,8 @@ from it on is sent again (go-back-N). The hub ingests idempotently on the id, so
 is stored once.
 
 The outbox is bounded by entries, bytes and age. When full, `drop_oldest` deletes the oldest
-entries, hard examples before result records, and `reject_new` refuses the new one; either way every loss is counted (`dropped_full`,
-`dropped_expired`) and reported in telemetry.
+entries, hard examples before result records, and `reject_new` refuses the new one; either way
+every loss is counted (`dropped_full`, `dropped_expired`) and reported in telemetry.
 
 `Outbox` holds that logic over a `Store`: `SqliteStore` (durable, the default) or `MemoryStore`
 (for tests and for measuring the durable store's cost). See edge_agent/outbox_store.py.
