@@ -204,7 +204,8 @@ def measure_paths(bundle: Path, backends: list[str], batch: int, seconds: float,
             s.close()
 
 
-def cold_start(bundle: Path, backend: str, threads: int = 1) -> dict[str, float]:
+def cold_start(bundle: Path, backend: str, threads: int = 1,
+               late_answers: bool = False) -> dict[str, float]:
     """Start `edge-agent run` (no broker reachable); time its first answer; read RSS, idle CPU."""
     import psutil
 
@@ -217,6 +218,7 @@ def cold_start(bundle: Path, backend: str, threads: int = 1) -> dict[str, float]
             "telemetry_interval_s = 10",
             "[mqtt]", f"port = {free_port()}",  # nothing listens there: no broker
             "[local_api]", f"port = {port}",
+            "[offload]", f"late_answers = {'true' if late_answers else 'false'}",
             "[results]", f'outbox_dir = "{Path(tmp) / "outbox"}"', ""]))
         eng = Engine.open(bundle, backend, threads)
         one = sample_inputs(eng, 1)[0]
@@ -284,7 +286,7 @@ def run_bench(bundle: Path, backends: list[str], batch: int = 1, seconds: float 
             "api_p50_us": round(api.pct_us(50), 1), "api_p99_us": round(api.pct_us(99), 1),
         }
         if cold:
-            runs = [cold_start(bundle, name, threads) for _ in range(COLD_STARTS)]
+            runs = [cold_start(bundle, name, threads, late_answers) for _ in range(COLD_STARTS)]
             for k in ("cold_start_s", "rss_mb", "idle_cpu_percent"):
                 row[k] = round(statistics.median(r[k] for r in runs), 3)
         else:

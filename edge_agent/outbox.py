@@ -143,7 +143,11 @@ class Outbox:
         """Move journalled entries into the store, expire old ones, enforce the bounds."""
         now = time.time() if now is None else now
         self.store.flush()
-        expired = self.store.drop_older_than(now - self.limits.max_age_s)
+        cutoff = now - self.limits.max_age_s
+        oldest = self.store.oldest_ts()
+        # Looked up by the oldest entry first: the search for expired rows scans the table.
+        expired = (self.store.drop_older_than(cutoff) if oldest is not None and oldest < cutoff
+                   else [])
         with self._lock:
             over = self._total() - self.limits.max_entries
             over_bytes = self._bytes() - self.limits.max_bytes
