@@ -31,6 +31,11 @@ from fleet.mqtt import MqttSession, Transport, Will
 
 log = logging.getLogger(__name__)
 
+# An idle sender (nothing in flight) still wakes this often, to notice a reconnect it missed.
+SENDER_IDLE_WAKE_S = 5.0
+# Bounds and expiry are enforced after every change, and at least this often.
+MAINTAIN_EVERY_S = 60.0
+
 TransportFactory = Callable[[Callable[[str, bytes], None], list[tuple[str, int]],
                              Callable[[], None], Will], Transport]
 
@@ -346,25 +351,35 @@ class Agent:
     def _on_connect(self) -> None:
         self.transport.publish(self._topics[p.Channel.STATUS],
                                p.status_payload("online", self.device), qos=1, retain=True)
-        self.outbox.resend_all()
+        self.outbox.resend_all()  # also wakes the sender
 
     # ------------------------------------------------------------------ background loops
 
     def _sender_loop(self) -> None:
         rs = self.settings.results
+        seen = -1
+        maintained_at, maintained_gen = 0.0, -1
         while not self._stop.is_set():
-            self.outbox.wait_for_work(rs.flush_interval_s)
-            # Let a batch fill up for a moment: fewer, larger messages.
-            if self.outbox.pending(EntryKind.RESULT) < rs.batch_max:
+            connected = self.transport.connected
+            # With entries in flight, look every flush interval (acks, resend timers); else
+            # sleep until an entry arrives or the broker comes back (both wake this thread).
+            busy = connected and len(self.outbox) > 0
+            seen = self.outbox.wait_for_change(seen, rs.flush_interval_s if busy
+                                               else SENDER_IDLE_WAKE_S)
+            if self._stop.is_set():
+                return
+            # Let a batch fill up for a moment: fewer, larger messages (and while offline, one
+            # move of the journal into SQLite per interval, not one per answer).
+            if not connected or self.outbox.pending(EntryKind.RESULT) < rs.batch_max:
                 self._stop.wait(rs.flush_interval_s)
             try:
-                self.outbox.maintain()
-                sent = self.flush_results()
+                now = time.monotonic()
+                if seen != maintained_gen or now - maintained_at >= MAINTAIN_EVERY_S:
+                    self.outbox.maintain()
+                    maintained_at, maintained_gen = now, seen
+                self.flush_results()
             except Exception:  # a disk error must not end the sender; it is retried
                 log.exception("outbox: sending failed; retrying")
-                sent = 0
-            if sent == 0:
-                # Nothing was due (all in flight awaiting acks, or no broker): wait, don't spin.
                 self._stop.wait(rs.flush_interval_s)
 
     def flush_results(self) -> int:

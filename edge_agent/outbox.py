@@ -104,6 +104,7 @@ class Outbox:
         self.rejected = 0
         self.dropped_full = self.dropped_expired = self.resent = 0
         self._closed: OutboxStats | None = None
+        self.generation = 0  # grows on every add, ack and go-back: what the sender waits on
         if len(self):
             log.info("outbox holds %d entries from before the last stop; they are sent first",
                      len(self))
@@ -125,6 +126,7 @@ class Outbox:
             lane.count += 1
             lane.nbytes += size
             lane.produced += 1
+            self.generation += 1
             self._changed.notify_all()
 
     def _total(self) -> int:
@@ -224,6 +226,8 @@ class Outbox:
             for lane in self._lanes.values():
                 if lane.inflight:
                     self._go_back(lane)
+            self.generation += 1
+            self._changed.notify_all()
 
     def _go_back(self, lane: _Lane) -> None:
         self.resent += lane.inflight
@@ -244,6 +248,7 @@ class Outbox:
             n_rej = len(rejected)
             self.rejected += n_rej
             self._lanes[kind].acked += max(0, len(done) - n_rej)
+            self.generation += 1
             self._changed.notify_all()
         for i, why in list(rejected.items())[:3]:
             log.error("hub refused %s %s for good: %s", kind.name.lower(), i, why)
@@ -255,6 +260,14 @@ class Outbox:
         with self._lock:
             if not self._total():
                 self._changed.wait(timeout)
+
+    def wait_for_change(self, seen: int, timeout: float) -> int:
+        """Wait until something was added, acknowledged or sent again since generation `seen`
+        (or `timeout` passes); returns the generation now."""
+        with self._lock:
+            if self.generation == seen:
+                self._changed.wait(timeout)
+            return self.generation
 
     def wait_empty(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
