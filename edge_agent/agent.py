@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -122,6 +123,7 @@ class Agent:
         self.model_ref = self.engine.manifest.ref
         self.pending = PendingOffloads(settings.offload.max_pending)
         self.outbox = open_outbox(settings)
+        self._acks: queue.SimpleQueue[p.Ack] = queue.SimpleQueue()
         rs = settings.results
         self._drain = _TokenBucket(rs.drain_rate, max(rs.batch_max, rs.drain_rate * 0.5))
         self.counters = Counters()
@@ -341,9 +343,10 @@ class Agent:
             if channel is p.Channel.ANSWER:
                 self.pending.deliver(p.Answer.decode(payload))
             elif channel is p.Channel.ACK:
-                ack = p.Ack.decode(payload)
-                kind = EntryKind.RESULT if ack.of == "results" else EntryKind.HARD
-                self.outbox.ack(kind, ack.ids, ack.rejected)
+                # Applied by the sender thread: deleting from SQLite here would hold up the
+                # cloud answers that arrive on this same network thread.
+                self._acks.put(p.Ack.decode(payload))
+                self.outbox.poke()
         except ProtocolError as exc:
             self.counters.inc("bad_messages")
             log.warning("dropped a malformed message on %s: %s", topic, exc)
@@ -373,6 +376,7 @@ class Agent:
             if not connected or self.outbox.pending(EntryKind.RESULT) < rs.batch_max:
                 self._stop.wait(rs.flush_interval_s)
             try:
+                self.apply_acks()
                 now = time.monotonic()
                 if seen != maintained_gen or now - maintained_at >= MAINTAIN_EVERY_S:
                     self.outbox.maintain()
@@ -381,6 +385,17 @@ class Agent:
             except Exception:  # a disk error must not end the sender; it is retried
                 log.exception("outbox: sending failed; retrying")
                 self._stop.wait(rs.flush_interval_s)
+
+    def apply_acks(self) -> int:
+        """Forget what the hub acknowledged (the acks queued by the network thread)."""
+        n = 0
+        while True:
+            try:
+                ack = self._acks.get_nowait()
+            except queue.Empty:
+                return n
+            kind = EntryKind.RESULT if ack.of == "results" else EntryKind.HARD
+            n += self.outbox.ack(kind, ack.ids, ack.rejected)
 
     def flush_results(self) -> int:
         """Send due result records and hard examples in batches, within the drain rate and the

@@ -261,6 +261,12 @@ class Outbox:
             if not self._total():
                 self._changed.wait(timeout)
 
+    def poke(self) -> None:
+        """Wake whoever waits for a change (an acknowledgement is waiting to be applied)."""
+        with self._lock:
+            self.generation += 1
+            self._changed.notify_all()
+
     def wait_for_change(self, seen: int, timeout: float) -> int:
         """Wait until something was added, acknowledged or sent again since generation `seen`
         (or `timeout` passes); returns the generation now."""

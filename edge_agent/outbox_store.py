@@ -196,6 +196,12 @@ CREATE TABLE IF NOT EXISTS entries (
     UNIQUE (kind, id)
 );
 CREATE INDEX IF NOT EXISTS entries_kind_seq ON entries (kind, seq);
+-- How far the journal has been moved into the entries table: segment number and byte offset.
+CREATE TABLE IF NOT EXISTS journal (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    segment INTEGER NOT NULL,
+    offset INTEGER NOT NULL
+);
 """
 
 
@@ -243,14 +249,23 @@ class SqliteStore:
 
     def _new_segment(self, size: int) -> _Segment:
         self._segment_no += 1
-        return _Segment(self.dir / f"journal-{self._segment_no}.log", size)
+        return _Segment(self.dir / f"journal-{self._segment_no}.log", self._segment_no, size)
 
     def _replay_journal(self) -> None:
+        """Move what a crash left in the journal into SQLite: what lies past the mark of the
+        last flush (entries before it are in SQLite already, or acknowledged and gone)."""
+        mark = self._db.execute("SELECT segment, offset FROM journal").fetchone()
+        done_seg, done_at = (int(mark[0]), int(mark[1])) if mark else (0, 0)
+        self._segment_no = done_seg
         segments = self._segments()
         entries: list[Entry] = []
         for path in segments:
-            entries.extend(read_journal(path))
-            self._segment_no = max(self._segment_no, int(path.stem.split("-")[1]))
+            no = int(path.stem.split("-")[1])
+            self._segment_no = max(self._segment_no, no)
+            if no > done_seg:
+                entries.extend(read_journal(path))
+            elif no == done_seg:
+                entries.extend(read_journal(path, done_at))
         if entries:
             self._insert(entries)
             log.info("outbox: recovered %d entries from the journal", len(entries))
@@ -279,20 +294,20 @@ class SqliteStore:
             self._pending.append(e)
 
     def flush(self) -> None:
+        """Move journalled entries into SQLite, with the journal position they end at, in one
+        transaction. The segment stays in use until full: a new one per flush would cost its
+        page faults every time."""
         with self._jlock:
             if not self._pending:
                 return
             batch, self._pending = self._pending, []
-            done = [*self._sealed, self._journal]
-            self._sealed = []
-            self._journal = self._new_segment(SEGMENT_BYTES)
-        for seg in done:
-            seg.seal()
-        self._insert(batch)
-        for seg in done:
+            sealed, self._sealed = self._sealed, []
+            mark = (self._journal.no, self._journal.pos)
+        self._insert(batch, mark)
+        for seg in sealed:
             seg.path.unlink()
 
-    def _insert(self, entries: list[Entry]) -> None:
+    def _insert(self, entries: list[Entry], mark: tuple[int, int] | None = None) -> None:
         # Many rows per statement: the sqlite3 module releases the GIL around every step, and
         # under a busy inference thread each release costs a GIL hand-off (executemany, one step
         # per row, made the agent's answers 15 µs slower).
@@ -304,6 +319,8 @@ class SqliteStore:
                     params += (e.seq, int(e.kind), e.id, e.ts, len(e.body), e.body)
                 self._db.execute("INSERT OR IGNORE INTO entries VALUES "
                                  + ",".join(["(?,?,?,?,?,?)"] * len(chunk)), params)
+            if mark is not None:
+                self._db.execute("INSERT OR REPLACE INTO journal VALUES (1, ?, ?)", mark)
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
@@ -417,8 +434,9 @@ class _Segment:
     kernel keeps (and writes back) when the process dies. The file is created at its full size
     (sparse); the zeros after the last record end it."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, no: int, size: int) -> None:
         self.path = path
+        self.no = no
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -451,11 +469,12 @@ class _Segment:
             self.map = None
 
 
-def read_journal(path: Path) -> list[Entry]:
-    """The entries of a journal segment, up to the first torn or corrupt record."""
+def read_journal(path: Path, start: int = 0) -> list[Entry]:
+    """The entries of a journal segment from byte `start`, up to the first torn or corrupt
+    record."""
     data = path.read_bytes()
     out: list[Entry] = []
-    pos = 0
+    pos = start
     while pos + _REC.size <= len(data):
         blen, kind, ilen, seq, ts = _REC.unpack_from(data, pos)
         if blen == kind == ilen == seq == 0:

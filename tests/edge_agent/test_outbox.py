@@ -357,3 +357,31 @@ def test_hard_examples_give_way_to_results_when_full(make_store) -> None:
     ob.maintain()
     assert ob.stats().bytes <= 1000 and ob.stats().dropped_full == 1
     assert drain(ob, H) == ["h1", "h2"] and drain(ob, R) == ["r0", "r1", "r2"]
+
+
+_ACK_THEN_DIE = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from edge_agent.outbox import Outbox, OutboxLimits
+    from edge_agent.outbox_store import EntryKind, SqliteStore
+    ob = Outbox(SqliteStore(Path(sys.argv[1])), OutboxLimits(), 60)
+    for i in range(10):
+        ob.add(EntryKind.RESULT, f"r{i}", b"{}")
+    ob.maintain()  # into SQLite; the journal segment stays in use
+    ob.ack(EntryKind.RESULT, [f"r{i}" for i in range(5)])
+    for i in range(10, 13):
+        ob.add(EntryKind.RESULT, f"r{i}", b"{}")
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_acknowledged_entries_do_not_come_back_after_a_crash(tmp_path: Path) -> None:
+    d = tmp_path / "ob"
+    proc = subprocess.run([sys.executable, "-c", _ACK_THEN_DIE, str(d)], capture_output=True,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ob = Outbox(SqliteStore(d), OutboxLimits(), 60)
+    try:
+        assert drain(ob) == [f"r{i}" for i in (5, 6, 7, 8, 9, 10, 11, 12)]
+    finally:
+        ob.close()
