@@ -101,14 +101,16 @@ _Q = TypeVar("_Q", bound=Select)
 
 
 def filter_results(q: _Q, device: str | None = None, since: float | None = None,
-                   until: float | None = None) -> _Q:
-    """Narrow a query over results to a device and a time window [since, until)."""
+                   until: float | None = None,
+                   table: type[Result] | type[HardExample] = Result) -> _Q:
+    """Narrow a query over results (or hard examples) to a device and a time window
+    [since, until)."""
     if device:
-        q = q.where(Result.device == device)
+        q = q.where(table.device == device)
     if since is not None:
-        q = q.where(Result.ts >= since)
+        q = q.where(table.ts >= since)
     if until is not None:
-        q = q.where(Result.ts < until)
+        q = q.where(table.ts < until)
     return q
 
 

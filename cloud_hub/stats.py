@@ -45,13 +45,8 @@ def _late(s: Session, device: str | None, since: float | None,
           until: float | None) -> dict[str, Any]:
     """Hard examples answered late by the cloud: how many, why late, and how often the edge's
     final (degraded) answer agreed with the cloud's."""
-    q = select(HardExample.reason, HardExample.edge_label, HardExample.cloud_label)
-    if device:
-        q = q.where(HardExample.device == device)
-    if since is not None:
-        q = q.where(HardExample.ts >= since)
-    if until is not None:
-        q = q.where(HardExample.ts < until)
+    q = filter_results(select(HardExample.reason, HardExample.edge_label,
+                              HardExample.cloud_label), device, since, until, HardExample)
     rows = list(s.execute(q))
     reasons: dict[str, int] = defaultdict(int)
     for r in rows:

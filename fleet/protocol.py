@@ -24,9 +24,10 @@ import re
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -353,19 +354,36 @@ class ResultBatch:
     @staticmethod
     def decode_lenient(payload: bytes) -> tuple[list[ResultRecord], dict[str, str]]:
         """Decode a batch, keeping the valid records and naming each invalid one with a reason."""
-        good: list[ResultRecord] = []
-        bad: dict[str, str] = {}
-        for rid, blob in decode_items(payload, Kind.RESULTS):
-            try:
-                r = ResultRecord.model_validate_json(blob)
-            except ValidationError as exc:
-                bad[rid] = _short_validation(exc)
-                continue
-            if r.id != rid:
-                bad[rid] = f"record id {r.id!r} differs from its id in the batch"
-            else:
-                good.append(r)
-        return good, bad
+        return _decode_each(payload, Kind.RESULTS, ResultRecord.model_validate_json, "record")
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+_Item = TypeVar("_Item", bound=_HasId)
+
+
+def _decode_each(payload: bytes, kind: Kind, parse: Callable[[bytes], _Item],
+                 what: str) -> tuple[list[_Item], dict[str, str]]:
+    """Decode every item of a batch on its own: (the good ones, {id: reason} for the others)."""
+    good: list[_Item] = []
+    bad: dict[str, str] = {}
+    for item_id, blob in decode_items(payload, kind):
+        try:
+            item = parse(blob)
+        except ValidationError as exc:
+            bad[item_id] = _short_validation(exc)
+            continue
+        except ProtocolError as exc:
+            bad[item_id] = str(exc)
+            continue
+        if item.id != item_id:
+            bad[item_id] = f"{what} id {item.id!r} differs from its id in the batch"
+        else:
+            good.append(item)
+    return good, bad
 
 
 HardReason = Literal["deadline", "offline", "busy", "hub_error"]
@@ -424,19 +442,7 @@ class HardExample:
 
     @staticmethod
     def decode_batch(payload: bytes) -> tuple[list[HardExample], dict[str, str]]:
-        good: list[HardExample] = []
-        bad: dict[str, str] = {}
-        for hid, blob in decode_items(payload, Kind.HARD_EXAMPLES):
-            try:
-                ex = HardExample.from_blob(blob)
-            except ProtocolError as exc:
-                bad[hid] = str(exc)
-                continue
-            if ex.id != hid:
-                bad[hid] = f"hard example id {ex.id!r} differs from its id in the batch"
-            else:
-                good.append(ex)
-        return good, bad
+        return _decode_each(payload, Kind.HARD_EXAMPLES, HardExample.from_blob, "hard example")
 
 
 def encode_hard_batch(ids: list[str], blobs: list[bytes]) -> bytes:
