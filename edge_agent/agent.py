@@ -171,10 +171,12 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        self.outbox.poke()  # the sender may be asleep waiting for a change
         for t in self._threads:
             t.join(timeout=5)
         self.transport.stop(final=(self._topics[p.Channel.STATUS],
                                    p.status_payload("offline", self.device), 1, True))
+        self.apply_acks()  # what the hub acknowledged last need not be sent again
         self.engine.close()
         self.outbox.close()
 

@@ -256,11 +256,6 @@ class Outbox:
 
     # ------------------------------------------------------------------ waiting and figures
 
-    def wait_for_work(self, timeout: float) -> None:
-        with self._lock:
-            if not self._total():
-                self._changed.wait(timeout)
-
     def poke(self) -> None:
         """Wake whoever waits for a change (an acknowledgement is waiting to be applied)."""
         with self._lock:
