@@ -2,7 +2,8 @@
 
     python bench/faults.py [--agents 4] [--results 10000] [--rate 25] [--json PATH] [--keep]
 
-Starts its own Mosquitto on a free port (never the machine's shared one), a hub (SQLite) and
+Starts its own Mosquitto on a free port (never the machine's shared one), a hub (SQLite, or
+`--database-url`) and
 the agents as real processes, and sends inputs at a fixed rate through each agent's local API
 until the applications got `--results` answers. Meanwhile, by default: `kill -9` of agent 0 at
 12 s and of agent 1 at 80 s (each restarted 1 s later), a 30 s broker outage from 25 s (the
@@ -66,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=int, default=10_000)
     ap.add_argument("--rate", type=float, default=25.0, help="inputs per second per agent")
     ap.add_argument("--outage", type=float, default=30.0, help="broker outage, seconds")
+    ap.add_argument("--database-url", help="the hub's database (default: SQLite in the workdir); "
+                                           "e.g. postgresql://postgres@127.0.0.1/faults")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the logs and databases")
     args = ap.parse_args(argv)
     plan = FaultPlan(broker_outage_s=args.outage)
     o = ScenarioOptions(agents=args.agents, results=args.results, rate_hz=args.rate, plan=plan,
-                        keep=args.keep)
+                        keep=args.keep, database_url=args.database_url)
     r = run_scenario(o, lambda m: print(m, flush=True))
     r["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
     print(table(r))

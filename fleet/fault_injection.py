@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import sqlite3
 import sys
 import tempfile
 import threading
@@ -63,6 +62,8 @@ class ScenarioOptions:
     workdir: Path | None = None
     keep: bool = False
     backend: str = "onnxruntime"
+    # The hub's database; None: a SQLite file in the workdir.
+    database_url: str | None = None
     # Extra agent settings (TOML lines under [results]), e.g. a shorter resend time in tests.
     results_settings: tuple[str, ...] = ()
 
@@ -133,7 +134,8 @@ class _Fleet:
         self.o = o
         self.group = group
         self.workdir = workdir
-        self.db_path = workdir / "hub.db"
+        self.db_url = o.database_url or f"sqlite:///{workdir / 'hub.db'}"
+        self.db = _HubDb(self.db_url)
         self.broker: RunningBroker = start_broker(group, workdir, "mosquitto")
         self.hub_port = free_port()
         self.hub: ManagedProcess = self._start_hub()
@@ -148,7 +150,7 @@ class _Fleet:
         hub = self.group.start("hub", [sys.executable, "-m", "cloud_hub.cli", "serve",
                                        "--port", str(self.hub_port)],
                                self.workdir / f"hub-{n}.log",
-                               env={"EHI_HUB_DATABASE_URL": f"sqlite:///{self.db_path}",
+                               env={"EHI_HUB_DATABASE_URL": self.db_url,
                                     "EHI_HUB_MQTT__PORT": str(self.broker.port),
                                     "EHI_HUB_CLOUD_BUNDLE": str(CLOUD_BUNDLE),
                                     "EHI_HUB_BACKEND": self.o.backend})
@@ -254,7 +256,7 @@ def run_scenario(o: ScenarioOptions, progress: Callable[[str], None] | None = No
                 t.start()
             faults: list[dict[str, Any]] = []
             last_fault_end = 0.0
-            monitor = _CatchUp(fleet.db_path, stop)
+            monitor = _CatchUp(fleet.db, stop)
             monitor_thread = threading.Thread(target=monitor.run, daemon=True)
             monitor_thread.start()
             try:
@@ -286,13 +288,14 @@ def run_scenario(o: ScenarioOptions, progress: Callable[[str], None] | None = No
             deadline = time.monotonic() + o.drain_timeout_s
             drained_at = None
             while time.monotonic() < deadline:
-                c = _count_db(fleet.db_path, produced, degraded)
+                c = fleet.db.count(produced, degraded)
                 if c["lost"] == 0 and c["late_answers_missing"] == 0:
                     drained_at = time.monotonic()
                     break
                 time.sleep(POLL_S)
             time.sleep(SETTLE_S)
-            counts = _count_db(fleet.db_path, produced, degraded)
+            counts = fleet.db.count(produced, degraded)
+            fleet.db.close()
             report = {
                 "results_produced": len(produced),
                 "results_at_hub": counts["at_hub"],
@@ -324,8 +327,8 @@ class _CatchUp:
     """Measures, for each recovery, how long the hub took to hold every result answered before
     it: the time the fault's backlog took to drain while the traffic went on."""
 
-    def __init__(self, db_path: Path, stop: threading.Event) -> None:
-        self.db_path = db_path
+    def __init__(self, db: _HubDb, stop: threading.Event) -> None:
+        self.db = db
         self.stop = stop
         self._lock = threading.Lock()
         self._open: list[tuple[dict[str, Any], set[str], float]] = []
@@ -340,7 +343,7 @@ class _CatchUp:
                 pending = list(self._open)
             if not pending:
                 continue
-            at_hub = _ids_at_hub(self.db_path)
+            at_hub = self.db.ids()
             now = time.monotonic()
             with self._lock:
                 for item in pending:
@@ -352,29 +355,45 @@ class _CatchUp:
                 return
 
 
-def _ids_at_hub(path: Path) -> set[str]:
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        return {r[0] for r in db.execute("SELECT id FROM results")}
-    except sqlite3.OperationalError:
-        return set()
-    finally:
-        db.close()
+class _HubDb:
+    """Reads the hub's database directly (SQLite or PostgreSQL), not through its API."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy import create_engine
+
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        self.engine = create_engine(url, poolclass=_null_pool())
+
+    def rows(self, sql: str) -> list[Any]:
+        from sqlalchemy import text
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            with self.engine.connect() as c:
+                return list(c.execute(text(sql)))
+        except SQLAlchemyError:  # the hub has not created its tables yet, or is restarting
+            return []
+
+    def ids(self) -> set[str]:
+        return {r[0] for r in self.rows("SELECT id FROM results")}
+
+    def count(self, produced: set[str], degraded: set[str]) -> dict[str, int]:
+        ids = [r[0] for r in self.rows("SELECT id FROM results")]
+        hard = {r[0] for r in self.rows("SELECT id FROM hard_examples")}
+        dup = self.rows("SELECT COALESCE(SUM(duplicates), 0) FROM devices")
+        at_hub = set(ids)
+        return {"at_hub": len(ids), "lost": len(produced - at_hub),
+                "duplicates_in_db": len(ids) - len(at_hub),
+                "duplicates_on_wire": int(dup[0][0]) if dup else 0,
+                "unexpected": len(at_hub - produced), "hard_examples": len(hard),
+                "late_answers_missing": len(degraded - hard)}
+
+    def close(self) -> None:
+        self.engine.dispose()
 
 
-def _count_db(path: Path, produced: set[str], degraded: set[str]) -> dict[str, int]:
-    """Counted in the hub's database itself, not through its API."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        ids = [r[0] for r in db.execute("SELECT id FROM results")]
-        hard = {r[0] for r in db.execute("SELECT id FROM hard_examples")}
-        dup_wire = db.execute("SELECT COALESCE(SUM(duplicates), 0) FROM devices").fetchone()[0]
-    except sqlite3.OperationalError:  # the hub has not created its tables yet
-        ids, hard, dup_wire = [], set(), 0
-    finally:
-        db.close()
-    at_hub = set(ids)
-    return {"at_hub": len(ids), "lost": len(produced - at_hub),
-            "duplicates_in_db": len(ids) - len(at_hub), "duplicates_on_wire": int(dup_wire),
-            "unexpected": len(at_hub - produced), "hard_examples": len(hard),
-            "late_answers_missing": len(degraded - hard)}
+def _null_pool() -> Any:
+    from sqlalchemy.pool import NullPool
+
+    return NullPool  # a fresh connection each time: the hub may be killed between two reads

@@ -29,16 +29,17 @@ CONNECT_S = 10.0
 
 @pytest.mark.mosquitto
 @pytest.mark.slow
-def test_broker_outage_agent_and_hub_kill_lose_nothing() -> None:
+def test_broker_outage_agent_and_hub_kill_lose_nothing(database_url: str) -> None:
     """The scenario of bench/faults.py, smaller and quicker: 2 agents, 600 answers, a 4 s
-    broker outage, two agent kill -9 and one hub kill -9, each followed by a restart."""
+    broker outage, two agent kill -9 and one hub kill -9, each followed by a restart; the hub
+    on SQLite and on PostgreSQL."""
     from fleet.brokers import mosquitto_path
 
     need(mosquitto_path() is not None, "mosquitto is not installed")
     plan = FaultPlan(agent_kills=(2.0, 12.0), broker_outage_at=4.0, broker_outage_s=4.0,
                      hub_kill_at=9.0)
     r = run_scenario(ScenarioOptions(agents=2, results=600, rate_hz=20, plan=plan,
-                                     drain_timeout_s=90,
+                                     drain_timeout_s=90, database_url=database_url,
                                      results_settings=("resend_after_s = 1.0",)))
     assert r["results_produced"] == 600
     assert r["lost"] == 0 and r["duplicates_in_db"] == 0, r
