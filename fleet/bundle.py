@@ -4,7 +4,8 @@ A bundle is a directory holding `manifest.json` and the files it lists (e.g. `mo
 The manifest names the model, its version (a monotonic integer), task and labels, the raw
 input applications submit, the model's inputs and outputs, the preprocessing, the recommended
 hard-example policy and threshold, compatible runtimes, every file's length and sha256, and an
-expiry. Signing (Ed25519 over the canonical manifest) is not implemented yet.
+expiry. `fleet/signing.py` signs the canonical manifest (Ed25519); agents do not yet require a
+signature (the updater that will is not built: see the README).
 """
 
 from __future__ import annotations

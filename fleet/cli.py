@@ -1,4 +1,10 @@
-"""`fleet`: the command line of the fleet (the one-machine demo for now)."""
+"""`fleet`: the command line of the fleet: the one-machine demo, signing keys, bundle signatures.
+
+    fleet demo [--devices N ...]
+    fleet keys generate --out DIR [--name fleet]
+    fleet models sign BUNDLE --key DIR/fleet.key
+    fleet models verify BUNDLE --key DIR/fleet.pub [--key ...]
+"""
 
 from __future__ import annotations
 
@@ -78,6 +84,67 @@ def demo(
     if report["results_at_hub"] != report["results_produced"]:
         console.print("[red]the hub is missing results[/red]")
         raise typer.Exit(1)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys of the fleet.")
+models_app = typer.Typer(no_args_is_help=True, help="Model bundles: sign and verify.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
+
+# Exit codes scripts can rely on.
+EXIT_REFUSED = 1  # the bundle or key was refused (the message says why)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option(help="folder for NAME.key (private) and NAME.pub")],
+    name: Annotated[str, typer.Option(help="file name stem")] = "fleet",
+) -> None:
+    """Make an Ed25519 key pair. Keep NAME.key offline; agents pin NAME.pub."""
+    from fleet.signing import SignatureError, generate_keys
+
+    try:
+        pub = generate_keys(out / f"{name}.key", out / f"{name}.pub")
+    except SignatureError as exc:
+        typer.echo(f"fleet keys generate: {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    typer.echo(f"key id {pub.keyid}: private {out / (name + '.key')} (mode 0600), "
+               f"public {out / (name + '.pub')}")
+
+
+@models_app.command("sign")
+def models_sign(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder (manifest.json and its files)")],
+    key: Annotated[Path, typer.Option(help="the private key (NAME.key)")],
+) -> None:
+    """Check the bundle's files against its manifest, then sign the manifest."""
+    from fleet.errors import BundleError
+    from fleet.signing import sign_bundle
+
+    try:
+        keyid = sign_bundle(bundle, key)
+    except BundleError as exc:
+        typer.echo(f"fleet models sign: {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    typer.echo(f"signed {bundle} with key {keyid}")
+
+
+@models_app.command("verify")
+def models_verify(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder")],
+    key: Annotated[list[Path], typer.Option(help="a trusted public key (NAME.pub); repeat "
+                                                 "for several")],
+) -> None:
+    """Verify the signature by a trusted key, every file's length and sha256, and the expiry."""
+    from fleet.errors import BundleError
+    from fleet.signing import PublicKey, verify_bundle
+
+    try:
+        keyid = verify_bundle(bundle, [PublicKey.read(k) for k in key])
+    except BundleError as exc:
+        typer.echo(f"fleet models verify: refused: {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    typer.echo(f"ok: {bundle} signed by {keyid}, files match, not expired")
 
 
 def main() -> None:
