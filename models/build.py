@@ -207,6 +207,11 @@ def build(out_dir: Path, streams_file: Path) -> dict[str, object]:
         extra={}, **common)  # type: ignore[arg-type]
     write_manifest(edge_dir, edge_manifest)
     write_manifest(cloud_dir, cloud_manifest)
+    from fleet.signing import sign_bundle
+    from models import DEMO_KEY
+
+    for d in (edge_dir, cloud_dir):
+        sign_bundle(d, DEMO_KEY)  # the demo key: see models/__init__.py
     data.write_streams(streams_file, streams)
 
     summary: dict[str, object] = {

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from fleet.bundle import HardExampleSpec, Manifest, TensorSpec, file_entry, write_manifest
+from fleet.signing import sign_bundle
+from models import DEMO_KEY
 
 log = logging.getLogger("models.perf")
 
@@ -132,6 +134,7 @@ def build(out: Path | None = None, width: float = 1.0,
                          "built": now.isoformat()},
                 extra={})
             write_manifest(d, m)
+            sign_bundle(d, DEMO_KEY)  # the demo key: see models/__init__.py
     return dirs
 
 

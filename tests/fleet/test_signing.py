@@ -25,8 +25,12 @@ from models import EDGE_BUNDLE
 
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
+    """A copy of the bundled edge model without its (demo) signature."""
     b = tmp_path / "bundle"
     shutil.copytree(EDGE_BUNDLE, b)
+    d = json.loads((b / MANIFEST_NAME).read_text())
+    del d["signatures"]
+    (b / MANIFEST_NAME).write_text(json.dumps(d))
     return b
 
 
@@ -130,3 +134,11 @@ def test_cli_generate_sign_verify(bundle: Path, tmp_path: Path) -> None:
     r.invoke(app, ["keys", "generate", "--out", str(other)])
     res = r.invoke(app, ["models", "verify", str(bundle), "--key", str(other / "fleet.pub")])
     assert res.exit_code == 1 and "refused" in res.output
+
+
+def test_bundled_models_are_signed_with_the_demo_key() -> None:
+    from models import CLOUD_BUNDLE, DEMO_PUBLIC_KEY
+
+    demo = PublicKey.read(DEMO_PUBLIC_KEY)
+    for b in (EDGE_BUNDLE, CLOUD_BUNDLE):
+        assert verify_bundle(b, [demo]) == demo.keyid
