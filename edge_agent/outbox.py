@@ -241,18 +241,19 @@ class Outbox:
     def ack(self, kind: EntryKind, ids: list[str], rejected: dict[str, str] | None = None) -> int:
         """Forget entries the hub committed or refused for good; returns how many were here."""
         rejected = rejected or {}
-        done = self.store.delete(kind, list(ids) + list(rejected))
+        done = self.store.delete(kind, list(ids))
+        refused = self.store.delete(kind, list(rejected)) if rejected else []
         with self._lock:
-            for seq, size in done:
+            for seq, size in done + refused:
                 self._forget(kind, seq, size)
-            n_rej = len(rejected)
-            self.rejected += n_rej
-            self._lanes[kind].acked += max(0, len(done) - n_rej)
+            # Counted once, when they leave: a repeated ack finds nothing to count.
+            self.rejected += len(refused)
+            self._lanes[kind].acked += len(done)
             self.generation += 1
             self._changed.notify_all()
         for i, why in list(rejected.items())[:3]:
             log.error("hub refused %s %s for good: %s", kind.name.lower(), i, why)
-        return len(done)
+        return len(done) + len(refused)
 
     # ------------------------------------------------------------------ waiting and figures
 

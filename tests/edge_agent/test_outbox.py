@@ -385,3 +385,14 @@ def test_acknowledged_entries_do_not_come_back_after_a_crash(tmp_path: Path) -> 
         assert drain(ob) == [f"r{i}" for i in (5, 6, 7, 8, 9, 10, 11, 12)]
     finally:
         ob.close()
+
+
+def test_a_repeated_acknowledgement_is_counted_once(make_store) -> None:
+    ob = Outbox(make_store(), OutboxLimits(), 60)
+    for i in range(3):
+        ob.add(R, f"r{i}", b"{}")
+    ob.mark_sent(ob.due(R, 10, BIG, BIG))
+    assert ob.ack(R, ["r0", "r1"], {"r2": "bad"}) == 3
+    assert ob.ack(R, ["r0", "r1"], {"r2": "bad"}) == 0  # the hub's ack arrived twice
+    s = ob.stats()
+    assert (s.results_acked, s.rejected) == (2, 1)
