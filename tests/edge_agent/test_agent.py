@@ -294,9 +294,11 @@ def test_a_backlog_drains_at_the_configured_rate(make_agent: Callable[..., Agent
         a.infer(EASY)
     a.transport.online = True  # type: ignore[attr-defined]
     a.outbox.maintain()
+    t0 = time.monotonic()
     sent = a.flush_results()
     # A burst of half a second's worth, then the bucket is empty: no flood after an outage.
     assert sent == 50 and hub.batches == [50]
-    assert a.flush_results() == 0
+    again = a.flush_results()
+    assert again <= 100 * (time.monotonic() - t0) + 1  # only what the rate allowed since
     time.sleep(0.6)
-    assert a.flush_results() == 50
+    assert a.flush_results() == 50  # the bucket holds at most a burst
