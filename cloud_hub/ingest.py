@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,18 @@ def _split(ids: list[str], existing: set[str]) -> tuple[list[str], list[str], li
     return fresh, dup, list(dict.fromkeys(ids))
 
 
+def _insert_new(s: Session, table: type[Result] | type[HardExample], ids: list[str],
+                row: Callable[[str], dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
+    """Insert a row for each id the table does not hold yet (insert-or-ignore on the unique
+    id); returns what `_split` does."""
+    existing = set(s.scalars(select(table.id).where(table.id.in_(list(dict.fromkeys(ids))))))
+    fresh, dup, committed = _split(ids, existing)
+    if fresh:
+        s.execute(_insert(s, table).values([row(i) for i in fresh])
+                  .on_conflict_do_nothing(index_elements=["id"]))
+    return fresh, dup, committed
+
+
 def ingest_results(sessions: sessionmaker, records: list[ResultRecord]) -> IngestOutcome:
     """Insert records whose id is new; count the others as duplicates. One transaction.
 
@@ -67,12 +81,9 @@ def ingest_results(sessions: sessionmaker, records: list[ResultRecord]) -> Inges
     by_id = {r.id: r for r in records}  # a batch may repeat an id
     try:
         with sessions.begin() as s:
-            existing = set(s.scalars(select(Result.id).where(Result.id.in_(list(by_id)))))
-            fresh, dup, committed = _split([r.id for r in records], existing)
-            if fresh:
-                rows = [{**by_id[i].model_dump(), "received_at": now} for i in fresh]
-                s.execute(_insert(s, Result).values(rows)
-                          .on_conflict_do_nothing(index_elements=["id"]))
+            fresh, dup, committed = _insert_new(
+                s, Result, [r.id for r in records],
+                lambda i: {**by_id[i].model_dump(), "received_at": now})
             _touch_devices(s, [r.device for r in records],
                            [by_id[i].device for i in dup], now)
     except SQLAlchemyError as exc:
@@ -102,32 +113,28 @@ def ingest_hard_examples(sessions: sessionmaker, device: str,
     by_id = {a.example.id: a for a in answers}
     try:
         with sessions.begin() as s:
-            existing = set(s.scalars(select(HardExample.id)
-                                     .where(HardExample.id.in_(list(by_id)))))
-            fresh, dup, committed = _split([a.example.id for a in answers], existing)
-            if fresh:
-                rows = []
-                for i in fresh:
-                    a = by_id[i]
-                    ex = a.example
-                    rows.append({
-                        "id": i, "device": device, "ts": ex.ts, "received_at": now,
-                        "model": ex.model, "reason": ex.reason, "edge_label": ex.edge_label,
-                        "edge_score": ex.edge_score, "cloud_label": a.label,
-                        "cloud_confidence": a.confidence, "cloud_model": a.model,
-                        "dtype": ex.input.dtype.name, "shape": list(ex.input.shape),
-                        "data": tensor_bytes(ex.input)})
-                s.execute(_insert(s, HardExample).values(rows)
-                          .on_conflict_do_nothing(index_elements=["id"]))
+            fresh, dup, committed = _insert_new(
+                s, HardExample, [a.example.id for a in answers],
+                lambda i: _hard_row(by_id[i], device, now))
             _touch_devices(s, [device], [device] * len(dup), now)
     except SQLAlchemyError as exc:
         raise StoreError(f"could not store {len(answers)} hard examples: {exc}") from None
     return IngestOutcome(fresh, dup, committed)
 
 
+def _hard_row(a: LateAnswer, device: str, now: float) -> dict[str, Any]:
+    ex = a.example
+    return {"id": ex.id, "device": device, "ts": ex.ts, "received_at": now, "model": ex.model,
+            "reason": ex.reason, "edge_label": ex.edge_label, "edge_score": ex.edge_score,
+            "cloud_label": a.label, "cloud_confidence": a.confidence, "cloud_model": a.model,
+            "dtype": ex.input.dtype.name, "shape": list(ex.input.shape),
+            "data": tensor_bytes(ex.input)}
+
+
 def _touch_devices(s: Session, devices: list[str], duplicates_of: list[str], now: float) -> None:
+    dup_counts = Counter(duplicates_of)
     for d in dict.fromkeys(devices):
-        n = duplicates_of.count(d)
+        n = dup_counts[d]
         dev = s.get(Device, d)
         if dev is None:
             s.add(Device(id=d, first_seen=now, last_seen=now, online=True, duplicates=n))

@@ -126,8 +126,7 @@ class Outbox:
             lane.count += 1
             lane.nbytes += size
             lane.produced += 1
-            self.generation += 1
-            self._changed.notify_all()
+            self._signal()
 
     def _total(self) -> int:
         return sum(lane.count for lane in self._lanes.values())
@@ -169,7 +168,7 @@ class Outbox:
                         self._forget(kind, seq, size)
                 self.dropped_expired += len(expired)
                 self.dropped_full += len(full)
-                self._changed.notify_all()
+                self._signal()
             if expired:
                 log.warning("outbox: %d entries older than %.0f s expired unsent", len(expired),
                             self.limits.max_age_s)
@@ -226,8 +225,7 @@ class Outbox:
             for lane in self._lanes.values():
                 if lane.inflight:
                     self._go_back(lane)
-            self.generation += 1
-            self._changed.notify_all()
+            self._signal()
 
     def _go_back(self, lane: _Lane) -> None:
         self.resent += lane.inflight
@@ -249,8 +247,7 @@ class Outbox:
             # Counted once, when they leave: a repeated ack finds nothing to count.
             self.rejected += len(refused)
             self._lanes[kind].acked += len(done)
-            self.generation += 1
-            self._changed.notify_all()
+            self._signal()
         for i, why in list(rejected.items())[:3]:
             log.error("hub refused %s %s for good: %s", kind.name.lower(), i, why)
         return len(done) + len(refused)
@@ -260,8 +257,12 @@ class Outbox:
     def poke(self) -> None:
         """Wake whoever waits for a change (an acknowledgement is waiting to be applied)."""
         with self._lock:
-            self.generation += 1
-            self._changed.notify_all()
+            self._signal()
+
+    def _signal(self) -> None:
+        """Something changed (caller holds the lock): wake the waiters."""
+        self.generation += 1
+        self._changed.notify_all()
 
     def wait_for_change(self, seen: int, timeout: float) -> int:
         """Wait until something was added, acknowledged or sent again since generation `seen`

@@ -359,11 +359,9 @@ class _HubDb:
     """Reads the hub's database directly (SQLite or PostgreSQL), not through its API."""
 
     def __init__(self, url: str) -> None:
-        from sqlalchemy import create_engine
+        from cloud_hub.db import make_engine
 
-        if url.startswith("postgresql://"):
-            url = "postgresql+psycopg://" + url[len("postgresql://"):]
-        self.engine = create_engine(url, poolclass=_null_pool())
+        self.engine = make_engine(url)  # the hub's own URL handling
 
     def rows(self, sql: str) -> list[Any]:
         from sqlalchemy import text
@@ -392,8 +390,3 @@ class _HubDb:
     def close(self) -> None:
         self.engine.dispose()
 
-
-def _null_pool() -> Any:
-    from sqlalchemy.pool import NullPool
-
-    return NullPool  # a fresh connection each time: the hub may be killed between two reads
