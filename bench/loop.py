@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             saved = {k: os.environ.get(k) for k in cfg["env"]}
             os.environ.update(cfg["env"])
             try:
+                # The inference loop alone, as in the earlier figures: no model update mid-run.
                 r = run_demo(DemoOptions(devices=args.devices, samples=args.samples,
-                                         broker=cfg["broker"]))
+                                         broker=cfg["broker"], update=False))
             finally:
                 for k, v in saved.items():
                     if v is None:

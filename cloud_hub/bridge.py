@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy.orm import sessionmaker
 
+from cloud_hub.assignments import publish_pending, record_reported
 from cloud_hub.errors import StoreError
 from cloud_hub.ingest import (
     LateAnswer,
@@ -29,6 +30,7 @@ from cloud_hub.metrics import HubMetrics
 from edge_agent.engine import Engine
 from edge_agent.errors import InputError
 from fleet import protocol as p
+from fleet.assignment import Reported
 from fleet.batcher import DynamicBatcher
 from fleet.errors import ProtocolError, UnsupportedVersion
 from fleet.mqtt import MqttConfig, MqttSession, Transport
@@ -79,11 +81,12 @@ class Bridge:
         self._threads: list[threading.Thread] = []
         subs = [(p.hub_filter(c, shared), p.QOS[c]) for c in
                 (p.Channel.OFFLOAD, p.Channel.RESULTS, p.Channel.TELEMETRY, p.Channel.STATUS,
-                 p.Channel.HARD)]
+                 p.Channel.HARD, p.Channel.REPORTED)]
         if transport_factory is not None:
-            self.transport = transport_factory(self._on_message, subs, None)
+            self.transport = transport_factory(self._on_message, subs, self._on_connect)
         else:
-            self.transport = MqttSession(mqtt or MqttConfig(), self._on_message, subs)
+            self.transport = MqttSession(mqtt or MqttConfig(), self._on_message, subs,
+                                         self._on_connect)
         self.cloud_raw_shape = tuple(engine.manifest.raw_input.shape)
 
     # ------------------------------------------------------------------ lifecycle
@@ -105,6 +108,16 @@ class Bridge:
     @property
     def connected(self) -> bool:
         return self.transport.connected
+
+    def publish_desired(self, topic: str, payload: bytes) -> bool:
+        """Publish a desired-model assignment, retained, so an offline device gets it later."""
+        return self.transport.publish(topic, payload, qos=1, retain=True)
+
+    def _on_connect(self) -> None:
+        # Assignments made while the broker was away go out now (on a thread of their own:
+        # this one is paho's, and the database may be slow).
+        threading.Thread(target=publish_pending, args=(self.sessions, self.publish_desired),
+                         name="publish-pending", daemon=True).start()
 
     # ------------------------------------------------------------------ MQTT thread
 
@@ -236,6 +249,12 @@ class Bridge:
             elif item.channel is p.Channel.STATUS:
                 h = p.decode_frame(item.payload, p.Kind.STATUS).header
                 record_status(self.sessions, item.device, h.get("state") == "online")
+            elif item.channel is p.Channel.REPORTED:
+                r = Reported.decode(item.payload)
+                if r.device != item.device:
+                    raise ProtocolError(f"report names device {r.device!r}")
+                record_reported(self.sessions, item.device, r)
+                self.metrics.update_reports.labels(r.state.value).inc()
         except UnsupportedVersion as exc:
             self._bad("version", topic, item.payload, exc)
         except ProtocolError as exc:

@@ -14,6 +14,7 @@ from sqlalchemy import (
     LargeBinary,
     Select,
     String,
+    UniqueConstraint,
     create_engine,
     event,
     text,
@@ -45,6 +46,19 @@ class Device(Base):
     # Every copy of a result or hard example this device sent again after the hub had stored it
     # (resends after a lost acknowledgement): counted, never stored twice.
     duplicates: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The device's own report of its model updates (retained `reported` messages).
+    update_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    update_target: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    update_error: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    update_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Labels select devices for rollouts: those the device reports (its settings' `labels`,
+    # via telemetry) overlaid with those an operator set through the API.
+    reported_labels: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    labels: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+
+    def effective_labels(self) -> dict[str, str]:
+        return {**(self.reported_labels or {}), **(self.labels or {})}
 
 
 class Result(Base):
@@ -95,6 +109,99 @@ class HardExample(Base):
     dtype: Mapped[str] = mapped_column(String(16))
     shape: Mapped[list[int]] = mapped_column(JSON)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ModelVersion(Base):
+    """A signed bundle in the registry; its files live in the artifact store."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    n: Mapped[int] = mapped_column(_Serial, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    total_bytes: Mapped[int] = mapped_column(BigInteger)
+    keyid: Mapped[str] = mapped_column(String(32))
+    uploaded_at: Mapped[float] = mapped_column(Float)
+
+
+class RollbackDirective(Base):
+    """A signed permission to move devices from one version of a bundle to an older one."""
+
+    __tablename__ = "rollback_directives"
+    __table_args__ = (UniqueConstraint("name", "from_version", "to_version"),)
+
+    n: Mapped[int] = mapped_column(_Serial, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    from_version: Mapped[int] = mapped_column(BigInteger)
+    to_version: Mapped[int] = mapped_column(BigInteger)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class DesiredModel(Base):
+    """The newest assignment of each device, as published (retained) on its `desired` topic."""
+
+    __tablename__ = "desired_models"
+
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(BigInteger)
+    issued_at: Mapped[float] = mapped_column(Float)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    # False until the broker took the message; the bridge publishes it again on reconnect.
+    published: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Rollout(Base):
+    """A bundle version rolled out to the devices a label selector picks, stage by stage."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(_Serial, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(BigInteger)
+    selector: Mapped[str] = mapped_column(String(512))
+    # [{"percent": 5} | {"count": 10}, ...], cumulative.
+    stages: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # Gate thresholds, bake time, rate: see cloud_hub/rollout_gates.py.
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[int] = mapped_column(Integer, default=0)
+    stage_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    bake_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    # The last evaluation of the current stage's gates, for `show`.
+    gates: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class RolloutDevice(Base):
+    """One device in a rollout: its stage, the model it ran before, and how its install went."""
+
+    __tablename__ = "rollout_devices"
+
+    rollout_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stage: Mapped[int] = mapped_column(Integer)
+    previous_model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # assigned, installed, failed, reverting, reverted, revert_failed
+    state: Mapped[str] = mapped_column(String(16))
+    assigned_at: Mapped[float] = mapped_column(Float, index=True)
+    installed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+
+
+class Lease(Base):
+    """Who runs a singleton job (the rollout controller) among the hub's replicas, until when."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(Float)
 
 
 _Q = TypeVar("_Q", bound=Select)

@@ -2,7 +2,13 @@
 
     HubError
     ├── HubConfigError   settings that cannot work (bad database URL, missing bundle)
-    └── StoreError       the database refused or failed an operation
+    ├── StoreError       the database refused or failed an operation
+    └── RegistryError    a model registry or assignment request cannot be done (HTTP status)
+        ├── BundleRejected   an uploaded bundle is malformed, hostile, unsigned or altered (422)
+        ├── Conflict         the version exists, or a rollback lacks its directive (409)
+        ├── NotFound         no such model, version, file or device (404)
+        ├── TooLarge         the upload exceeds the size limit (413)
+        └── Unavailable      the hub cannot do it now (no MQTT bridge) (503)
 """
 
 
@@ -16,3 +22,27 @@ class HubConfigError(HubError):
 
 class StoreError(HubError):
     """The database refused or failed an operation."""
+
+
+class RegistryError(HubError):
+    status = 400
+
+
+class BundleRejected(RegistryError):
+    status = 422
+
+
+class Conflict(RegistryError):
+    status = 409
+
+
+class NotFound(RegistryError):
+    status = 404
+
+
+class TooLarge(RegistryError):
+    status = 413
+
+
+class Unavailable(RegistryError):
+    status = 503

@@ -158,6 +158,9 @@ def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, A
             dev.telemetry = telemetry
             dev.model = str(telemetry.get("model")) if telemetry.get("model") else dev.model
             dev.backend = str(telemetry.get("backend")) if telemetry.get("backend") else dev.backend
+            labels = telemetry.get("labels")
+            if isinstance(labels, dict) and labels != (dev.reported_labels or {}):
+                dev.reported_labels = {str(k)[:64]: str(v)[:128] for k, v in labels.items()}
     except SQLAlchemyError as exc:
         raise StoreError(f"could not store telemetry of {device}: {exc}") from None
 

@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from cloud_hub.api.routes import devices, hard_examples, health, results, stats
+from cloud_hub.api.deps import require_token
+from cloud_hub.api.routes import (
+    devices,
+    hard_examples,
+    health,
+    keys,
+    models,
+    results,
+    rollouts,
+    stats,
+)
+from cloud_hub.artifacts import LocalArtifactStore
 from cloud_hub.bridge import Bridge
 from cloud_hub.core.config import HubSettings
 from cloud_hub.db import init_db, make_engine, session_factory
 from cloud_hub.metrics import HubMetrics
+from cloud_hub.rollouts import RolloutController
 from edge_agent.engine import Engine
+from fleet.signing import PrivateKey
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +42,10 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.metrics = HubMetrics()
+        app.state.artifacts = LocalArtifactStore(settings.artifacts_dir)
+        app.state.hub_key = PrivateKey.read_or_generate(settings.assignment_key)
         app.state.bridge = None
+        app.state.rollouts = None
         if with_bridge:
             cloud = Engine.open(settings.cloud_bundle, settings.backend, settings.threads)
             m = settings.mqtt
@@ -40,19 +57,27 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
                             inline_max_ms=settings.inline_max_ms, mqtt=cfg, shared=m.shared)
             bridge.start()
             app.state.bridge = bridge
+            controller = RolloutController(app.state.sessions, app.state.hub_key,
+                                           bridge.publish_desired, settings.rollout_tick_s,
+                                           holder=f"{settings.replica_id}-{uuid.uuid4().hex[:6]}")
+            controller.start()
+            app.state.rollouts = controller
             log.info("hub %s: cloud model %s on %s, broker %s:%d", settings.replica_id,
                      cloud.manifest.ref, cloud.backend.name, m.host, m.port)
         try:
             yield
         finally:
+            if app.state.rollouts is not None:
+                app.state.rollouts.stop()
             if app.state.bridge is not None:
                 app.state.bridge.stop()
             engine.dispose()
 
     app = FastAPI(title="cloud-hub", version="0.1.0", lifespan=lifespan,
+                  dependencies=[Depends(require_token)],
                   description="Edge-cloud hybrid inference hub: devices, results, statistics.")
     app.state.settings = settings
     for r in (health.router, devices.router, results.router, hard_examples.router,
-              stats.router):
+              stats.router, models.router, keys.router, rollouts.router):
         app.include_router(r)
     return app

@@ -37,5 +37,11 @@ class HubMetrics:
         self.device_outbox = Gauge("ehi_device_outbox", "A device's outbox, from its telemetry: "
                                    "entries waiting, dropped_full, dropped_expired",
                                    ["device", "figure"], registry=r)
+        self.update_reports = Counter("ehi_hub_update_reports_total",
+                                      "Devices' model-update reports, by state", ["state"],
+                                      registry=r)
+        self.uploads = Counter("ehi_hub_model_uploads_total",
+                               "Bundle uploads: accepted, or refused with a reason", ["outcome"],
+                               registry=r)
         self.store_errors = Counter("ehi_hub_store_errors_total", "Database operations failed",
                                     registry=r)

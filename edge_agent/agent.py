@@ -14,18 +14,24 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge_agent.backends import available_backends
 from edge_agent.config import AgentSettings
 from edge_agent.engine import Engine, LocalResult
 from edge_agent.errors import AgentBusy, InputError
 from edge_agent.offload import PendingOffloads
 from edge_agent.outbox import Outbox, OutboxFull, OutboxLimits
 from edge_agent.outbox_store import EntryKind, MemoryStore, SqliteStore, Store
+from edge_agent.slots import ModelSlots
 from edge_agent.telemetry import TelemetrySampler
+from edge_agent.update_rules import DeviceProfile
+from edge_agent.updater import Updater, UpdaterConfig, resolve_startup
 from fleet import protocol as p
+from fleet.assignment import Reported
 from fleet.batcher import DynamicBatcher
 from fleet.errors import ProtocolError
 from fleet.mqtt import MqttSession, Transport, Will
@@ -53,11 +59,12 @@ class InferenceAnswer:
     degraded: bool
     offloaded: bool
     latency_ms: float
+    model: str = ""  # name@version of the edge model that answered
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "label": self.label, "label_name": self.label_name,
                 "confidence": self.confidence, "source": self.source, "degraded": self.degraded,
-                "offloaded": self.offloaded, "latency_ms": self.latency_ms}
+                "offloaded": self.offloaded, "latency_ms": self.latency_ms, "model": self.model}
 
 
 @dataclass(slots=True)
@@ -117,10 +124,12 @@ class Agent:
                  transport_factory: TransportFactory | None = None) -> None:
         self.settings = settings
         self.device = settings.device_id
-        self.engine = engine or Engine.open(settings.bundle, settings.backend, settings.threads,
-                                            settings.policy, settings.threshold,
-                                            options=settings.backend_options())
-        self.model_ref = self.engine.manifest.ref
+        self.slots: ModelSlots | None = None
+        bundle = settings.bundle
+        if settings.update.enabled:
+            self.slots = ModelSlots(settings.models_path())
+            bundle = resolve_startup(self.slots, settings.bundle, settings.update.keys()[0]).bundle
+        self.engine = engine or self.open_engine(bundle)
         self.pending = PendingOffloads(settings.offload.max_pending)
         self.outbox = open_outbox(settings)
         self._acks: queue.SimpleQueue[p.Ack] = queue.SimpleQueue()
@@ -137,10 +146,44 @@ class Agent:
         self._topics = {c: p.topic(self.device, c) for c in p.Channel}
         will = Will(self._topics[p.Channel.STATUS], p.status_payload("offline", self.device))
         subs = [(self._topics[p.Channel.ANSWER], 1), (self._topics[p.Channel.ACK], 1)]
+        self.updater: Updater | None = None
+        if self.slots is not None:
+            subs.append((self._topics[p.Channel.DESIRED], 1))
+            self.updater = self._make_updater(self.slots)
         factory = transport_factory or self._mqtt_factory
         self.transport = factory(self._on_message, subs, self._on_connect, will)
         self._telemetry = TelemetrySampler()
         self.started_at = time.time()
+
+    @property
+    def model_ref(self) -> str:
+        return self.engine.manifest.ref
+
+    def open_engine(self, bundle: Path) -> Engine:
+        s = self.settings
+        return Engine.open(bundle, s.backend, s.threads, s.policy, s.threshold,
+                           options=s.backend_options())
+
+    def _make_updater(self, slots: ModelSlots) -> Updater:
+        u = self.settings.update
+        trusted, hub_keys = u.keys()
+        runtimes = (available_backends() if self.settings.backend == "auto"
+                    else [self.settings.backend])
+        profile = DeviceProfile(self.device, tuple(u.hardware), tuple(runtimes),
+                                u.max_bundle_bytes)
+        assert u.hub_url is not None  # the settings validator insists
+        cfg = UpdaterConfig(u.hub_url, trusted, hub_keys, profile, u.download_rate)
+        return Updater(cfg, slots, open_engine=self.open_engine, swap=self._swap,
+                       running=lambda: self.engine, report=self._publish_report)
+
+    def _swap(self, engine: Engine) -> None:
+        """Serve new requests with `engine`. Requests in flight hold the old engine and finish
+        on it; the old model is freed when the last of them lets go of it."""
+        self.engine = engine
+
+    def _publish_report(self, report: Reported) -> None:
+        self.transport.publish(self._topics[p.Channel.REPORTED], report.encode(), qos=1,
+                               retain=True)
 
     def _mqtt_factory(self, on_message: Callable[[str, bytes], None],
                       subs: list[tuple[str, int]], on_connect: Callable[[], None],
@@ -155,6 +198,8 @@ class Agent:
         if wait_connected_s > 0 and not self.transport.wait_connected(wait_connected_s):
             log.warning("no broker connection after %.1f s; answering locally until it comes",
                         wait_connected_s)
+        if self.updater is not None:
+            self.updater.start()
         loops = [("results-sender", self._sender_loop), ("telemetry", self._telemetry_loop)]
         if self._batcher is not None:
             loops.append(("batcher", self._batch_loop))
@@ -171,6 +216,8 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.updater is not None:
+            self.updater.stop()
         self.outbox.poke()  # the sender may be asleep waiting for a change
         for t in self._threads:
             t.join(timeout=5)
@@ -189,19 +236,20 @@ class Agent:
         Raises InputError for an input the bundle does not accept; the agent keeps running.
         """
         t0 = time.perf_counter()
+        engine = self.engine  # a model update swaps self.engine; this request stays on its model
         try:
-            local = self.engine.run(raw)
+            local = engine.run(raw)
         except InputError:
             self.counters.inc("input_errors")
             raise
         self.counters.inc("inputs")
         rid = uuid.uuid4().hex
         if not local.hard:
-            return self._finish(rid, raw, local, None, 0, t0, input_ref)
+            return self._finish(engine, rid, raw, local, None, 0, t0, input_ref)
         deadline_s = self._deadline_s(deadline_ms)
-        sent = self._offload_send(rid, raw, local, deadline_s)
+        sent = self._offload_send(engine, rid, raw, local, deadline_s)
         answer = self.pending.wait(rid, deadline_s) if sent else None
-        return self._finish(rid, raw, local, answer, sent, t0, input_ref)
+        return self._finish(engine, rid, raw, local, answer, sent, t0, input_ref)
 
     def infer_batch(self, raws: np.ndarray, input_refs: list[str | None] | None = None,
                     deadline_ms: float | None = None) -> list[InferenceAnswer]:
@@ -210,8 +258,9 @@ class Agent:
         The batch's hard inputs are all offloaded first and then awaited against one deadline.
         """
         t0 = time.perf_counter()
+        engine = self.engine
         try:
-            locals_ = self.engine.run_batch(raws)
+            locals_ = engine.run_batch(raws)
         except InputError:
             self.counters.inc("input_errors")
             raise
@@ -219,14 +268,14 @@ class Agent:
         refs = input_refs or [None] * len(locals_)
         rids = [uuid.uuid4().hex for _ in locals_]
         deadline_s = self._deadline_s(deadline_ms)
-        sent = [self._offload_send(rid, raws[i], loc, deadline_s) if loc.hard else 0
+        sent = [self._offload_send(engine, rid, raws[i], loc, deadline_s) if loc.hard else 0
                 for i, (rid, loc) in enumerate(zip(rids, locals_, strict=True))]
         end = t0 + deadline_s
         out = []
         for i, (rid, loc, nbytes, ref) in enumerate(zip(rids, locals_, sent, refs, strict=True)):
             answer = (self.pending.wait(rid, max(0.0, end - time.perf_counter()))
                       if nbytes else None)
-            out.append(self._finish(rid, raws[i], loc, answer, nbytes, t0, ref))
+            out.append(self._finish(engine, rid, raws[i], loc, answer, nbytes, t0, ref))
         return out
 
     def submit(self, raw: np.ndarray, input_ref: str | None = None,
@@ -272,7 +321,7 @@ class Agent:
         ms = deadline_ms if deadline_ms is not None else self.settings.offload.deadline_ms
         return ms / 1000.0
 
-    def _offload_send(self, rid: str, raw: np.ndarray, local: LocalResult,
+    def _offload_send(self, engine: Engine, rid: str, raw: np.ndarray, local: LocalResult,
                       deadline_s: float) -> int:
         """Publish an offload and register its waiter; returns the bytes sent, 0 if not sent."""
         if not self.transport.connected:
@@ -280,7 +329,7 @@ class Agent:
         if not self.pending.open(rid):
             self.counters.inc("offload_busy")
             return 0
-        payload = p.Offload(id=rid, model=self.model_ref, input=np.asarray(raw),
+        payload = p.Offload(id=rid, model=engine.manifest.ref, input=np.asarray(raw),
                             deadline_ms=deadline_s * 1000.0, sent_at=time.time(),
                             edge_label=local.label, edge_score=local.score).encode()
         self.counters.inc("offloaded")
@@ -290,8 +339,9 @@ class Agent:
             return 0
         return len(payload)
 
-    def _finish(self, rid: str, raw: np.ndarray, local: LocalResult, answer: p.Answer | None,
-                offload_bytes: int, t0: float, input_ref: str | None) -> InferenceAnswer:
+    def _finish(self, engine: Engine, rid: str, raw: np.ndarray, local: LocalResult,
+                answer: p.Answer | None, offload_bytes: int, t0: float,
+                input_ref: str | None) -> InferenceAnswer:
         """Decide the final answer, store the result record (and a hard example still owed a
         cloud answer) in the outbox, and build the reply."""
         source: p.Source = "edge"
@@ -314,7 +364,7 @@ class Agent:
         now = time.time()
         record = p.encode_record(
             id=rid, device=self.device, seq=next(self._seq), ts=now, input_ref=input_ref,
-            model=self.model_ref, backend=self.engine.backend.name, policy=self.engine.policy.name,
+            model=engine.manifest.ref, backend=engine.backend.name, policy=engine.policy.name,
             score=local.score, edge_label=local.label, edge_confidence=local.confidence,
             offloaded=local.hard, cloud_label=cloud_label, cloud_model=cloud_model,
             final_label=final, source=source, degraded=degraded, latency_ms=latency_ms,
@@ -325,7 +375,7 @@ class Agent:
                     "hub_error" if answer is not None else "deadline" if offload_bytes
                     else "offline" if not self.transport.connected else "busy")
                 self.outbox.add(EntryKind.HARD, rid, p.HardExample(
-                    rid, self.model_ref, np.asarray(raw), now, local.label, local.score,
+                    rid, engine.manifest.ref, np.asarray(raw), now, local.label, local.score,
                     reason).blob())
                 self.counters.inc("late_queued")
             self.outbox.add(EntryKind.RESULT, rid, record)
@@ -333,9 +383,10 @@ class Agent:
             # The application still gets its answer; the loss is counted and reported.
             self.counters.inc("outbox_full")
             log.warning("result %s not kept: %s", rid, exc)
-        labels = self.engine.manifest.labels
+        labels = engine.manifest.labels
         return InferenceAnswer(rid, final, labels[final] if final < len(labels) else str(final),
-                               conf, source, degraded, local.hard, latency_ms)
+                               conf, source, degraded, local.hard, latency_ms,
+                               engine.manifest.ref)
 
     # ------------------------------------------------------------------ messages in
 
@@ -349,6 +400,8 @@ class Agent:
                 # cloud answers that arrive on this same network thread.
                 self._acks.put(p.Ack.decode(payload))
                 self.outbox.poke()
+            elif channel is p.Channel.DESIRED and self.updater is not None:
+                self.updater.offer(payload)  # checked and acted on by the updater's thread
         except ProtocolError as exc:
             self.counters.inc("bad_messages")
             log.warning("dropped a malformed message on %s: %s", topic, exc)
@@ -356,6 +409,8 @@ class Agent:
     def _on_connect(self) -> None:
         self.transport.publish(self._topics[p.Channel.STATUS],
                                p.status_payload("online", self.device), qos=1, retain=True)
+        if self.updater is not None:
+            self.updater.publish_report()
         self.outbox.resend_all()  # also wakes the sender
 
     # ------------------------------------------------------------------ background loops
@@ -436,6 +491,9 @@ class Agent:
             "queues": {"offloads_pending": len(self.pending), "outbox": len(self.outbox)},
             "outbox": self.outbox.stats().to_dict(),
             "counters": {**self.counters.snapshot(), "late_answers": self.pending.late_answers},
+            "update": (None if self.updater is None else
+                       {"state": self.updater.record.state, "target": self.updater.record.target,
+                        "code": self.updater.record.code}),
             "system": self._telemetry.sample(),
         }
 

@@ -7,11 +7,12 @@ See docs/configuration.md for every key.
 from __future__ import annotations
 
 import os
+import platform
 import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,7 +22,9 @@ from pydantic_settings import (
 
 from edge_agent.backends.base import BackendOptions
 from edge_agent.errors import ConfigError
+from fleet.errors import BundleError
 from fleet.mqtt import BrokerSettings
+from fleet.signing import PublicKey
 from models import EDGE_BUNDLE
 
 CONFIG_ENV = "EHI_AGENT_CONFIG"
@@ -75,6 +78,31 @@ class ResultsSettings(BaseModel):
     # `max_inflight` sent and not yet acknowledged, so a fleet coming back does not flood the hub.
     drain_rate: float = Field(2000.0, gt=0)
     max_inflight: int = Field(1000, ge=1)
+
+
+class UpdateSettings(BaseModel):
+    """Model updates from the hub: signed bundles, health-checked, switched atomically."""
+
+    enabled: bool = False
+    # The hub's HTTP API, where bundle files are downloaded from (e.g. http://hub:8000).
+    hub_url: str | None = None
+    # The fleet's bundle-signing public keys (one line of base64 each, `fleet keys generate`):
+    # a bundle or rollback directive signed by none of them is refused.
+    trusted_keys: list[str] = Field(default_factory=list)
+    # The hub's assignment-signing public keys (`GET /v1/keys` on the hub).
+    hub_keys: list[str] = Field(default_factory=list)
+    # Slots, pointer and update state. None: $XDG_STATE_HOME/edge-hybrid-inference/models-{id}.
+    models_dir: Path | None = None
+    # Tags this device matches against a manifest's `hardware` list.
+    hardware: list[str] = Field(default_factory=lambda: [platform.machine()])
+    # A bundle larger than this (all files) is refused before anything is downloaded.
+    max_bundle_bytes: int = Field(512 << 20, ge=1)
+    # Download bandwidth cap in bytes/s (0: none), for metered or shared links.
+    download_rate: float = Field(0.0, ge=0)
+
+    def keys(self) -> tuple[list[PublicKey], list[PublicKey]]:
+        return ([PublicKey.from_text(k) for k in self.trusted_keys],
+                [PublicKey.from_text(k) for k in self.hub_keys])
 
 
 class LocalApiSettings(BaseModel):
@@ -138,9 +166,26 @@ class AgentSettings(BaseSettings):
     local_api: LocalApiSettings = LocalApiSettings()
     throughput: ThroughputSettings = ThroughputSettings()
     replay: ReplaySettings = ReplaySettings()
+    update: UpdateSettings = UpdateSettings()
 
     def outbox_path(self) -> Path:
         return self.results.outbox_dir or default_state_dir() / f"outbox-{self.device_id}"
+
+    def models_path(self) -> Path:
+        return self.update.models_dir or default_state_dir() / f"models-{self.device_id}"
+
+    @model_validator(mode="after")
+    def _update_needs_keys(self) -> AgentSettings:
+        u = self.update
+        if u.enabled:
+            missing = [k for k in ("hub_url", "trusted_keys", "hub_keys") if not getattr(u, k)]
+            if missing:
+                raise ValueError(f"update.enabled needs update.{', update.'.join(missing)}")
+        try:
+            u.keys()
+        except BundleError as exc:
+            raise ValueError(f"update keys: {exc}") from None
+        return self
 
     def backend_options(self) -> BackendOptions:
         return BackendOptions(threads=self.threads, openvino_hint=self.openvino_hint,

@@ -4,7 +4,10 @@
     ├── ConfigError    the settings file or environment is wrong
     ├── BackendError   the inference runtime is missing or failed to load or run a model
     ├── InputError     an input submitted to the agent is not what the bundle accepts
-    └── AgentBusy      the agent cannot take more work now (a full queue); retry later
+    ├── AgentBusy      the agent cannot take more work now (a full queue); retry later
+    └── UpdateError    a model update did not happen; `code` says why, the old model runs on
+        ├── UpdateRefused  the assignment breaks a rule (signature, version, device, size)
+        └── UpdateFailed   download, verification or health check failed
 """
 
 
@@ -26,3 +29,20 @@ class InputError(AgentError):
 
 class AgentBusy(AgentError):
     """The agent cannot take more work now (a full queue); retry later."""
+
+
+class UpdateError(AgentError):
+    """A model update did not happen; the agent stays on (or returns to) its previous model."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UpdateRefused(UpdateError):
+    """The assignment breaks a rule: unsigned, unknown key, altered, expired, not newer,
+    incompatible, too large, replayed. Retrying the same assignment cannot succeed."""
+
+
+class UpdateFailed(UpdateError):
+    """Download, verification or the health check failed."""

@@ -3,9 +3,10 @@
 A bundle is a directory holding `manifest.json` and the files it lists (e.g. `model.onnx`).
 The manifest names the model, its version (a monotonic integer), task and labels, the raw
 input applications submit, the model's inputs and outputs, the preprocessing, the recommended
-hard-example policy and threshold, compatible runtimes, every file's length and sha256, and an
-expiry. `fleet/signing.py` signs the canonical manifest (Ed25519); agents do not yet require a
-signature (the updater that will is not built: see the README).
+hard-example policy and threshold, compatible runtimes and hardware, the health check an
+agent runs before it switches to the bundle (a golden input and its output, a latency budget),
+every file's length and sha256, and an expiry. `fleet/signing.py` signs the canonical manifest
+(Ed25519); `edge_agent/update_rules.py` decides what an agent accepts.
 """
 
 from __future__ import annotations
@@ -77,6 +78,21 @@ class HardExampleSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthSpec:
+    """What an agent checks before it switches to a bundle: the model's output on the golden
+    input (a file of the bundle, role "golden": an .npz with `input` and `output`) within
+    `atol`, and its median single-input latency within `latency_budget_ms`."""
+
+    golden: str
+    atol: float
+    latency_budget_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"golden": self.golden, "atol": self.atol,
+                "latency_budget_ms": self.latency_budget_ms}
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     name: str
     version: int
@@ -92,6 +108,13 @@ class Manifest:
     expires: datetime | None
     metrics: dict[str, Any]
     extra: dict[str, Any]
+    # Hardware tags the bundle runs on (e.g. "x86_64", "aarch64", "rpi4"); empty: any device.
+    hardware: tuple[str, ...] = ()
+    health: HealthSpec | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.length for f in self.files)
 
     @property
     def ref(self) -> str:
@@ -138,8 +161,20 @@ class Manifest:
                                    role=str(f.get("role", "model")),
                                    precision=str(f.get("precision", ""))))
         expires = d.get("expires")
+        health = None
+        if (hd := d.get("health")) is not None:
+            if not isinstance(hd, dict):
+                raise BundleError("manifest field 'health' must be an object")
+            health = HealthSpec(golden=_req(hd, "golden", str),
+                                atol=float(_req(hd, "atol", (int, float))),
+                                latency_budget_ms=float(_req(hd, "latency_budget_ms",
+                                                             (int, float))))
+            if health.golden not in {f.path for f in files}:
+                raise BundleError(f"the golden file {health.golden!r} is not among the "
+                                  "bundle's files")
         known = {"schema", "name", "version", "task", "labels", "raw_input", "inputs", "outputs",
-                 "preprocessing", "hard_example", "runtimes", "files", "expires", "metrics"}
+                 "preprocessing", "hard_example", "runtimes", "files", "expires", "metrics",
+                 "hardware", "health"}
         return cls(
             name=_req(d, "name", str),
             version=version,
@@ -152,9 +187,11 @@ class Manifest:
             hard_example=hard,
             runtimes=tuple(str(x) for x in d.get("runtimes", [])),
             files=tuple(files),
-            expires=datetime.fromisoformat(expires) if expires else None,
+            expires=parse_time(expires) if expires else None,
             metrics=dict(d.get("metrics", {})),
             extra={k: v for k, v in d.items() if k not in known},
+            hardware=tuple(str(x) for x in d.get("hardware", [])),
+            health=health,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +210,10 @@ class Manifest:
             "expires": self.expires.isoformat() if self.expires else None,
             "metrics": self.metrics,
         }
+        if self.hardware:
+            d["hardware"] = list(self.hardware)
+        if self.health is not None:
+            d["health"] = self.health.to_dict()
         if self.hard_example is not None:
             d["hard_example"] = {
                 "policy": self.hard_example.policy,
@@ -250,9 +291,38 @@ def load_bundle(root: Path | str, *, verify_files: bool = True,
     return Bundle(root=root, manifest=manifest)
 
 
+def pack_bundle(root: Path) -> bytes:
+    """The bundle as a gzip'd tar: `manifest.json` and the files it lists, at the top level
+    (what the hub's registry takes). Only listed files go in; nothing outside the folder."""
+    import io
+    import tarfile
+
+    b = load_bundle(root)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for rel in (MANIFEST_NAME, *(f.path for f in b.manifest.files)):
+            info = tf.gettarinfo(str(root / rel), arcname=rel)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with (root / rel).open("rb") as fh:
+                tf.addfile(info, fh)
+    return buf.getvalue()
+
+
 def write_manifest(root: Path, manifest: Manifest) -> None:
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True)
     (root / MANIFEST_NAME).write_text(text + "\n")
+
+
+def parse_time(v: Any) -> datetime:
+    """An ISO 8601 time with its UTC offset (a time without one is ambiguous: refused)."""
+    try:
+        t = datetime.fromisoformat(str(v))
+    except ValueError:
+        raise BundleError(f"time {v!r} is not ISO 8601") from None
+    if t.tzinfo is None:
+        raise BundleError(f"time {v!r} has no UTC offset")
+    return t
 
 
 def _req(d: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:

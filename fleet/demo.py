@@ -16,9 +16,9 @@ import numpy as np
 
 from fleet.brokers import RunningBroker, start_broker
 from fleet.errors import FleetError
-from fleet.processes import ManagedProcess, ProcessGroup, free_port, wait_for_port
+from fleet.processes import ManagedProcess, ProcessGroup, free_port, start_hub
 from fleet.protocol import Offload
-from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
+from models import CLOUD_BUNDLE, DEMO_KEY, DEMO_PUBLIC_KEY, EDGE_BUNDLE, STREAMS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class DemoOptions:
     deadline_ms: float = 200.0
     workdir: Path | None = None
     keep: bool = False
+    # Push a new version of the edge model to the hub's registry while the agents run, and
+    # assign it to each device as it comes online: they switch models mid-stream.
+    update: bool = True
 
 
 Progress = Callable[[int, int], None]
@@ -71,7 +74,7 @@ def _wait_ready(url: str, proc: ManagedProcess, timeout: float) -> None:
 
 
 def _agent_toml(i: int, o: DemoOptions, broker: RunningBroker, n_samples: int,
-                workdir: Path) -> Path:
+                workdir: Path, hub_url: str) -> Path:
     limit = len(range(i, n_samples, o.devices))
     lines = [
         f'device_id = "demo-{i}"',
@@ -95,6 +98,11 @@ def _agent_toml(i: int, o: DemoOptions, broker: RunningBroker, n_samples: int,
         f"shard_index = {i}", f"shard_count = {o.devices}", f"rate_hz = {o.rate_hz}",
         f"limit = {max(limit, 1)}", "exit_when_done = true",
     ]
+    if o.update:
+        lines += ["[update]", "enabled = true", f'hub_url = "{hub_url}"',
+                  f'trusted_keys = ["{DEMO_PUBLIC_KEY.read_text().strip()}"]',
+                  f'hub_keys = ["{(workdir / "hub.pub").read_text().strip()}"]',
+                  f'models_dir = "{workdir / f"models-{i}"}"']
     path = workdir / f"agent-{i}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -124,20 +132,18 @@ def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]
             broker = start_broker(group, workdir, o.broker)
             hub_port = free_port()
             hub_url = f"http://127.0.0.1:{hub_port}"
-            hub = group.start("hub", [sys.executable, "-m", "cloud_hub.cli", "serve",
-                                      "--port", str(hub_port)], workdir / "hub.log",
-                              env={"EHI_HUB_DATABASE_URL": f"sqlite:///{workdir / 'hub.db'}",
-                                   "EHI_HUB_MQTT__PORT": str(broker.port),
-                                   "EHI_HUB_MQTT__PROTOCOL": broker.protocol,
-                                   "EHI_HUB_CLOUD_BUNDLE": str(CLOUD_BUNDLE)})
-            if not wait_for_port(hub_port, HUB_START_TIMEOUT_S, hub.proc):
-                raise FleetError(f"the hub did not start:\n{hub.tail()}")
+            hub = start_hub(group, workdir, port=hub_port, broker_port=broker.port,
+                            log_path=workdir / "hub.log",
+                            env={"EHI_HUB_MQTT__PROTOCOL": broker.protocol,
+                                 "EHI_HUB_TRUSTED_KEYS": json.dumps(
+                                     [DEMO_PUBLIC_KEY.read_text().strip()])})
             _wait_ready(hub_url, hub, HUB_START_TIMEOUT_S)
+            update = _Update(hub_url, workdir) if o.update else None
             agents = [group.start(f"agent-{i}", [sys.executable, "-m", "edge_agent.cli", "run",
-                                                 "--config", str(_agent_toml(i, o, broker, n,
-                                                                             workdir))],
+                                                 "--config", str(_agent_toml(
+                                                     i, o, broker, n, workdir, hub_url))],
                                   workdir / f"agent-{i}.log") for i in range(o.devices)]
-            at_hub = _follow(hub_url, agents, n, progress)
+            at_hub = _follow(hub_url, agents, n, progress, update)
             summaries = []
             for i, a in enumerate(agents):
                 if a.proc.returncode != 0:
@@ -150,6 +156,8 @@ def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]
                 at_hub = _http_json(hub_url + "/v1/results/count")["count"]
             records = _fetch_results(hub_url)
             report = _report(o, broker, x, y, records, produced, at_hub, summaries)
+            if update is not None:
+                report["update"] = update.summary(records)
             report["seconds"] = round(time.monotonic() - t_start, 1)
             report["workdir"] = str(workdir) if o.keep or o.workdir else None
             return report
@@ -158,9 +166,53 @@ def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]
             tmp.cleanup()
 
 
-def _follow(hub_url: str, agents: list[ManagedProcess], n: int, progress: Progress | None) -> int:
+class _Update:
+    """A new version of the edge model (the same weights, version 2, signed with the demo key),
+    pushed to the hub and assigned to each demo device once the hub has heard from it."""
+
+    def __init__(self, hub_url: str, workdir: Path) -> None:
+        import httpx
+
+        from fleet.bundle import pack_bundle
+        from fleet.bundle_copy import copy_bundle
+
+        self.hub_url = hub_url
+        bundle = copy_bundle(EDGE_BUNDLE, workdir / "digits-edge-2", version=2, key=DEMO_KEY)
+        r = httpx.post(f"{hub_url}/v1/models", content=pack_bundle(bundle), timeout=30)
+        if r.status_code != 201:
+            raise FleetError(f"the hub refused the demo's model update: {r.text}")
+        self.ref = f"{r.json()['name']}@{r.json()['version']}"
+        self.assigned: set[str] = set()
+
+    def poll(self) -> None:
+        import httpx
+
+        for d in _http_json(self.hub_url + "/v1/devices"):
+            if d["id"].startswith("demo-") and d["id"] not in self.assigned:
+                r = httpx.put(f"{self.hub_url}/v1/devices/{d['id']}/desired",
+                              json={"model": "digits-edge", "version": 2}, timeout=5)
+                if r.status_code == 200:
+                    self.assigned.add(d["id"])
+
+    def summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        devices = _http_json(self.hub_url + "/v1/devices")
+        by_model: dict[str, int] = {}
+        for r in records:
+            by_model[r["model"]] = by_model.get(r["model"], 0) + 1
+        return {"to": self.ref, "devices_assigned": len(self.assigned),
+                "devices_updated": sum(1 for d in devices if d["model"] == self.ref),
+                "results_by_model": dict(sorted(by_model.items()))}
+
+
+def _follow(hub_url: str, agents: list[ManagedProcess], n: int, progress: Progress | None,
+            update: _Update | None = None) -> int:
     at_hub = 0
     while True:
+        if update is not None:
+            try:
+                update.poll()
+            except Exception as exc:  # the hub may be busy; the next poll will tell
+                log.debug("update poll failed: %s", exc)
         try:
             at_hub = _http_json(hub_url + "/v1/results/count")["count"]
         except Exception as exc:  # the hub may be busy; the next poll will tell
@@ -261,6 +313,12 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{v * 100:.2f}%" if pct else f"{v:.3f}"
 
 
+def _update_row(u: dict[str, Any]) -> str:
+    models = ", ".join(f"{k} {v}" for k, v in u["results_by_model"].items())
+    return (f"{u['to']} on {u['devices_updated']}/{u['devices_assigned']} devices "
+            f"(answers: {models})")
+
+
 def report_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
     lat = r["latency_ms"]
     rec = gap_recovered(r)
@@ -280,6 +338,7 @@ def report_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
          f"{_fmt(lat['offload_p50'])} / {_fmt(lat['offload_p99'])}"),
         ("degraded answers", str(r["degraded"])),
         ("results at hub / produced", f"{r['results_at_hub']} / {r['results_produced']}"),
+        *([("model update", _update_row(r["update"]))] if r.get("update") else []),
         ("wall time", f"{r['seconds']} s"),
     ]
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from fleet.brokers import RunningBroker, start_broker
 from fleet.errors import FleetError
-from fleet.processes import ManagedProcess, ProcessGroup, free_port, wait_for_port
-from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
+from fleet.processes import ManagedProcess, ProcessGroup, free_port, start_hub, wait_for_port
+from models import EDGE_BUNDLE, STREAMS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +147,9 @@ class _Fleet:
 
     def _start_hub(self) -> ManagedProcess:
         n = sum(1 for p in self.group.procs if p.name == "hub")
-        hub = self.group.start("hub", [sys.executable, "-m", "cloud_hub.cli", "serve",
-                                       "--port", str(self.hub_port)],
-                               self.workdir / f"hub-{n}.log",
-                               env={"EHI_HUB_DATABASE_URL": self.db_url,
-                                    "EHI_HUB_MQTT__PORT": str(self.broker.port),
-                                    "EHI_HUB_CLOUD_BUNDLE": str(CLOUD_BUNDLE),
-                                    "EHI_HUB_BACKEND": self.o.backend})
-        if not wait_for_port(self.hub_port, START_TIMEOUT_S, hub.proc):
-            raise FleetError(f"the hub did not start:\n{hub.tail()}")
-        return hub
+        return start_hub(self.group, self.workdir, port=self.hub_port,
+                         broker_port=self.broker.port, log_path=self.workdir / f"hub-{n}.log",
+                         database_url=self.db_url, env={"EHI_HUB_BACKEND": self.o.backend})
 
     def _start_agent(self, i: int) -> ManagedProcess:
         cfg = self.workdir / f"agent-{i}.toml"

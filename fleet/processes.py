@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -100,3 +101,29 @@ class ProcessGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+# A hub's start: imports, database migration, cloud model load (seconds; more on a busy machine).
+HUB_START_TIMEOUT_S = 60.0
+
+
+def start_hub(group: ProcessGroup, workdir: Path, *, port: int, broker_port: int,
+              log_path: Path, database_url: str | None = None,
+              env: dict[str, str] | None = None) -> ManagedProcess:
+    """`cloud-hub serve` as a child process, keeping its state (database, registry files,
+    assignment key) in `workdir`; returns once its port is open."""
+    from fleet.errors import FleetError
+    from models import CLOUD_BUNDLE
+
+    hub = group.start("hub", [sys.executable, "-m", "cloud_hub.cli", "serve",
+                              "--port", str(port)], log_path,
+                      env={"EHI_HUB_DATABASE_URL": database_url or
+                           f"sqlite:///{workdir / 'hub.db'}",
+                           "EHI_HUB_MQTT__PORT": str(broker_port),
+                           "EHI_HUB_CLOUD_BUNDLE": str(CLOUD_BUNDLE),
+                           "EHI_HUB_ARTIFACTS_DIR": str(workdir / "artifacts"),
+                           "EHI_HUB_ASSIGNMENT_KEY": str(workdir / "hub.key"),
+                           **(env or {})})
+    if not wait_for_port(port, HUB_START_TIMEOUT_S, hub.proc):
+        raise FleetError(f"the hub did not start:\n{hub.tail()}")
+    return hub

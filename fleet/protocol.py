@@ -58,6 +58,8 @@ class Kind(IntEnum):
     TELEMETRY = 5
     STATUS = 6
     HARD_EXAMPLES = 7
+    DESIRED = 8
+    REPORTED = 9
 
 
 class Channel(StrEnum):
@@ -70,11 +72,14 @@ class Channel(StrEnum):
     TELEMETRY = "telemetry"  # agent -> hub, QoS 0: heartbeat
     STATUS = "status"        # agent -> hub, QoS 1, retained, last will: online/offline
     HARD = "hard"            # agent -> hub, QoS 1: hard examples for a late cloud answer
+    DESIRED = "desired"      # hub -> agent, QoS 1, retained: the signed model assignment
+    REPORTED = "reported"    # agent -> hub, QoS 1, retained: model, update state, last error
 
 
 QOS: dict[Channel, int] = {
     Channel.OFFLOAD: 1, Channel.ANSWER: 1, Channel.RESULTS: 1, Channel.ACK: 1,
-    Channel.TELEMETRY: 0, Channel.STATUS: 1, Channel.HARD: 1,
+    Channel.TELEMETRY: 0, Channel.STATUS: 1, Channel.HARD: 1, Channel.DESIRED: 1,
+    Channel.REPORTED: 1,
 }
 
 

@@ -8,8 +8,9 @@ field; the manifest lists every file's length and sha256, so a signature covers 
 Keys on disk: the private key as PKCS#8 PEM (mode 0600; keep it offline), the public key as one
 line of base64 of the raw 32 bytes (what an agent pins in its settings).
 
-This module signs and verifies; who must refuse what (unsigned, unknown key, older version,
-incompatible device) is the updater's decision (not built yet: see the README).
+This module signs and verifies documents (manifests, rollback directives, assignments); what an
+agent must refuse (unknown key, older version, incompatible device) is decided in
+`edge_agent/update_rules.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ SIGNATURES_KEY = "signatures"
 
 
 class SignatureError(BundleError):
-    """A bundle that is unsigned, signed by no trusted key, or altered after signing."""
+    """A document that is unsigned, signed by no trusted key, or altered after signing.
+
+    `code` says which: "unsigned", "unknown_key", "bad_signature" (or "signature")."""
+
+    def __init__(self, message: str, code: str = "signature") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,17 +97,43 @@ def generate_keys(private_path: Path, public_path: Path) -> PublicKey:
     return pub
 
 
-def _private_key(path: Path) -> Any:
-    from cryptography.hazmat.primitives import serialization
+class PrivateKey:
+    """An Ed25519 signing key (kept offline for bundles; the hub's own for assignments)."""
 
-    ed = _crypto()
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise SignatureError(f"cannot read private key {path}: {exc}") from None
-    if not isinstance(key, ed.Ed25519PrivateKey):
-        raise SignatureError(f"{path} is not an Ed25519 private key")
-    return key
+    def __init__(self, key: Any) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        self._key = key
+        self.public = PublicKey(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                              serialization.PublicFormat.Raw))
+
+    @classmethod
+    def read(cls, path: Path) -> PrivateKey:
+        from cryptography.hazmat.primitives import serialization
+
+        ed = _crypto()
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise SignatureError(f"cannot read private key {path}: {exc}") from None
+        if not isinstance(key, ed.Ed25519PrivateKey):
+            raise SignatureError(f"{path} is not an Ed25519 private key")
+        return cls(key)
+
+    @classmethod
+    def read_or_generate(cls, path: Path) -> PrivateKey:
+        """The key at `path`, made (0600, with its .pub beside it) if there is none yet."""
+        if not path.exists():
+            generate_keys(path, path.with_suffix(".pub"))
+        return cls.read(path)
+
+    def sign(self, document: dict[str, Any]) -> dict[str, Any]:
+        """A copy of `document` with this key's signature added (replacing an older one)."""
+        sig = self._key.sign(signed_payload(document))
+        others = [s for s in document.get(SIGNATURES_KEY, []) if isinstance(s, dict)
+                  and s.get("keyid") != self.public.keyid]
+        return {**document, SIGNATURES_KEY: [*others, {
+            "keyid": self.public.keyid, "sig": base64.b64encode(sig).decode()}]}
 
 
 def signed_payload(manifest: dict[str, Any]) -> bytes:
@@ -124,25 +157,17 @@ def sign_bundle(bundle: Path, private_key: Path) -> str:
     """Check the bundle's files against its manifest, then add (or replace) this key's
     signature. Returns the key id."""
     load_bundle(bundle)  # never sign files that do not match the manifest
-    key = _private_key(private_key)
-    from cryptography.hazmat.primitives import serialization
-
-    pub = PublicKey(key.public_key().public_bytes(serialization.Encoding.Raw,
-                                                  serialization.PublicFormat.Raw))
-    d = _read_manifest(bundle)
-    sig = key.sign(signed_payload(d))
-    others = [s for s in d.get(SIGNATURES_KEY, []) if isinstance(s, dict)
-              and s.get("keyid") != pub.keyid]
-    d[SIGNATURES_KEY] = [*others, {"keyid": pub.keyid,
-                                   "sig": base64.b64encode(sig).decode()}]
+    key = PrivateKey.read(private_key)
+    d = key.sign(_read_manifest(bundle))
     tmp = bundle / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, bundle / MANIFEST_NAME)  # a crash leaves the old manifest or the new one
-    return pub.keyid
+    return key.public.keyid
 
 
 def verify_manifest(manifest: dict[str, Any], trusted: list[PublicKey]) -> str:
-    """The key id of a trusted key whose signature over the manifest holds.
+    """The key id of a trusted key whose signature over the manifest (or any signed document)
+    holds.
 
     Raises SignatureError: unsigned, signed by no trusted key, or altered since signing.
     """
@@ -151,7 +176,7 @@ def verify_manifest(manifest: dict[str, Any], trusted: list[PublicKey]) -> str:
     ed = _crypto()
     sigs = manifest.get(SIGNATURES_KEY)
     if not sigs or not isinstance(sigs, list):
-        raise SignatureError("the bundle is not signed")
+        raise SignatureError("not signed", "unsigned")
     by_id = {k.keyid: k for k in trusted}
     payload = signed_payload(manifest)
     known = False
@@ -168,8 +193,8 @@ def verify_manifest(manifest: dict[str, Any], trusted: list[PublicKey]) -> str:
     if not known:
         ids = sorted(str(s.get("keyid")) for s in sigs if isinstance(s, dict))
         raise SignatureError(f"signed by {', '.join(ids)}: none of the trusted keys "
-                             f"({', '.join(sorted(by_id)) or 'none'})")
-    raise SignatureError("the signature does not match: the manifest was altered after signing")
+                             f"({', '.join(sorted(by_id)) or 'none'})", "unknown_key")
+    raise SignatureError("the signature does not match: altered after signing", "bad_signature")
 
 
 def verify_bundle(bundle: Path, trusted: list[PublicKey]) -> str:

@@ -52,6 +52,13 @@ CALIBRATION_SAMPLES = 512
 OPSET = 18
 # Bundles stay valid this long after a build; the agent refuses expired bundles.
 BUNDLE_LIFETIME = timedelta(days=3 * 365)
+# The health check an agent runs before switching to a bundle: the first inputs of the mixed
+# stream as the golden input; probabilities may differ by this much between runtimes (measured:
+# under 1e-8 between onnxruntime and OpenVINO); the latency budget leaves room for slow devices
+# and busy machines (the edge model takes 0.04-0.15 ms here).
+GOLDEN_SAMPLES = 8
+GOLDEN_ATOL = 0.01
+LATENCY_BUDGET_MS = 20.0
 # Constraints from the project's brief (checked on every build).
 MAX_FLOPS_RATIO = 0.10
 MAX_INT8_LOSS = 0.01
@@ -207,11 +214,8 @@ def build(out_dir: Path, streams_file: Path) -> dict[str, object]:
         extra={}, **common)  # type: ignore[arg-type]
     write_manifest(edge_dir, edge_manifest)
     write_manifest(cloud_dir, cloud_manifest)
-    from fleet.signing import sign_bundle
-    from models import DEMO_KEY
-
     for d in (edge_dir, cloud_dir):
-        sign_bundle(d, DEMO_KEY)  # the demo key: see models/__init__.py
+        add_health_and_sign(d, streams["mixed_x"])
     data.write_streams(streams_file, streams)
 
     summary: dict[str, object] = {
@@ -224,6 +228,17 @@ def build(out_dir: Path, streams_file: Path) -> dict[str, object]:
     problems = check_constraints(summary)
     summary["problems"] = problems
     return summary
+
+
+def add_health_and_sign(bundle_dir: Path, stream_x: np.ndarray) -> None:
+    """Record the golden input and output and the health limits, then sign with the demo key."""
+    from edge_agent.health import record_golden
+    from fleet.signing import sign_bundle
+    from models import DEMO_KEY
+
+    record_golden(bundle_dir, np.ascontiguousarray(stream_x[:GOLDEN_SAMPLES], dtype=np.float32),
+                  GOLDEN_ATOL, LATENCY_BUDGET_MS)
+    sign_bundle(bundle_dir, DEMO_KEY)  # the demo key: see models/__init__.py
 
 
 def _fitted_dict(f: Fitted) -> dict[str, float]:

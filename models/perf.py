@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.health import record_golden
 from fleet.bundle import HardExampleSpec, Manifest, TensorSpec, file_entry, write_manifest
 from fleet.signing import sign_bundle
 from models import DEMO_KEY
@@ -34,6 +35,10 @@ SEED = 7
 CALIBRATION_IMAGES = 16
 OPSET = 18
 LIFETIME = timedelta(days=3 * 365)
+# Health check of these bundles: one random image; INT8 kernels differ between runtimes more
+# than FP32 ones; 2-7 ms per image here, the budget leaves room for small devices.
+GOLDEN_ATOL = 0.05
+LATENCY_BUDGET_MS = 500.0
 RAW_INPUT = TensorSpec("image", "uint8", (224, 224, 3))
 # ImageNet-style: scale to [0, 1], then HWC -> CHW.
 PREPROCESSING: list[dict[str, Any]] = [{"type": "minmax", "min": 0, "max": 255},
@@ -134,6 +139,8 @@ def build(out: Path | None = None, width: float = 1.0,
                          "built": now.isoformat()},
                 extra={})
             write_manifest(d, m)
+            record_golden(d, rng.integers(0, 256, (1, *RAW_INPUT.shape)).astype(
+                RAW_INPUT.dtype), GOLDEN_ATOL, LATENCY_BUDGET_MS)
             sign_bundle(d, DEMO_KEY)  # the demo key: see models/__init__.py
     return dirs
 

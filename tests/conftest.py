@@ -16,6 +16,7 @@ import pytest
 
 from fleet.brokers import RunningBroker, mosquitto_path, start_broker
 from fleet.processes import ProcessGroup
+from tests.updates import UpdateKit
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("EHI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -122,3 +123,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'hub.db'}"
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> UpdateKit:
+    """A fleet key, a hub key and derived bundle versions, shared by the update tests."""
+    return UpdateKit(tmp_path_factory.mktemp("update-kit"))

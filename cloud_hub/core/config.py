@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fleet.errors import BundleError
 from fleet.mqtt import BrokerSettings
+from fleet.signing import PublicKey
 from models import CLOUD_BUNDLE
 
 
@@ -39,3 +41,31 @@ class HubSettings(BaseSettings):
     ingest_queue: int = Field(10_000, ge=1)
     # Paging limit of /v1/results.
     max_page: int = Field(1000, ge=1)
+    # Model registry: bundle files live here (local filesystem store).
+    artifacts_dir: Path = Path("hub-artifacts")
+    # An upload (the bundle's tar) larger than this is refused while it streams in.
+    max_bundle_bytes: int = Field(512 << 20, ge=1 << 10)
+    # Public keys (base64, from `fleet keys generate`) whose signatures the registry accepts.
+    # Empty: every upload is refused with a message saying so.
+    trusted_keys: list[str] = Field(default_factory=list)
+    # The hub's own Ed25519 key, signing the desired-model assignments; made on first start
+    # (with its .pub beside it, which the agents pin as `update.hub_keys`).
+    assignment_key: Path = Path("hub-assignment.key")
+    # How often the rollout controller steps every running rollout.
+    rollout_tick_s: float = Field(1.0, gt=0)
+    # When set, requests that change anything (POST, PUT) need `Authorization: Bearer TOKEN`
+    # (the fleet CLI sends $EHI_FLEET_TOKEN). Reads stay open; devices need none.
+    api_token: SecretStr | None = None
+
+    def trusted(self) -> list[PublicKey]:
+        return [PublicKey.from_text(k) for k in self.trusted_keys]
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys_parse(cls, v: list[str]) -> list[str]:
+        for k in v:
+            try:
+                PublicKey.from_text(k)
+            except BundleError as exc:
+                raise ValueError(str(exc)) from None
+        return v

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,8 +37,9 @@ def record(i: int, device: str = "dev-1", **kw: object) -> p.ResultRecord:
 
 
 @pytest.fixture
-def client(database_url: str) -> Iterator[TestClient]:
-    app = create_app(HubSettings(database_url=database_url), with_bridge=False)
+def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    app = create_app(HubSettings(database_url=database_url, artifacts_dir=tmp_path / "artifacts",
+                                 assignment_key=tmp_path / "hub.key"), with_bridge=False)
     with TestClient(app) as c:
         yield c
 

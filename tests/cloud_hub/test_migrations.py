@@ -18,8 +18,9 @@ def test_migrations_match_the_models(database_url: str) -> None:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
             assert diff == [], f"models and migrations differ; add a migration: {diff}"
             version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
-        assert version == "0002"
-        assert {"devices", "results", "hard_examples"} <= set(inspect(eng).get_table_names())
+        assert version == "0004"
+        assert {"devices", "results", "hard_examples", "models", "rollback_directives",
+                "desired_models"} <= set(inspect(eng).get_table_names())
     finally:
         eng.dispose()
 
@@ -38,7 +39,7 @@ def test_upgrade_from_0001_keeps_devices(database_url: str) -> None:
                                  "VALUES ('old-1', 1.0, 2.0, false)")
         init_db(eng)
         with eng.connect() as conn:
-            row = conn.exec_driver_sql("SELECT id, duplicates FROM devices").one()
-        assert tuple(row) == ("old-1", 0)
+            row = conn.exec_driver_sql("SELECT id, duplicates, update_state FROM devices").one()
+        assert tuple(row) == ("old-1", 0, None)
     finally:
         eng.dispose()

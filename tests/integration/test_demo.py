@@ -38,6 +38,11 @@ def test_demo_json(broker: str, tmp_path: Path) -> None:
     # The hybrid is at least as good as the edge alone on the same inputs.
     assert r["hybrid_accuracy"] >= r["edge_accuracy"]
     assert "hybrid accuracy" in result.output
+    # The model update pushed mid-stream: every answer names the model that gave it.
+    u = r["update"]
+    assert u["to"] == "digits-edge@2" and u["devices_updated"] <= u["devices_assigned"] <= 2
+    assert sum(u["results_by_model"].values()) == 120
+    assert set(u["results_by_model"]) <= {"digits-edge@1", "digits-edge@2"}
 
 
 def test_demo_refuses_bad_options() -> None:

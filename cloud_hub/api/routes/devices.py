@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from cloud_hub.api.deps import SessionDep
-from cloud_hub.db import Device
+from cloud_hub.api.deps import SessionDep, StateDep
+from cloud_hub.api.routes.models import error_response
+from cloud_hub.assignments import assign
+from cloud_hub.db import DesiredModel, Device
+from cloud_hub.errors import BundleRejected, NotFound, RegistryError, Unavailable
+from cloud_hub.rollouts import matching_devices
+from fleet.selectors import SelectorError, parse_selector
+
+_LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -23,17 +31,105 @@ class DeviceOut(BaseModel):
     """Copies of results and hard examples this device sent again after the hub had stored
     them (after a lost acknowledgement): counted, never stored twice."""
     telemetry: dict[str, Any] | None
+    update_state: str | None
+    """The device's own report: idle, downloading, verifying, checking, activating, refused,
+    failed, reverted."""
+    update_target: str | None
+    update_error: str | None
+    update_code: str | None
+    reported_at: float | None
+    labels: dict[str, str]
+    """The labels rollouts select on: those the device reports, overlaid with those set here."""
 
 
-@router.get("", response_model=list[DeviceOut])
-def list_devices(session: SessionDep) -> list[Device]:
-    """Every device the hub has heard from: last seen, online, model, latest telemetry."""
-    return list(session.scalars(select(Device).order_by(Device.id)))
+class LabelsIn(BaseModel):
+    # A value of null removes the label.
+    labels: dict[str, str | None]
+
+
+class DesiredIn(BaseModel):
+    model: str
+    version: int = Field(ge=1)
+
+
+class DesiredOut(BaseModel):
+    device: str
+    model: str
+    version: int
+    seq: int
+    issued_at: float
+    published: bool
+
+
+def _out(d: Device) -> dict[str, Any]:
+    out = {c: getattr(d, c) for c in DeviceOut.model_fields if c != "labels"}
+    out["labels"] = d.effective_labels()
+    return out
+
+
+@router.get("", response_model=list[DeviceOut], responses={422: {}})
+def list_devices(session: SessionDep, selector: str | None = None) -> Any:
+    """Every device the hub has heard from (or those a label `selector` picks, e.g.
+    `site=berlin,hw=rpi4`): last seen, online, model, update state, labels, telemetry."""
+    if selector:
+        try:
+            sel = parse_selector(selector)
+        except SelectorError as exc:
+            return error_response(BundleRejected(str(exc)))
+        return [_out(d) for d in matching_devices(session, sel)]
+    return [_out(d) for d in session.scalars(select(Device).order_by(Device.id))]
+
+
+@router.put("/{device_id}/labels", response_model=DeviceOut, responses={404: {}, 422: {}})
+def set_labels(device_id: str, body: LabelsIn, session: SessionDep) -> Any:
+    """Set (or, with null, remove) operator labels; they override what the device reports."""
+    dev = session.get(Device, device_id)
+    if dev is None:
+        return error_response(NotFound(f"unknown device {device_id!r}"))
+    bad = [k for k in body.labels if not _LABEL_KEY.fullmatch(k)]
+    if bad:
+        return error_response(BundleRejected(f"label keys {bad} must be 1-64 of "
+                                             "A-Z a-z 0-9 _ . - /"))
+    labels = dict(dev.labels or {})
+    for k, v in body.labels.items():
+        if v is None:
+            labels.pop(k, None)
+        else:
+            labels[k] = v[:128]
+    dev.labels = labels
+    session.commit()
+    return _out(dev)
+
+
+@router.put("/{device_id}/desired", response_model=DesiredOut,
+            responses={404: {}, 409: {}, 503: {}})
+def set_desired(device_id: str, body: DesiredIn, session: SessionDep, state: StateDep) -> Any:
+    """Assign a registry bundle to a device: the hub signs the assignment and publishes it,
+    retained, on the device's `desired` topic (an offline device gets it when it returns)."""
+    if state.bridge is None:
+        return error_response(Unavailable("this hub runs without its MQTT bridge: it cannot "
+                                            "publish assignments"))
+    try:
+        d = assign(session, state.hub_key, device_id, body.model, body.version,
+                   state.bridge.publish_desired)
+    except RegistryError as exc:
+        return error_response(exc)
+    return DesiredOut(device=d.device, model=d.name, version=d.version, seq=d.seq,
+                      issued_at=d.issued_at, published=d.published)
+
+
+@router.get("/{device_id}/desired", response_model=DesiredOut, responses={404: {}})
+def get_desired(device_id: str, session: SessionDep) -> Any:
+    d = session.get(DesiredModel, device_id)
+    if d is None:
+        return error_response(NotFound(f"no model assigned to {device_id!r}"))
+    return DesiredOut(device=d.device, model=d.name, version=d.version, seq=d.seq,
+                      issued_at=d.issued_at, published=d.published)
 
 
 @router.get("/{device_id}", response_model=DeviceOut)
-def get_device(device_id: str, session: SessionDep) -> Device:
+def get_device(device_id: str, session: SessionDep) -> Any:
     dev = session.get(Device, device_id)
     if dev is None:
         raise HTTPException(404, f"unknown device {device_id!r}")
-    return dev
+    return _out(dev)

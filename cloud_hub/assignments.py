@@ -1,0 +1,115 @@
+"""Desired models: the hub signs an assignment per device and publishes it, retained.
+
+`seq` grows by one per device with every assignment (the agent refuses anything older than the
+newest it accepted). Assigning an older version than the device runs needs a signed rollback
+directive in the registry; the hub attaches it to the assignment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud_hub.db import DesiredModel, Device, RollbackDirective
+from cloud_hub.errors import Conflict, NotFound, StoreError
+from cloud_hub.registry import get_model
+from fleet import protocol as p
+from fleet.assignment import Assignment, Reported, encode_desired
+from fleet.signing import PrivateKey
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], bool]
+
+
+def _running_version(dev: Device, name: str) -> int | None:
+    if dev.model and "@" in dev.model:
+        n, _, v = dev.model.rpartition("@")
+        if n == name and v.isdigit():
+            return int(v)
+    return None
+
+
+def assign(session: Session, hub_key: PrivateKey, device: str, name: str, version: int,
+           publish: Publish) -> DesiredModel:
+    """Record and publish `name@version` as the desired model of `device`.
+
+    Raises NotFound (device or model), Conflict (an older version without a rollback
+    directive)."""
+    dev = session.get(Device, device)
+    if dev is None:
+        raise NotFound(f"unknown device {device!r}: it has never connected to this hub")
+    model = get_model(session, name, version)
+    rollback = None
+    running = _running_version(dev, name)
+    if running is not None and version < running:
+        row = session.scalar(select(RollbackDirective).where(
+            RollbackDirective.name == name, RollbackDirective.from_version == running,
+            RollbackDirective.to_version == version))
+        if row is None:
+            raise Conflict(f"{device} runs {name}@{running}; going back to version {version} "
+                           f"needs a signed rollback directive: `fleet models rollback {name} "
+                           f"--from {running} --to {version} --key KEY` and upload it")
+        rollback = row.document
+    for _attempt in range(2):
+        desired = session.get(DesiredModel, device, with_for_update=True)
+        seq = desired.seq + 1 if desired is not None else 1
+        a = Assignment(device, seq, time.time(), model.manifest, rollback)
+        payload = encode_desired(a, hub_key)
+        if desired is None:
+            desired = DesiredModel(device=device, seq=seq, name=name, version=version,
+                                   issued_at=a.issued_at, payload=payload, published=False)
+            session.add(desired)
+        else:
+            desired.seq, desired.name, desired.version = seq, name, version
+            desired.issued_at, desired.payload, desired.published = a.issued_at, payload, False
+        try:
+            session.commit()
+            break
+        except IntegrityError:  # another replica assigned the same device first: take the next
+            session.rollback()
+    else:
+        raise Conflict(f"{device} is being assigned concurrently; try again")
+    if publish(p.topic(device, p.Channel.DESIRED), payload):
+        desired.published = True
+        session.commit()
+    log.info("assigned %s@%d to %s (seq %d, %s)", name, version, device, seq,
+             "published" if desired.published else "will publish when the broker is back")
+    return desired
+
+
+def publish_pending(sessions: sessionmaker, publish: Publish) -> int:
+    """Publish the assignments the broker has not taken yet (after a reconnect)."""
+    n = 0
+    try:
+        with sessions() as s:
+            for d in s.scalars(select(DesiredModel).where(DesiredModel.published.is_(False))):
+                if publish(p.topic(d.device, p.Channel.DESIRED), d.payload):
+                    d.published = True
+                    n += 1
+            s.commit()
+    except SQLAlchemyError as exc:
+        log.error("cannot publish pending assignments: %s", exc)
+    return n
+
+
+def record_reported(sessions: sessionmaker, device: str, r: Reported) -> None:
+    try:
+        with sessions() as s:
+            dev = s.get(Device, device)
+            now = time.time()
+            if dev is None:
+                dev = Device(id=device, first_seen=now, last_seen=now, online=True)
+                s.add(dev)
+            dev.model = r.model
+            dev.update_state, dev.update_target = r.state.value, r.target
+            dev.update_error = r.error[:1024] if r.error else None
+            dev.update_code, dev.reported_at = r.code, r.ts or now
+            s.commit()
+    except SQLAlchemyError as exc:
+        raise StoreError(str(exc)) from None

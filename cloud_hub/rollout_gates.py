@@ -1,0 +1,179 @@
+"""The arithmetic of a rollout stage's gates, as pure functions.
+
+A stage passes when (1) enough of its devices reported an outcome of the install, (2) the
+share of failed installs is at most `max_failure`, and (3) after the bake time, with at least
+`min_results` results on the new version, the stage's devices behave no worse than they did on
+the previous version: offload rate, edge-cloud disagreement on offloaded inputs and p95
+latency may each grow by at most the given fraction (plus a small absolute slack, so that a
+near-zero baseline does not trip on noise).
+
+Rates (offload, disagreement) are proportions measured on samples, the baseline's too: a stage
+fails on them only when the new figure is above its limit with `confidence` (a one-sided
+two-sample z-test of new > baseline * (1 + increase) + slack, both samples' variances counted),
+so that a good model does not halt a rollout on noise, while a model that offloads twice as much
+is caught within a few hundred results. The p95 latency is compared only once both sides have
+`min_results` results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutPolicy:
+    max_failure: float = 0.05          # fraction of a stage's devices
+    min_reporting: float = 1.0         # fraction of a stage's devices with an install outcome
+    bake_s: float = 600.0              # after the reporting gate, before the ML gate judges
+    # Results on the new version in the stage before the ML gate judges: enough that doubling
+    # an offload rate of 20% is caught with about 98% probability (z-test at 99%).
+    min_results: int = 400
+    max_offload_increase: float = 0.20     # relative to the same devices' previous figure
+    max_disagreement_increase: float = 0.20
+    max_p95_increase: float = 0.20
+    offload_slack: float = 0.02        # absolute, added to each limit
+    disagreement_slack: float = 0.02
+    p95_slack_ms: float = 1.0
+    max_rate_per_min: float = 0.0      # devices assigned per minute; 0: no limit
+    baseline_window_s: float = 3600.0  # results on the previous version this far back count
+    stage_timeout_s: float = 3600.0    # a stage that cannot decide by then halts
+    confidence: float = 0.99           # of "above the limit" before a rate gate fails
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RolloutPolicy:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """How a set of devices behaved on one model version."""
+
+    results: int
+    offload_rate: float | None
+    disagreement: float | None  # among offloaded inputs that have a cloud answer
+    p95_ms: float | None
+    answered: int = 0           # offloaded inputs with a cloud answer (disagreement's sample)
+
+    @classmethod
+    def of(cls, offloaded: list[bool], disagree: list[bool], latency_ms: list[float]) -> Figures:
+        n = len(offloaded)
+        return cls(n, (sum(offloaded) / n) if n else None,
+                   (sum(disagree) / len(disagree)) if disagree else None,
+                   float(np.percentile(latency_ms, 95)) if latency_ms else None, len(disagree))
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    name: str
+    value: float | None
+    limit: float | None
+    passed: bool | None       # None: cannot be judged yet
+    baseline: float | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class StageVerdict:
+    decision: str             # "wait", "pass", "fail"
+    gates: list[Gate] = field(default_factory=list)
+    reason: str = ""
+
+
+def install_gates(n: int, installed: int, failed: int, p: RolloutPolicy) -> list[Gate]:
+    reported = installed + failed
+    rep = reported / n if n else 0.0
+    fail = failed / n if n else 0.0
+    return [
+        Gate("reporting", rep, p.min_reporting, rep >= p.min_reporting if n else None,
+             note=f"{reported} of {n} devices reported"),
+        # Judged on the whole stage from the first failure: more than the threshold failing
+        # halts at once, without waiting for the rest.
+        Gate("install_failures", fail, p.max_failure, fail <= p.max_failure,
+             note=f"{failed} of {n} failed"),
+    ]
+
+
+def _limit(base: float | None, rel: float, slack: float) -> float | None:
+    return None if base is None else base * (1.0 + rel) + slack
+
+
+def rate_worse(new: float, n_new: int, base: float, n_base: int, rel: float, slack: float,
+               confidence: float) -> tuple[bool, float]:
+    """Whether the proportion `new` (of `n_new`) is above `base * (1 + rel) + slack` (`base` of
+    `n_base`) with `confidence`; also the z score. Proportions are smoothed by half a count so
+    that a sample with no events still has a variance."""
+    if n_new <= 0 or n_base <= 0:
+        return False, 0.0
+    pn = (new * n_new + 0.5) / (n_new + 1)
+    pb = (base * n_base + 0.5) / (n_base + 1)
+    se = math.sqrt(pn * (1 - pn) / n_new + (1 + rel) ** 2 * pb * (1 - pb) / n_base)
+    z = (new - (base * (1 + rel) + slack)) / se
+    return z > NormalDist().inv_cdf(confidence), z
+
+
+def ml_gates(base: Figures, new: Figures, p: RolloutPolicy) -> list[Gate]:
+    out = []
+    for name, b, v, rel, slack, n, nb in (
+            ("offload_rate", base.offload_rate, new.offload_rate, p.max_offload_increase,
+             p.offload_slack, new.results, base.results),
+            ("disagreement", base.disagreement, new.disagreement, p.max_disagreement_increase,
+             p.disagreement_slack, new.answered, base.answered)):
+        lim = _limit(b, rel, slack)
+        if v is None or b is None or lim is None:
+            # No offloads (no disagreement to measure) or no baseline on the previous version:
+            # nothing to compare, nothing worse shown.
+            out.append(Gate(name, v, lim, True, b, "no figure to compare"))
+            continue
+        worse, z = rate_worse(v, n, b, nb, rel, slack, p.confidence)
+        out.append(Gate(name, v, lim, not worse, b,
+                        f"z={z:.2f} (n={n}, baseline n={nb}); fails above the limit at "
+                        f"{p.confidence:.0%} confidence"))
+    lim = _limit(base.p95_ms, p.max_p95_increase, p.p95_slack_ms)
+    if new.p95_ms is None or lim is None or min(new.results, base.results) < p.min_results:
+        out.append(Gate("p95_latency_ms", new.p95_ms, lim, True, base.p95_ms,
+                        f"compared once both sides have {p.min_results} results"))
+    else:
+        out.append(Gate("p95_latency_ms", new.p95_ms, lim, new.p95_ms <= lim, base.p95_ms))
+    return out
+
+
+def judge_stage(n: int, installed: int, failed: int, base: Figures, new: Figures,
+                baked_s: float | None, stage_age_s: float, p: RolloutPolicy) -> StageVerdict:
+    """The stage's verdict now. `baked_s`: seconds since the reporting gate passed (None: not
+    yet)."""
+    gates = install_gates(n, installed, failed, p)
+    rep, fail = gates
+    if fail.passed is False:
+        return StageVerdict("fail", gates, f"install failures {failed}/{n} exceed "
+                                           f"{p.max_failure:.0%}")
+    if not rep.passed:
+        if stage_age_s > p.stage_timeout_s:
+            return StageVerdict("fail", gates, f"only {installed + failed}/{n} devices reported "
+                                               f"within {p.stage_timeout_s:.0f} s")
+        return StageVerdict("wait", gates)
+    ml = ml_gates(base, new, p)
+    gates += [Gate("results", float(new.results), float(p.min_results),
+                   new.results >= p.min_results or None, note="on the new version"), *ml]
+    if baked_s is None or baked_s < p.bake_s or new.results < p.min_results:
+        if stage_age_s > p.stage_timeout_s:
+            return StageVerdict("fail", gates, f"not enough results ({new.results}) within "
+                                               f"{p.stage_timeout_s:.0f} s")
+        return StageVerdict("wait", gates)
+    bad = [g for g in ml if g.passed is False]
+    if bad:
+        return StageVerdict("fail", gates, "; ".join(
+            f"{g.name} {g.value:.4g} over its limit {g.limit:.4g} (was {g.baseline:.4g})"
+            for g in bad if g.value is not None and g.limit is not None
+            and g.baseline is not None))
+    return StageVerdict("pass", gates)

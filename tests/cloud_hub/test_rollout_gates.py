@@ -1,0 +1,86 @@
+"""The arithmetic of rollouts: selectors, stage sizes, gates."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud_hub.errors import BundleRejected
+from cloud_hub.rollout_gates import Figures, RolloutPolicy, judge_stage, ml_gates, rate_worse
+from cloud_hub.rollouts import parse_stages, stage_targets
+from fleet.selectors import SelectorError, parse_labels, parse_selector
+
+P = RolloutPolicy(min_results=100, bake_s=0)
+
+
+def test_selectors() -> None:
+    s = parse_selector("site=berlin, hw!=rpi3,gpu,!legacy")
+    assert s.matches({"site": "berlin", "hw": "rpi4", "gpu": "1"})
+    assert not s.matches({"site": "berlin", "hw": "rpi3", "gpu": "1"})
+    assert not s.matches({"site": "berlin", "gpu": "1", "legacy": "y"})
+    assert not s.matches({"site": "lyon", "gpu": "1"})
+    assert parse_selector("").matches({}) and parse_selector("a==b").matches({"a": "b"})
+    for bad in ("site=ber lin", "=x", "a b"):
+        with pytest.raises(SelectorError):
+            parse_selector(bad)
+    assert parse_labels("site=berlin,old-") == {"site": "berlin", "old": None}
+    with pytest.raises(SelectorError):
+        parse_labels("site")
+
+
+def test_stages_are_cumulative_and_never_empty_in_total() -> None:
+    st = parse_stages(["5%", "25%", "100%"])
+    assert stage_targets(st, 200) == [10, 50, 200]
+    assert stage_targets(st, 3) == [1, 1, 3]          # ceil: the first stage is never empty
+    assert stage_targets(st, 0) == [0, 0, 0]
+    assert stage_targets(parse_stages(["#5", "#20", "100"]), 12) == [5, 12, 12]
+    assert parse_stages([5, 25.5]) == [{"percent": 5.0}, {"percent": 25.5}]
+    for bad in (["0%"], ["150%"], ["x"], []):
+        with pytest.raises(BundleRejected):
+            parse_stages(bad)
+
+
+def test_install_gates_fail_on_the_first_failure_over_the_threshold() -> None:
+    none = Figures(0, None, None, None)
+    v = judge_stage(10, 3, 0, none, none, None, 1.0, P)
+    assert v.decision == "wait"                        # 3 of 10 reported
+    v = judge_stage(10, 3, 1, none, none, None, 1.0, P)
+    assert v.decision == "fail" and "1/10" in v.reason  # 10% > 5%, no need to wait
+    v = judge_stage(40, 38, 2, none, none, None, 1.0, P)
+    assert v.decision == "wait"                        # 5% failed is allowed; ML gate waits
+    v = judge_stage(10, 2, 0, none, none, None, 7200.0, P)
+    assert v.decision == "fail" and "reported" in v.reason   # the stage timed out
+
+
+def test_ml_gate_waits_for_results_and_bake_then_judges() -> None:
+    base = Figures(2000, 0.20, 0.25, 3.0, 400)
+    same = Figures(400, 0.21, 0.24, 3.1, 84)
+    twice = Figures(400, 0.40, 0.25, 3.5, 160)
+    assert judge_stage(10, 10, 0, base, Figures(50, 0.4, 0.2, 3.0, 20), 0.0, 1.0,
+                       P).decision == "wait"           # 50 < min_results
+    slow = RolloutPolicy(min_results=100, bake_s=60)
+    assert judge_stage(10, 10, 0, base, twice, 10.0, 10.0, slow).decision == "wait"
+    assert judge_stage(10, 10, 0, base, same, 0.0, 1.0, P).decision == "pass"
+    v = judge_stage(10, 10, 0, base, twice, 0.0, 1.0, P)
+    assert v.decision == "fail" and "offload_rate" in v.reason
+    gate = next(g for g in v.gates if g.name == "offload_rate")
+    assert gate.limit == pytest.approx(0.20 * 1.2 + 0.02) and gate.baseline == 0.20
+
+
+def test_rate_test_counts_both_samples_noise() -> None:
+    # A tiny baseline cannot prove anything worse ...
+    assert not rate_worse(0.40, 400, 0.10, 10, 0.2, 0.02, 0.99)[0]
+    # ... a large one can; and a same-rate sample is never "worse".
+    assert rate_worse(0.40, 400, 0.20, 2000, 0.2, 0.02, 0.99)[0]
+    assert not rate_worse(0.21, 400, 0.20, 2000, 0.2, 0.02, 0.99)[0]
+    assert not rate_worse(0.5, 0, 0.2, 100, 0.2, 0.02, 0.99)[0]
+
+
+def test_latency_gate_compares_p95_once_both_sides_have_enough() -> None:
+    base = Figures(500, 0.2, 0.2, 3.0, 100)
+    slow = Figures(500, 0.2, 0.2, 6.0, 100)
+    g = {x.name: x for x in ml_gates(base, slow, P)}
+    assert g["p95_latency_ms"].passed is False and g["p95_latency_ms"].limit == pytest.approx(4.6)
+    few = Figures(50, 0.2, 0.2, 6.0, 10)
+    assert {x.name: x for x in ml_gates(base, few, P)}["p95_latency_ms"].passed is True
+    nothing = {x.name: x for x in ml_gates(Figures(0, None, None, None), slow, P)}
+    assert all(x.passed for x in nothing.values())   # no baseline: nothing shown worse
