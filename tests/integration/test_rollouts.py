@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from edge_agent.engine import Engine
-from fleet.brokers import RunningBroker, mosquitto_path
+from fleet.brokers import RunningBroker, mosquitto_path, start_broker
 from fleet.bundle import pack_bundle
 from fleet.cli import EXIT_HALTED, EXIT_REFUSED, EXIT_UNREACHABLE, app
-from fleet.processes import free_port
+from fleet.processes import ProcessGroup, free_port
 from fleet.rollout_scenario import RolloutOptions, run_rollouts
 from fleet.sim_fleet import SimFleet
 from models import CLOUD_BUNDLE, STREAMS_FILE
@@ -37,8 +37,18 @@ def stream() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture
-def fleet_hub(mosquitto: RunningBroker, kit: UpdateKit, tmp_path: Path,
+def own_mosquitto(tmp_path: Path) -> Iterator[RunningBroker]:
+    """A broker of this test's own: the session's broker holds retained status messages of
+    earlier tests' devices, which the hub would register too."""
+    need(mosquitto_path() is not None, "mosquitto is not installed")
+    with ProcessGroup() as group:
+        yield start_broker(group, tmp_path, "mosquitto")
+
+
+@pytest.fixture
+def fleet_hub(own_mosquitto: RunningBroker, kit: UpdateKit, tmp_path: Path,
               stream: tuple[np.ndarray, np.ndarray]) -> Iterator[tuple[HubServer, SimFleet]]:
+    mosquitto = own_mosquitto
     s = hub_settings(tmp_path / "hub", kit, mqtt={"port": mosquitto.port, "shared": False},
                      replica_id=f"hub-{tmp_path.name}", rollout_tick_s=0.1)
     with HubServer(s, with_bridge=True) as hub:
