@@ -144,12 +144,27 @@ def _render(r: dict[str, Any]) -> Any:
     if g.get("gates"):
         t = Table(f"gate (stage {g.get('stage')})", "value", "limit", "previous version", "")
         for x in g["gates"]:
-            mark = {True: "[green]ok[/green]", False: "[red]FAIL[/red]",
-                    None: "[dim]waiting[/dim]"}[x["passed"]]
             t.add_row(x["name"], _num(x["value"]), _num(x["limit"]), _num(x.get("baseline")),
-                      mark)
+                      _mark(x, provisional=g.get("decision") == "wait"))
         parts.append(t)
     return Group(*parts)
+
+
+# Judged on the stage's results after the bake time: until then their marks are provisional.
+ML_GATES = ("offload_rate", "disagreement", "p95_latency_ms")
+
+
+def _mark(gate: dict[str, Any], provisional: bool) -> str:
+    passed, value, limit = gate["passed"], gate["value"], gate["limit"]
+    so_far = " so far" if provisional and gate["name"] in ML_GATES else ""
+    if passed is None:
+        return "[dim]waiting[/dim]"
+    if passed is False:
+        return f"[red]{'worse' + so_far if so_far else 'FAIL'}[/red]"
+    if value is not None and limit is not None and value > limit:
+        # Above the limit, but not by more than the samples' noise (the z-test).
+        return f"[yellow]within noise{so_far}[/yellow]"
+    return f"[green]ok{so_far}[/green]"
 
 
 def _num(v: Any) -> str:
@@ -179,11 +194,14 @@ def rollout_status(
             rollout_id = int(rows[0]["id"])
         r = c.get(f"/v1/rollouts/{rollout_id}")
         if watch and not as_json:
-            with Live(_render(r), console=Console(), refresh_per_second=4) as live:
+            console = Console()
+            with Live(_render(r), console=console, refresh_per_second=4) as live:
                 while r["state"] not in TERMINAL:
                     time.sleep(WATCH_EVERY_S)
                     r = c.get(f"/v1/rollouts/{rollout_id}")
                     live.update(_render(r))
+            if not console.is_terminal:
+                console.line()  # Live leaves its last frame without a line end when piped
         elif watch:
             while r["state"] not in TERMINAL:
                 time.sleep(WATCH_EVERY_S)
@@ -207,13 +225,14 @@ def rollout_list(hub: HubOption = DEFAULT_HUB, as_json: JsonOption = False) -> N
     if as_json:
         emit_json(rows)
         return
-    t = Table("id", "model", "to", "state", "stage", "installed", "reason")
+    t = Table("id", "model", "to", "state", "stage", "installed")
+    t.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=48)
     for r in rows:
         inst = sum(s["installed"] for s in r["stage_counts"])
         tot = r["stage_counts"][-1]["cumulative"] if r["stage_counts"] else 0
         t.add_row(str(r["id"]), f"{r['model']}@{r['version']}", r["selector"] or "*",
                   r["state"], f"{r['stage']}/{len(r['stages'])}", f"{inst}/{tot}",
-                  (r["reason"] or "")[:60])
+                  r["reason"] or "")
     Console().print(t)
 
 
