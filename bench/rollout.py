@@ -31,16 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fleet.rollout_scenario import RolloutOptions, run_rollouts
 
 
+def _num(v: float) -> str:
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:.3g}"
+
+
 def _gates(s: dict) -> str:
     g = s.get("gates") or {}
     parts = []
     for x in g.get("gates", []):
         if x["value"] is None:
             continue
-        lim = "" if x["limit"] is None else f" / {x['limit']:.3g}"
-        base = "" if x.get("baseline") is None else f" (was {x['baseline']:.3g})"
+        lim = "" if x["limit"] is None else f" / {_num(x['limit'])}"
+        base = "" if x.get("baseline") is None else f" (was {_num(x['baseline'])})"
         mark = {True: "ok", False: "FAIL", None: "..."}[x["passed"]]
-        parts.append(f"{x['name']} {x['value']:.3g}{lim}{base} {mark}")
+        parts.append(f"{x['name']} {_num(x['value'])}{lim}{base} {mark}")
     return "; ".join(parts)
 
 

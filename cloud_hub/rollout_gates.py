@@ -31,7 +31,8 @@ class RolloutPolicy:
     min_reporting: float = 1.0         # fraction of a stage's devices with an install outcome
     bake_s: float = 600.0              # after the reporting gate, before the ML gate judges
     # Results on the new version in the stage before the ML gate judges: enough that doubling
-    # an offload rate of 20% is caught with about 98% probability (z-test at 99%).
+    # an offload rate of 20% is caught with about 96% probability against a baseline of 400
+    # results, 99.8% against 2,000 (z-test at 99%; docs/rollouts.md).
     min_results: int = 400
     max_offload_increase: float = 0.20     # relative to the same devices' previous figure
     max_disagreement_increase: float = 0.20

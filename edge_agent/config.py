@@ -84,7 +84,7 @@ class UpdateSettings(BaseModel):
     """Model updates from the hub: signed bundles, health-checked, switched atomically."""
 
     enabled: bool = False
-    # The hub's HTTP API, where bundle files are downloaded from (e.g. http://hub:8000).
+    # The hub's HTTP API, where bundle files are downloaded from (e.g. http://hub:8080).
     hub_url: str | None = None
     # The fleet's bundle-signing public keys (one line of base64 each, `fleet keys generate`):
     # a bundle or rollback directive signed by none of them is refused.

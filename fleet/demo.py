@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import numpy as np
 
 from fleet.brokers import RunningBroker, start_broker
 from fleet.errors import FleetError
-from fleet.processes import ManagedProcess, ProcessGroup, free_port, start_hub
+from fleet.processes import ManagedProcess, ProcessGroup, free_port, start_hub, work_folder
 from fleet.protocol import Offload
 from models import CLOUD_BUNDLE, DEMO_KEY, DEMO_PUBLIC_KEY, EDGE_BUNDLE, STREAMS_FILE
 
@@ -120,50 +119,39 @@ def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]
         raise FleetError(f"--samples {n} is fewer than --devices {o.devices}")
     x, y = x_all[:n], y_all[:n]
     t_start = time.monotonic()
-    tmp = None
-    if o.workdir:
-        workdir = o.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="ehi-demo-")
-        workdir = Path(tmp.name)
-    try:
-        with ProcessGroup() as group:
-            broker = start_broker(group, workdir, o.broker)
-            hub_port = free_port()
-            hub_url = f"http://127.0.0.1:{hub_port}"
-            hub = start_hub(group, workdir, port=hub_port, broker_port=broker.port,
-                            log_path=workdir / "hub.log",
-                            env={"EHI_HUB_MQTT__PROTOCOL": broker.protocol,
-                                 "EHI_HUB_TRUSTED_KEYS": json.dumps(
-                                     [DEMO_PUBLIC_KEY.read_text().strip()])})
-            _wait_ready(hub_url, hub, HUB_START_TIMEOUT_S)
-            update = _Update(hub_url, workdir) if o.update else None
-            agents = [group.start(f"agent-{i}", [sys.executable, "-m", "edge_agent.cli", "run",
-                                                 "--config", str(_agent_toml(
-                                                     i, o, broker, n, workdir, hub_url))],
-                                  workdir / f"agent-{i}.log") for i in range(o.devices)]
-            at_hub = _follow(hub_url, agents, n, progress, update)
-            summaries = []
-            for i, a in enumerate(agents):
-                if a.proc.returncode != 0:
-                    raise FleetError(f"agent {i} failed (exit {a.proc.returncode}):\n{a.tail()}")
-                summaries.append(json.loads((workdir / f"agent-{i}.json").read_text()))
-            produced = sum(s["outbox"]["results_produced"] for s in summaries)
-            deadline = time.monotonic() + RESULTS_SETTLE_TIMEOUT_S
-            while at_hub < produced and time.monotonic() < deadline:
-                time.sleep(POLL_S)
-                at_hub = _http_json(hub_url + "/v1/results/count")["count"]
-            records = _fetch_results(hub_url)
-            report = _report(o, broker, x, y, records, produced, at_hub, summaries)
-            if update is not None:
-                report["update"] = update.summary(records)
-            report["seconds"] = round(time.monotonic() - t_start, 1)
-            report["workdir"] = str(workdir) if o.keep or o.workdir else None
-            return report
-    finally:
-        if tmp is not None and not o.keep:
-            tmp.cleanup()
+    with work_folder(o.workdir, "ehi-demo-", o.keep) as workdir, ProcessGroup() as group:
+        broker = start_broker(group, workdir, o.broker)
+        hub_port = free_port()
+        hub_url = f"http://127.0.0.1:{hub_port}"
+        hub = start_hub(group, workdir, port=hub_port, broker_port=broker.port,
+                        log_path=workdir / "hub.log",
+                        env={"EHI_HUB_MQTT__PROTOCOL": broker.protocol,
+                             "EHI_HUB_TRUSTED_KEYS": json.dumps(
+                                 [DEMO_PUBLIC_KEY.read_text().strip()])})
+        _wait_ready(hub_url, hub, HUB_START_TIMEOUT_S)
+        update = _Update(hub_url, workdir) if o.update else None
+        agents = [group.start(f"agent-{i}", [sys.executable, "-m", "edge_agent.cli", "run",
+                                             "--config", str(_agent_toml(
+                                                 i, o, broker, n, workdir, hub_url))],
+                              workdir / f"agent-{i}.log") for i in range(o.devices)]
+        at_hub = _follow(hub_url, agents, n, progress, update)
+        summaries = []
+        for i, a in enumerate(agents):
+            if a.proc.returncode != 0:
+                raise FleetError(f"agent {i} failed (exit {a.proc.returncode}):\n{a.tail()}")
+            summaries.append(json.loads((workdir / f"agent-{i}.json").read_text()))
+        produced = sum(s["outbox"]["results_produced"] for s in summaries)
+        deadline = time.monotonic() + RESULTS_SETTLE_TIMEOUT_S
+        while at_hub < produced and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            at_hub = _http_json(hub_url + "/v1/results/count")["count"]
+        records = _fetch_results(hub_url)
+        report = _report(o, broker, x, y, records, produced, at_hub, summaries)
+        if update is not None:
+            report["update"] = update.summary(records)
+        report["seconds"] = round(time.monotonic() - t_start, 1)
+        report["workdir"] = str(workdir) if o.keep or o.workdir else None
+        return report
 
 
 class _Update:

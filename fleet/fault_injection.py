@@ -11,7 +11,6 @@ import http.client
 import json
 import logging
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,14 @@ import numpy as np
 
 from fleet.brokers import RunningBroker, start_broker
 from fleet.errors import FleetError
-from fleet.processes import ManagedProcess, ProcessGroup, free_port, start_hub, wait_for_port
+from fleet.processes import (
+    ManagedProcess,
+    ProcessGroup,
+    free_port,
+    start_hub,
+    wait_for_port,
+    work_folder,
+)
 from models import EDGE_BUNDLE, STREAMS_FILE
 
 log = logging.getLogger(__name__)
@@ -222,98 +228,85 @@ def run_scenario(o: ScenarioOptions, progress: Callable[[str], None] | None = No
     say = progress or (lambda _m: None)
     with np.load(STREAMS_FILE) as data:
         inputs = data["mixed_x"]
-    tmp = None
-    if o.workdir:
-        workdir = o.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-    elif o.keep:
-        workdir = Path(tempfile.mkdtemp(prefix="ehi-faults-"))
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="ehi-faults-")
-        workdir = Path(tmp.name)
     plan = o.plan
-    try:
-        with ProcessGroup() as group:
-            fleet = _Fleet(o, group, workdir)
-            out_lo, out_hi = plan.broker_outage_at, plan.broker_outage_at + plan.broker_outage_s
-            quota = [o.results // o.agents + (1 if i < o.results % o.agents else 0)
-                     for i in range(o.agents)]
-            drivers = [_Driver(i, fleet.agent_ports[i], quota[i], o.rate_hz,
-                               inputs[i::o.agents], lambda t: out_lo <= t < out_hi)
-                       for i in range(o.agents)]
-            stop = threading.Event()
-            t0 = time.monotonic()
-            threads = [threading.Thread(target=d.run, args=(t0, stop), daemon=True)
-                       for d in drivers]
-            for t in threads:
-                t.start()
-            faults: list[dict[str, Any]] = []
-            last_fault_end = 0.0
-            monitor = _CatchUp(fleet.db, stop)
-            monitor_thread = threading.Thread(target=monitor.run, daemon=True)
-            monitor_thread.start()
-            try:
-                for at, what, action in _schedule(plan):
-                    delay = t0 + at - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    at_s = time.monotonic() - t0
-                    action(fleet)
-                    fault: dict[str, Any] = {"at_s": round(at_s, 2), "fault": what}
-                    faults.append(fault)
-                    last_fault_end = time.monotonic()
-                    if what.startswith(("restart", "broker up")):
-                        # From the recovery on: how long until the hub holds every result
-                        # answered so far (the backlog of the fault drained)?
-                        monitor.watch(fault, {rid for d in drivers for rid, _ in
-                                              list(d.answered)}, last_fault_end)
-                    say(f"{at_s:7.1f} s  {what}  (answered so far: "
-                        f"{sum(len(d.answered) for d in drivers)})")
-                for th in threads:
-                    th.join()
-            finally:
-                stop.set()
-            traffic_end = max(d.last_answer_at for d in drivers)
-            produced = {rid for d in drivers for rid, _ in d.answered}
-            degraded = {rid for d in drivers for rid, deg in d.answered if deg}
-            say(f"traffic done: {len(produced)} answered; waiting for the hub to hold them all")
-            drain_from = max(last_fault_end, traffic_end)
-            deadline = time.monotonic() + o.drain_timeout_s
-            drained_at = None
-            while time.monotonic() < deadline:
-                c = fleet.db.count(produced, degraded)
-                if c["lost"] == 0 and c["late_answers_missing"] == 0:
-                    drained_at = time.monotonic()
-                    break
-                time.sleep(POLL_S)
-            time.sleep(SETTLE_S)
-            counts = fleet.db.count(produced, degraded)
-            fleet.db.close()
-            report = {
-                "results_produced": len(produced),
-                "results_at_hub": counts["at_hub"],
-                "lost": counts["lost"],
-                "duplicates_in_db": counts["duplicates_in_db"],
-                "duplicates_on_wire": counts["duplicates_on_wire"],
-                "drain_seconds": (round(drained_at - drain_from, 2) if drained_at is not None
-                                  else None),
-                "faults": faults,
-                "unexpected_at_hub": counts["unexpected"],
-                "degraded_answers": len(degraded),
-                "hard_examples_at_hub": counts["hard_examples"],
-                "late_answers_missing": counts["late_answers_missing"],
-                "refused_while_agent_down": sum(d.refused for d in drivers),
-                "error_answers": sum(len(d.errors) for d in drivers),
-                "outage_submitted": sum(d.outage_submitted for d in drivers),
-                "outage_answered": sum(d.outage_answered for d in drivers),
-                "traffic_seconds": round(traffic_end - t0, 1),
-                "agents": o.agents, "rate_hz_per_agent": o.rate_hz,
-                "workdir": str(workdir) if o.keep or o.workdir else None,
-            }
-            return report
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    with work_folder(o.workdir, "ehi-faults-", o.keep) as workdir, ProcessGroup() as group:
+        fleet = _Fleet(o, group, workdir)
+        out_lo, out_hi = plan.broker_outage_at, plan.broker_outage_at + plan.broker_outage_s
+        quota = [o.results // o.agents + (1 if i < o.results % o.agents else 0)
+                 for i in range(o.agents)]
+        drivers = [_Driver(i, fleet.agent_ports[i], quota[i], o.rate_hz,
+                           inputs[i::o.agents], lambda t: out_lo <= t < out_hi)
+                   for i in range(o.agents)]
+        stop = threading.Event()
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=d.run, args=(t0, stop), daemon=True)
+                   for d in drivers]
+        for t in threads:
+            t.start()
+        faults: list[dict[str, Any]] = []
+        last_fault_end = 0.0
+        monitor = _CatchUp(fleet.db, stop)
+        monitor_thread = threading.Thread(target=monitor.run, daemon=True)
+        monitor_thread.start()
+        try:
+            for at, what, action in _schedule(plan):
+                delay = t0 + at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                at_s = time.monotonic() - t0
+                action(fleet)
+                fault: dict[str, Any] = {"at_s": round(at_s, 2), "fault": what}
+                faults.append(fault)
+                last_fault_end = time.monotonic()
+                if what.startswith(("restart", "broker up")):
+                    # From the recovery on: how long until the hub holds every result
+                    # answered so far (the backlog of the fault drained)?
+                    monitor.watch(fault, {rid for d in drivers for rid, _ in
+                                          list(d.answered)}, last_fault_end)
+                say(f"{at_s:7.1f} s  {what}  (answered so far: "
+                    f"{sum(len(d.answered) for d in drivers)})")
+            for th in threads:
+                th.join()
+        finally:
+            stop.set()
+        traffic_end = max(d.last_answer_at for d in drivers)
+        produced = {rid for d in drivers for rid, _ in d.answered}
+        degraded = {rid for d in drivers for rid, deg in d.answered if deg}
+        say(f"traffic done: {len(produced)} answered; waiting for the hub to hold them all")
+        drain_from = max(last_fault_end, traffic_end)
+        deadline = time.monotonic() + o.drain_timeout_s
+        drained_at = None
+        while time.monotonic() < deadline:
+            c = fleet.db.count(produced, degraded)
+            if c["lost"] == 0 and c["late_answers_missing"] == 0:
+                drained_at = time.monotonic()
+                break
+            time.sleep(POLL_S)
+        time.sleep(SETTLE_S)
+        counts = fleet.db.count(produced, degraded)
+        fleet.db.close()
+        report = {
+            "results_produced": len(produced),
+            "results_at_hub": counts["at_hub"],
+            "lost": counts["lost"],
+            "duplicates_in_db": counts["duplicates_in_db"],
+            "duplicates_on_wire": counts["duplicates_on_wire"],
+            "drain_seconds": (round(drained_at - drain_from, 2) if drained_at is not None
+                              else None),
+            "faults": faults,
+            "unexpected_at_hub": counts["unexpected"],
+            "degraded_answers": len(degraded),
+            "hard_examples_at_hub": counts["hard_examples"],
+            "late_answers_missing": counts["late_answers_missing"],
+            "refused_while_agent_down": sum(d.refused for d in drivers),
+            "error_answers": sum(len(d.errors) for d in drivers),
+            "outage_submitted": sum(d.outage_submitted for d in drivers),
+            "outage_answered": sum(d.outage_answered for d in drivers),
+            "traffic_seconds": round(traffic_end - t0, 1),
+            "agents": o.agents, "rate_hz_per_agent": o.rate_hz,
+            "workdir": str(workdir) if o.keep or o.workdir else None,
+        }
+        return report
 
 
 class _CatchUp:

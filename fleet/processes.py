@@ -9,13 +9,33 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 # How long a process gets to stop after SIGTERM before it is killed.
 STOP_GRACE_S = 10.0
+
+
+@contextlib.contextmanager
+def work_folder(path: Path | None, prefix: str, keep: bool = False) -> Iterator[Path]:
+    """Where a scenario keeps its processes' state: `path` (made if missing, always kept), or
+    a new temporary folder, removed afterwards unless `keep`."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    finally:
+        if not keep:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def free_port() -> int:

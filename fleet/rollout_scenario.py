@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from fleet.bundle import load_bundle, pack_bundle
 from fleet.bundle_copy import break_golden, copy_bundle
 from fleet.errors import FleetError
 from fleet.hub_client import HubClient, HubError
-from fleet.processes import ProcessGroup, free_port, start_hub
+from fleet.processes import ProcessGroup, free_port, start_hub, work_folder
 from fleet.signing import PrivateKey, PublicKey, generate_keys
 from fleet.sim_fleet import SimFleet
 from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
@@ -108,19 +107,8 @@ class _Run:
 
 def run_rollouts(o: RolloutOptions, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     say = say or (lambda m: None)
-    tmp = None
-    if o.workdir is not None:
-        workdir = o.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="ehi-rollout-")
-        workdir = Path(tmp.name)
-    try:
-        with ProcessGroup() as group:
-            return _scenario(o, group, workdir, say)
-    finally:
-        if tmp is not None and not o.keep:
-            tmp.cleanup()
+    with work_folder(o.workdir, "ehi-rollout-", o.keep) as workdir, ProcessGroup() as group:
+        return _scenario(o, group, workdir, say)
 
 
 def _scenario(o: RolloutOptions, group: ProcessGroup, workdir: Path,

@@ -22,7 +22,6 @@ import logging
 import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -42,7 +41,7 @@ from fleet.bundle import MANIFEST_NAME, load_bundle, pack_bundle
 from fleet.bundle_copy import break_golden, copy_bundle
 from fleet.errors import FleetError
 from fleet.mqtt import MqttConfig, MqttSession
-from fleet.processes import ManagedProcess, ProcessGroup, free_port, start_hub
+from fleet.processes import ManagedProcess, ProcessGroup, free_port, start_hub, work_folder
 from fleet.signing import SIGNATURES_KEY, PrivateKey, PublicKey, generate_keys, verify_bundle
 from models import DEMO_PUBLIC_KEY, EDGE_BUNDLE, STREAMS_FILE
 
@@ -557,39 +556,28 @@ def _hot_swap(rig: _Rig, report: SafetyReport) -> None:
 
 def run_safety(o: SafetyOptions, progress: Callable[[str], None] | None = None) -> SafetyReport:
     say = progress or (lambda s: None)
-    tmp = None
-    if o.workdir is not None:
-        workdir = o.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="ehi-update-safety-")
-        workdir = Path(tmp.name)
     report = SafetyReport()
     rng = random.Random(o.seed)
-    try:
-        with ProcessGroup() as group:
-            rig = _Rig(o, group, workdir)
-            try:
-                if rig.wait_agent_up() != "digits-edge@1":
-                    raise FleetError("the agent did not start on the factory bundle")
-                say("legitimate updates")
-                times = []
-                for _ in range(3):
-                    v = rig.next_version()
-                    rig.push(rig.bundle(v, rig.fleet_key))
-                    times.append(_update_to(rig, v))
-                report.update_seconds = statistics.median(times)
-                say("attacks")
-                _attacks(rig, report)
-                say(f"{o.crash_trials} crash trials")
-                _crash_trials(rig, report, rng)
-                say("health-check failure")
-                _revert(rig, report)
-                say(f"hot swap at {o.swap_rate_hz:g} requests/s")
-                _hot_swap(rig, report)
-            finally:
-                rig.stop()
-    finally:
-        if tmp is not None and not o.keep:
-            tmp.cleanup()
+    with work_folder(o.workdir, "ehi-update-safety-", o.keep) as workdir, ProcessGroup() as group:
+        rig = _Rig(o, group, workdir)
+        try:
+            if rig.wait_agent_up() != "digits-edge@1":
+                raise FleetError("the agent did not start on the factory bundle")
+            say("legitimate updates")
+            times = []
+            for _ in range(3):
+                v = rig.next_version()
+                rig.push(rig.bundle(v, rig.fleet_key))
+                times.append(_update_to(rig, v))
+            report.update_seconds = statistics.median(times)
+            say("attacks")
+            _attacks(rig, report)
+            say(f"{o.crash_trials} crash trials")
+            _crash_trials(rig, report, rng)
+            say("health-check failure")
+            _revert(rig, report)
+            say(f"hot swap at {o.swap_rate_hz:g} requests/s")
+            _hot_swap(rig, report)
+        finally:
+            rig.stop()
     return report

@@ -17,7 +17,7 @@ EXIT_REFUSED = 1      # the hub (or this tool) refused: bad input, conflict, not
 EXIT_UNREACHABLE = 2  # the hub could not be reached
 EXIT_HALTED = 3       # a watched rollout ended halted or rolled back
 
-DEFAULT_HUB = "http://127.0.0.1:8000"
+DEFAULT_HUB = "http://127.0.0.1:8080"  # where `cloud-hub serve` listens by default
 HubOption = Annotated[str, typer.Option("--hub", envvar="EHI_FLEET_HUB",
                                         help="the hub's URL ($EHI_FLEET_HUB)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]

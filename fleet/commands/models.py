@@ -105,11 +105,14 @@ def models_list(
     if as_json:
         emit_json(rows)
         return
-    t = Table("model", "version", "bytes", "signed by", "expires", "files")
+    t = Table("model", "version", "bytes", "files", "expires")
+    t.add_column("signed by", no_wrap=True)
     for m in rows:
-        t.add_row(m["name"], str(m["version"]), f"{m['total_bytes']:,}", m["keyid"],
-                  (m["expires"] or "-")[:10], ", ".join(f["path"] for f in m["files"]))
+        t.add_row(m["name"], str(m["version"]), f"{m['total_bytes']:,}", str(len(m["files"])),
+                  (m["expires"] or "-")[:10], m["keyid"])
     Console().print(t)
+    if rows:
+        Console().print("files of one: fleet models show NAME VERSION", style="dim")
 
 
 @app.command("show")

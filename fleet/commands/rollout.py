@@ -152,6 +152,7 @@ def _render(r: dict[str, Any]) -> Any:
 
 # Judged on the stage's results after the bake time: until then their marks are provisional.
 ML_GATES = ("offload_rate", "disagreement", "p95_latency_ms")
+RATE_GATES = ("offload_rate", "disagreement")  # judged by a z-test, not by the value alone
 
 
 def _mark(gate: dict[str, Any], provisional: bool) -> str:
@@ -161,7 +162,7 @@ def _mark(gate: dict[str, Any], provisional: bool) -> str:
         return "[dim]waiting[/dim]"
     if passed is False:
         return f"[red]{'worse' + so_far if so_far else 'FAIL'}[/red]"
-    if value is not None and limit is not None and value > limit:
+    if gate["name"] in RATE_GATES and value is not None and limit is not None and value > limit:
         # Above the limit, but not by more than the samples' noise (the z-test).
         return f"[yellow]within noise{so_far}[/yellow]"
     return f"[green]ok{so_far}[/green]"
@@ -226,14 +227,16 @@ def rollout_list(hub: HubOption = DEFAULT_HUB, as_json: JsonOption = False) -> N
         emit_json(rows)
         return
     t = Table("id", "model", "to", "state", "stage", "installed")
-    t.add_column("reason", no_wrap=True, overflow="ellipsis", max_width=48)
     for r in rows:
         inst = sum(s["installed"] for s in r["stage_counts"])
         tot = r["stage_counts"][-1]["cumulative"] if r["stage_counts"] else 0
         t.add_row(str(r["id"]), f"{r['model']}@{r['version']}", r["selector"] or "*",
-                  r["state"], f"{r['stage']}/{len(r['stages'])}", f"{inst}/{tot}",
-                  r["reason"] or "")
-    Console().print(t)
+                  r["state"], f"{r['stage']}/{len(r['stages'])}", f"{inst}/{tot}")
+    console = Console()
+    console.print(t)
+    for r in rows:  # below the table: a reason is too long for a column
+        if r["reason"]:
+            console.print(f"rollout {r['id']}: {r['reason']}", highlight=False)
 
 
 def _action(action: str, rollout_id: int, hub: str, as_json: bool) -> None:
