@@ -11,8 +11,10 @@ Rates (offload, disagreement) are proportions measured on samples, the baseline'
 fails on them only when the new figure is above its limit with `confidence` (a one-sided
 two-sample z-test of new > baseline * (1 + increase) + slack, both samples' variances counted),
 so that a good model does not halt a rollout on noise, while a model that offloads twice as much
-is caught within a few hundred results. The p95 latency is compared only once both sides have
-`min_results` results.
+is caught within a few hundred results. A figure above its limit that is not (yet) significantly
+so does not pass either: the stage keeps collecting results, up to `more_results_factor` times
+`min_results`, and only then gets the benefit of the doubt. The p95 latency is compared only
+once both sides have `min_results` results.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class RolloutPolicy:
     min_reporting: float = 1.0         # fraction of a stage's devices with an install outcome
     bake_s: float = 600.0              # after the reporting gate, before the ML gate judges
     # Results on the new version in the stage before the ML gate judges: enough that doubling
-    # an offload rate of 20% is caught with about 96% probability against a baseline of 400
-    # results, 99.8% against 2,000 (z-test at 99%; docs/rollouts.md).
+    # an offload rate of 20% is caught with 99.6% probability against a baseline of 400
+    # results (bench/gate_power.py; docs/rollouts.md).
     min_results: int = 400
     max_offload_increase: float = 0.20     # relative to the same devices' previous figure
     max_disagreement_increase: float = 0.20
@@ -44,6 +46,9 @@ class RolloutPolicy:
     baseline_window_s: float = 3600.0  # results on the previous version this far back count
     stage_timeout_s: float = 3600.0    # a stage that cannot decide by then halts
     confidence: float = 0.99           # of "above the limit" before a rate gate fails
+    # A rate above its limit but not significantly so waits for up to this many times
+    # min_results before it passes (docs/rollouts.md: power with and without).
+    more_results_factor: float = 4.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,9 +142,15 @@ def ml_gates(base: Figures, new: Figures, p: RolloutPolicy) -> list[Gate]:
             out.append(Gate(name, v, lim, True, b, "no figure to compare"))
             continue
         worse, z = rate_worse(v, n, b, nb, rel, slack, p.confidence)
-        out.append(Gate(name, v, lim, not worse, b,
+        # Above the limit, not significantly: undecided (None) until the results run to
+        # more_results_factor * min_results; counted on the new version's whole stage.
+        undecided = (not worse and v > lim
+                     and new.results < p.more_results_factor * max(p.min_results, 1))
+        out.append(Gate(name, v, lim, None if undecided else not worse, b,
                         f"z={z:.2f} (n={n}, baseline n={nb}); fails above the limit at "
-                        f"{p.confidence:.0%} confidence"))
+                        f"{p.confidence:.0%} confidence"
+                        + ("; above it, not significantly: collecting more results"
+                           if undecided else "")))
     lim = _limit(base.p95_ms, p.max_p95_increase, p.p95_slack_ms)
     if new.p95_ms is None or lim is None or min(new.results, base.results) < p.min_results:
         out.append(Gate("p95_latency_ms", new.p95_ms, lim, True, base.p95_ms,
@@ -172,6 +183,13 @@ def judge_stage(n: int, installed: int, failed: int, base: Figures, new: Figures
                                                f"{p.stage_timeout_s:.0f} s")
         return StageVerdict("wait", gates)
     bad = [g for g in ml if g.passed is False]
+    if not bad and any(g.passed is None for g in ml):
+        if stage_age_s > p.stage_timeout_s:
+            return StageVerdict("fail", gates, "undecided within "
+                                f"{p.stage_timeout_s:.0f} s: " + ", ".join(
+                                    g.name for g in ml if g.passed is None)
+                                + " above the limit, not significantly")
+        return StageVerdict("wait", gates)
     if bad:
         return StageVerdict("fail", gates, "; ".join(
             f"{g.name} {g.value:.4g} over its limit {g.limit:.4g} (was {g.baseline:.4g})"

@@ -158,12 +158,17 @@ RATE_GATES = ("offload_rate", "disagreement")  # judged by a z-test, not by the 
 def _mark(gate: dict[str, Any], provisional: bool) -> str:
     passed, value, limit = gate["passed"], gate["value"], gate["limit"]
     so_far = " so far" if provisional and gate["name"] in ML_GATES else ""
+    # Above the limit, but not by more than the samples' noise (the z-test): undecided while
+    # results come in, passed with the benefit of the doubt once there are enough.
+    noise = (gate["name"] in RATE_GATES and value is not None and limit is not None
+             and value > limit)
     if passed is None:
+        if noise:
+            return f"[yellow]within noise{so_far or ', collecting more'}[/yellow]"
         return "[dim]waiting[/dim]"
     if passed is False:
         return f"[red]{'worse' + so_far if so_far else 'FAIL'}[/red]"
-    if gate["name"] in RATE_GATES and value is not None and limit is not None and value > limit:
-        # Above the limit, but not by more than the samples' noise (the z-test).
+    if noise:
         return f"[yellow]within noise{so_far}[/yellow]"
     return f"[green]ok{so_far}[/green]"
 

@@ -60,10 +60,28 @@ def test_ml_gate_waits_for_results_and_bake_then_judges() -> None:
     slow = RolloutPolicy(min_results=100, bake_s=60)
     assert judge_stage(10, 10, 0, base, twice, 10.0, 10.0, slow).decision == "wait"
     assert judge_stage(10, 10, 0, base, same, 0.0, 1.0, P).decision == "pass"
+    v = judge_stage(10, 10, 0, base, Figures(50, 0.2, 0.2, 3.0, 10), 0.0, 7200.0, P)
+    assert v.decision == "fail" and "not enough results (50)" in v.reason  # timed out
     v = judge_stage(10, 10, 0, base, twice, 0.0, 1.0, P)
     assert v.decision == "fail" and "offload_rate" in v.reason
     gate = next(g for g in v.gates if g.name == "offload_rate")
     assert gate.limit == pytest.approx(0.20 * 1.2 + 0.02) and gate.baseline == 0.20
+
+
+def test_a_rate_above_its_limit_but_not_significantly_collects_more_results() -> None:
+    base = Figures(480, 0.20, 0.25, 3.0, 100)
+    # 0.30 over a limit of 0.26 on 300 results: not significant, so neither pass nor fail.
+    v = judge_stage(2, 2, 0, base, Figures(300, 0.30, 0.25, 3.0, 90), 0.0, 60.0, P)
+    gate = next(g for g in v.gates if g.name == "offload_rate")
+    assert v.decision == "wait" and gate.passed is None and "collecting" in gate.note
+    # Still ambiguous at 4x min_results (400 here): the benefit of the doubt.
+    assert judge_stage(2, 2, 0, base, Figures(400, 0.28, 0.25, 3.0, 112), 0.0, 60.0,
+                       P).decision == "pass"
+    # The same figure once significant: halted. Ambiguous past the stage timeout: halted.
+    assert judge_stage(2, 2, 0, base, Figures(390, 0.38, 0.25, 3.0, 148), 0.0, 60.0,
+                       P).decision == "fail"
+    v = judge_stage(2, 2, 0, base, Figures(300, 0.30, 0.25, 3.0, 90), 0.0, 7200.0, P)
+    assert v.decision == "fail" and "undecided" in v.reason
 
 
 def test_rate_test_counts_both_samples_noise() -> None:
@@ -84,3 +102,22 @@ def test_latency_gate_compares_p95_once_both_sides_have_enough() -> None:
     assert {x.name: x for x in ml_gates(base, few, P)}["p95_latency_ms"].passed is True
     nothing = {x.name: x for x in ml_gates(Figures(0, None, None, None), slow, P)}
     assert all(x.passed for x in nothing.values())   # no baseline: nothing shown worse
+
+
+def test_status_marks_say_what_is_provisional_and_what_is_noise() -> None:
+    from fleet.commands.rollout import _mark
+
+    def g(name: str, value: float, limit: float, passed: bool | None) -> dict[str, object]:
+        return {"name": name, "value": value, "limit": limit, "passed": passed}
+
+    assert _mark(g("offload_rate", 0.4, 0.26, None), provisional=True) == \
+        "[yellow]within noise so far[/yellow]"
+    assert _mark(g("offload_rate", 0.4, 0.26, None), provisional=False) == \
+        "[yellow]within noise, collecting more[/yellow]"
+    assert _mark(g("offload_rate", 0.3, 0.26, True), provisional=False) == \
+        "[yellow]within noise[/yellow]"
+    assert _mark(g("offload_rate", 0.4, 0.26, False), provisional=False) == "[red]FAIL[/red]"
+    assert _mark(g("offload_rate", 0.2, 0.26, True), provisional=True) == "[green]ok so far[/green]"
+    assert _mark(g("results", 450, 400, True), provisional=False) == "[green]ok[/green]"
+    assert _mark(g("results", 50, 400, None), provisional=True) == "[dim]waiting[/dim]"
+    assert _mark(g("install_failures", 0, 0.05, True), provisional=True) == "[green]ok[/green]"
