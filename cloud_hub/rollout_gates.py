@@ -12,7 +12,8 @@ fails on them only when the new figure is above its limit with `confidence` (a o
 two-sample z-test of new > baseline * (1 + increase) + slack, both samples' variances counted),
 so that a good model does not halt a rollout on noise, while a model that offloads twice as much
 is caught within a few hundred results. A figure above its limit that is not (yet) significantly
-so does not pass either: the stage keeps collecting results, up to `more_results_factor` times
+so does not pass either: the stage keeps collecting results while they can still tell (while
+the new sample is at least a quarter of the noise), up to `more_results_factor` times
 `min_results`, and only then gets the benefit of the doubt. The p95 latency is compared only
 once both sides have `min_results` results.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -114,18 +115,30 @@ def _limit(base: float | None, rel: float, slack: float) -> float | None:
     return None if base is None else base * (1.0 + rel) + slack
 
 
+# A rate gate collects more results only while the new sample makes up at least this share of
+# the test's variance: past it, doubling the results shrinks the noise by under 13%.
+MIN_NEW_SHARE = 0.25
+
+
+class RateTest(NamedTuple):
+    worse: bool        # above the limit with the confidence asked for
+    z: float
+    new_share: float   # the new sample's share of the variance: what more results can shrink
+
+
 def rate_worse(new: float, n_new: int, base: float, n_base: int, rel: float, slack: float,
-               confidence: float) -> tuple[bool, float]:
+               confidence: float) -> RateTest:
     """Whether the proportion `new` (of `n_new`) is above `base * (1 + rel) + slack` (`base` of
     `n_base`) with `confidence`; also the z score. Proportions are smoothed by half a count so
     that a sample with no events still has a variance."""
     if n_new <= 0 or n_base <= 0:
-        return False, 0.0
+        return RateTest(False, 0.0, 1.0)
     pn = (new * n_new + 0.5) / (n_new + 1)
     pb = (base * n_base + 0.5) / (n_base + 1)
-    se = math.sqrt(pn * (1 - pn) / n_new + (1 + rel) ** 2 * pb * (1 - pb) / n_base)
-    z = (new - (base * (1 + rel) + slack)) / se
-    return z > NormalDist().inv_cdf(confidence), z
+    var_new = pn * (1 - pn) / n_new
+    var_base = (1 + rel) ** 2 * pb * (1 - pb) / n_base
+    z = (new - (base * (1 + rel) + slack)) / math.sqrt(var_new + var_base)
+    return RateTest(z > NormalDist().inv_cdf(confidence), z, var_new / (var_new + var_base))
 
 
 def ml_gates(base: Figures, new: Figures, p: RolloutPolicy) -> list[Gate]:
@@ -141,10 +154,11 @@ def ml_gates(base: Figures, new: Figures, p: RolloutPolicy) -> list[Gate]:
             # nothing to compare, nothing worse shown.
             out.append(Gate(name, v, lim, True, b, "no figure to compare"))
             continue
-        worse, z = rate_worse(v, n, b, nb, rel, slack, p.confidence)
-        # Above the limit, not significantly: undecided (None) until the results run to
-        # more_results_factor * min_results; counted on the new version's whole stage.
-        undecided = (not worse and v > lim
+        worse, z, new_share = rate_worse(v, n, b, nb, rel, slack, p.confidence)
+        # Above the limit, not significantly: undecided (None) while more results can still
+        # tell (the new sample is a fair part of the noise; the baseline's cannot shrink) and
+        # until they run to more_results_factor * min_results.
+        undecided = (not worse and v > lim and new_share >= MIN_NEW_SHARE
                      and new.results < p.more_results_factor * max(p.min_results, 1))
         out.append(Gate(name, v, lim, None if undecided else not worse, b,
                         f"z={z:.2f} (n={n}, baseline n={nb}); fails above the limit at "
