@@ -34,7 +34,7 @@ class RolloutPolicy:
     min_reporting: float = 1.0         # fraction of a stage's devices with an install outcome
     bake_s: float = 600.0              # after the reporting gate, before the ML gate judges
     # Results on the new version in the stage before the ML gate judges: enough that doubling
-    # an offload rate of 20% is caught with 99.6% probability against a baseline of 400
+    # an offload rate of 20% is caught with 99.7% probability against a baseline of 400
     # results (bench/gate_power.py; docs/rollouts.md).
     min_results: int = 400
     max_offload_increase: float = 0.20     # relative to the same devices' previous figure

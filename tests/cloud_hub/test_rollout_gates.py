@@ -82,6 +82,11 @@ def test_a_rate_above_its_limit_but_not_significantly_collects_more_results() ->
                        P).decision == "fail"
     v = judge_stage(2, 2, 0, base, Figures(300, 0.30, 0.25, 3.0, 90), 0.0, 7200.0, P)
     assert v.decision == "fail" and "undecided" in v.reason
+    # A short baseline is most of the noise, and more results on the new version cannot shrink
+    # it: the stage passes on what it has instead of waiting for the cap.
+    short = Figures(105, 0.143, 0.25, 3.0, 25)
+    assert judge_stage(2, 2, 0, short, Figures(300, 0.21, 0.25, 3.0, 60), 0.0, 60.0,
+                       P).decision == "pass"
 
 
 def test_rate_test_counts_both_samples_noise() -> None:
