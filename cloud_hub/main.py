@@ -59,7 +59,8 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
             app.state.bridge = bridge
             controller = RolloutController(app.state.sessions, app.state.hub_key,
                                            bridge.publish_desired, settings.rollout_tick_s,
-                                           holder=f"{settings.replica_id}-{uuid.uuid4().hex[:6]}")
+                                           holder=f"{settings.replica_id}-{uuid.uuid4().hex[:6]}",
+                                           metrics=app.state.metrics)
             controller.start()
             app.state.rollouts = controller
             log.info("hub %s: cloud model %s on %s, broker %s:%d", settings.replica_id,

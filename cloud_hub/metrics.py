@@ -45,3 +45,18 @@ class HubMetrics:
                                registry=r)
         self.store_errors = Counter("ehi_hub_store_errors_total", "Database operations failed",
                                     registry=r)
+        # Rollouts (cloud_hub/rollouts.py): set by the replica that holds the controller's lease.
+        self.rollouts = Gauge("ehi_hub_rollouts", "Rollouts by state", ["state"], registry=r)
+        self.rollout_leader = Gauge("ehi_hub_rollout_leader",
+                                    "1 while this replica runs the rollouts", registry=r)
+        self.rollout_assignments = Counter(
+            "ehi_hub_rollout_assignments_total",
+            "Devices assigned by the rollout controller: the new version, or back after a halt",
+            ["kind"], registry=r)
+        self.rollout_stages = Counter(
+            "ehi_hub_rollout_stages_total",
+            "Stages judged: passed, or halted with the gate that failed", ["decision", "gate"],
+            registry=r)
+        self.rollout_actions = Counter("ehi_hub_rollout_actions_total",
+                                       "Operator actions on rollouts, done or refused",
+                                       ["action", "outcome"], registry=r)

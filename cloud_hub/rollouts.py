@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud_hub.assignments import assign
 from cloud_hub.db import Device, Lease, Result, RollbackDirective, Rollout, RolloutDevice
 from cloud_hub.errors import BundleRejected, Conflict, NotFound, RegistryError, Unavailable
+from cloud_hub.metrics import HubMetrics
 from cloud_hub.registry import get_model
 from cloud_hub.rollout_gates import Figures, RolloutPolicy, judge_stage
 from fleet.selectors import Selector, SelectorError, parse_selector
@@ -243,7 +244,9 @@ def transition(s: Session, rollout_id: int, action: str, hub_key: PrivateKey | N
 
 
 def _revert(s: Session, r: Rollout, rows: list[RolloutDevice], hub_key: PrivateKey,
-            publish: Publish) -> None:
+            publish: Publish) -> int:
+    """Assign each row's device its previous version; the number assigned."""
+    n = 0
     for row in rows:
         if row.state in (DeviceState.REVERTED.value, DeviceState.REVERTING.value,
                          DeviceState.SKIPPED.value):
@@ -261,6 +264,8 @@ def _revert(s: Session, r: Rollout, rows: list[RolloutDevice], hub_key: PrivateK
             log.error("rollout %d: cannot revert %s: %s", r.id, row.device, exc)
             continue
         row.state = DeviceState.REVERTING.value
+        n += 1
+    return n
 
 
 def stage_report(s: Session, r: Rollout) -> list[dict[str, Any]]:
@@ -293,8 +298,10 @@ class RolloutController:
     """Steps every rollout on a timer, in the replica that holds the lease."""
 
     def __init__(self, sessions: sessionmaker, hub_key: PrivateKey, publish: Publish,
-                 tick_s: float, holder: str | None = None) -> None:
+                 tick_s: float, holder: str | None = None,
+                 metrics: HubMetrics | None = None) -> None:
         self.sessions = sessions
+        self.metrics = metrics
         self.hub_key = hub_key
         self.publish = publish
         self.tick_s = tick_s
@@ -314,7 +321,10 @@ class RolloutController:
     def _loop(self) -> None:
         while not self._stop.wait(self.tick_s):
             try:
-                if self.lead():
+                leading = self.lead()
+                if self.metrics is not None:
+                    self.metrics.rollout_leader.set(1 if leading else 0)
+                if leading:
                     self.step_all()
             except SQLAlchemyError as exc:
                 log.error("rollout controller: database error (retrying): %s", exc)
@@ -348,6 +358,12 @@ class RolloutController:
         for rid in ids:
             with self.sessions() as s:
                 self.step(s, s.get(Rollout, rid), now or time.time())
+        if self.metrics is not None:
+            with self.sessions() as s:
+                counts = dict(s.execute(select(Rollout.state, func.count())
+                                        .group_by(Rollout.state)).all())
+            for st in State:
+                self.metrics.rollouts.labels(st.value).set(counts.get(st.value, 0))
 
     def step(self, s: Session, r: Rollout | None, now: float) -> None:
         if r is None:
@@ -415,6 +431,7 @@ class RolloutController:
             s.add(row)
             rows[d.id] = row
             budget -= 1
+            self._count("assign")
         stage_rows = [row for row in rows.values() if row.stage == r.stage
                       and row.state != DeviceState.SKIPPED.value]
         unassigned = sum(1 for d in members if d.id not in rows)
@@ -441,12 +458,23 @@ class RolloutController:
         r.gates = {"stage": r.stage + 1, "decision": v.decision,
                    "baseline_results": base.results, "gates": [g.to_dict() for g in v.gates]}
         if v.decision == "pass":
+            self._judged("passed", "")
             self._advance(r, now)
         elif v.decision == "fail":
             r.state, r.reason = State.HALTED.value, f"stage {r.stage + 1}: {v.reason}"
             log.warning("rollout %d halted at stage %d: %s; reverting its %d devices", r.id,
                         r.stage + 1, v.reason, n)
-            _revert(s, r, stage_rows, self.hub_key, self.publish)
+            self._judged("halted", "+".join(g.name for g in v.gates if g.passed is False)
+                         or "stage_timeout")
+            self._count("revert", _revert(s, r, stage_rows, self.hub_key, self.publish))
+
+    def _count(self, kind: str, n: int = 1) -> None:
+        if self.metrics is not None and n:
+            self.metrics.rollout_assignments.labels(kind).inc(n)
+
+    def _judged(self, decision: str, gate: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rollout_stages.labels(decision, gate).inc()
 
     def _advance(self, r: Rollout, now: float) -> None:
         if r.stage + 1 >= len(r.stages):

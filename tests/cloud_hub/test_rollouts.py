@@ -24,6 +24,7 @@ from cloud_hub.db import (
 )
 from cloud_hub.errors import Conflict
 from cloud_hub.ingest import ingest_results
+from cloud_hub.metrics import HubMetrics
 from cloud_hub.registry import add_rollback
 from cloud_hub.rollout_gates import RolloutPolicy
 from cloud_hub.rollouts import (
@@ -105,7 +106,12 @@ def sessions(database_url: str, kit: UpdateKit) -> Iterator[sessionmaker]:
 
 def _controller(sessions: sessionmaker, kit: UpdateKit, fleet: Fleet) -> RolloutController:
     return RolloutController(sessions, kit.hub_key, fleet, tick_s=1.0,
-                             holder=f"test-{uuid.uuid4().hex[:6]}")
+                             holder=f"test-{uuid.uuid4().hex[:6]}", metrics=HubMetrics())
+
+
+def _metric(c: RolloutController, name: str, **labels: str) -> float:
+    assert c.metrics is not None
+    return c.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def _run(c: RolloutController, fleet: Fleet, rid: int, start: float, steps: int = 30,
@@ -137,7 +143,11 @@ def test_a_good_rollout_goes_through_every_stage(sessions: sessionmaker, kit: Up
         rid = create_rollout(s, "digits-edge", 2, "site=berlin", ["5%", "25%", "100%"], FAST).id
         assert get_rollout(s, rid).state == "pending"
     states: list[tuple[str, int]] = []
-    assert _run(_controller(sessions, kit, fleet), fleet, rid, T0, states=states) == "completed"
+    c = _controller(sessions, kit, fleet)
+    assert _run(c, fleet, rid, T0, states=states) == "completed"
+    assert _metric(c, "ehi_hub_rollout_assignments_total", kind="assign") == 12
+    assert _metric(c, "ehi_hub_rollout_stages_total", decision="passed", gate="") == 3
+    assert _metric(c, "ehi_hub_rollouts", state="completed") == 1
     assert states[0][0] == "running"
     assert ("running", 1) in states and ("running", 2) in states
     models = _models(sessions)
@@ -201,6 +211,9 @@ def test_the_ml_gate_halts_a_model_that_offloads_more(sessions: sessionmaker,
     with sessions() as s:
         r = get_rollout(s, rid)
         assert "offload_rate" in (r.reason or "") and r.stage == 0
+    assert _metric(c, "ehi_hub_rollout_stages_total", decision="halted",
+                   gate="offload_rate") == 1
+    assert _metric(c, "ehi_hub_rollout_assignments_total", kind="revert") == 4
     models = _models(sessions)
     assert all(models[d] == "digits-edge@1" for d in stage) and len(stage) == 4
     assert set(fleet.assigned()) == set(stage)

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -123,6 +124,12 @@ def test_devices_models_and_rollouts_through_the_cli(fleet_hub: tuple[HubServer,
     assert wait_until(lambda: sim.models().get("digits-edge@3", 0) == 0, CONNECT_S * 2)
     code, out = fleet("rollout", "list", *h)
     assert code == 0 and "rolled_back" in out and "completed" in out
+    metrics = httpx.get(f"{hub.url}/metrics", timeout=10).text
+    for line in ('ehi_hub_rollout_actions_total{action="pause",outcome="done"} 1.0',
+                 'ehi_hub_rollout_actions_total{action="pause",outcome="refused"} 1.0',
+                 'ehi_hub_rollouts{state="completed"} 1.0', "ehi_hub_rollout_leader 1.0",
+                 'ehi_hub_rollout_stages_total{decision="passed",gate=""} 2.0'):
+        assert line in metrics, line
 
 
 def test_cli_errors_say_what_to_do(kit: UpdateKit, tmp_path: Path) -> None:

@@ -94,7 +94,9 @@ def _act(action: str, rollout_id: int, session: Any, state: Any) -> Any:
         r = transition(session, rollout_id, action, state.hub_key,
                        bridge.publish_desired if bridge is not None else None)
     except RegistryError as exc:
+        state.metrics.rollout_actions.labels(action, "refused").inc()
         return error_response(exc)
+    state.metrics.rollout_actions.labels(action, "done").inc()
     return rollout_out(session, r)
 
 
