@@ -245,7 +245,8 @@ class Bridge:
                     for key in ("entries", "dropped_full", "dropped_expired"):
                         if isinstance(ob.get(key), int | float):
                             self.metrics.device_outbox.labels(item.device, key).set(ob[key])
-                record_telemetry(self.sessions, item.device, h)
+                if record_telemetry(self.sessions, item.device, h):
+                    self.metrics.bad_messages.labels("labels").inc()
             elif item.channel is p.Channel.STATUS:
                 h = p.decode_frame(item.payload, p.Kind.STATUS).header
                 record_status(self.sessions, item.device, h.get("state") == "online")

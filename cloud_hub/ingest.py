@@ -18,6 +18,7 @@ from cloud_hub.db import Device, HardExample, Result
 from cloud_hub.errors import StoreError
 from fleet.protocol import HardExample as WireHardExample
 from fleet.protocol import ResultRecord, tensor_bytes
+from fleet.selectors import label_problems
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,12 @@ def _touch_devices(s: Session, devices: list[str], duplicates_of: list[str], now
             dev.duplicates = Device.duplicates + n
 
 
-def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, Any]) -> None:
+def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, Any]
+                     ) -> list[str]:
+    """Store a device's telemetry; returns what was wrong with its labels (kept as they were
+    then: a selector could not name them anyway), empty if nothing."""
     now = time.time()
+    bad: list[str] = []
     try:
         with sessions.begin() as s:
             dev = s.get(Device, device)
@@ -160,9 +165,16 @@ def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, A
             dev.backend = str(telemetry.get("backend")) if telemetry.get("backend") else dev.backend
             labels = telemetry.get("labels")
             if isinstance(labels, dict) and labels != (dev.reported_labels or {}):
-                dev.reported_labels = {str(k)[:64]: str(v)[:128] for k, v in labels.items()}
+                labels = {str(k): str(v) for k, v in labels.items()}
+                bad = label_problems(labels)
+                if bad:
+                    log.warning("device %s reports labels the hub cannot select on: %s",
+                                device, "; ".join(bad[:3]))
+                else:
+                    dev.reported_labels = labels
     except SQLAlchemyError as exc:
         raise StoreError(f"could not store telemetry of {device}: {exc}") from None
+    return bad
 
 
 def record_status(sessions: sessionmaker, device: str, online: bool) -> None:

@@ -199,6 +199,16 @@ class AgentSettings(BaseSettings):
         check_device_id(v)
         return v
 
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        from fleet.selectors import label_problems
+
+        bad = label_problems(v)
+        if bad:
+            raise ValueError("; ".join(bad))
+        return v
+
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
                                    init_settings: PydanticBaseSettingsSource,

@@ -12,6 +12,7 @@ Terms are joined with commas and all must hold (as in Kubernetes' equality-based
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 _KEY = r"[A-Za-z0-9_.\-/]{1,64}"
@@ -20,8 +21,26 @@ _TERM = re.compile(rf"^\s*(?:(?P<neg>!)\s*(?P<nkey>{_KEY})|(?P<key>{_KEY})\s*"
                    rf"(?:(?P<op>==|=|!=)\s*(?P<value>{_VALUE}))?)\s*$")
 
 
+# Labels a selector can name: what devices may report and operators may set.
+LABEL_KEY = re.compile(_KEY)
+LABEL_VALUE = re.compile(_VALUE)
+MAX_LABELS = 32
+
+
 class SelectorError(ValueError):
     """A selector that does not parse; the message says which term."""
+
+
+def label_problems(labels: Mapping[str, str | None]) -> list[str]:
+    """What is wrong with a set of labels (values of None, a removal, are allowed); empty if
+    nothing."""
+    out = [f"label key {k!r}: 1-64 of A-Z a-z 0-9 _ . - /" for k in labels
+           if not LABEL_KEY.fullmatch(k)]
+    out += [f"label {k}={v!r}: up to 128 of A-Z a-z 0-9 _ . - / : @" for k, v in labels.items()
+            if v is not None and not LABEL_VALUE.fullmatch(v)]
+    if len(labels) > MAX_LABELS:
+        out.append(f"{len(labels)} labels: at most {MAX_LABELS}")
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,6 +109,16 @@ def test_api_health_devices_docs(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     assert "ehi_hub" in client.get("/metrics").text
     assert client.get("/v1/results", params={"limit": 0}).status_code == 422
+    r = client.put("/v1/devices/dev-1/labels", json={"labels": {"site": "berlin", "hw": "rpi4"}})
+    assert r.status_code == 200 and r.json()["labels"] == {"site": "berlin", "hw": "rpi4"}
+    for bad in ({"site": "two words"}, {"bad key": "x"}, {f"k{i}": "v" for i in range(40)}):
+        r = client.put("/v1/devices/dev-1/labels", json={"labels": bad})
+        assert r.status_code == 422, bad
+    r = client.put("/v1/devices/dev-1/labels", json={"labels": {"hw": None}})
+    assert r.json()["labels"] == {"site": "berlin"}
+    assert [d["id"] for d in client.get("/v1/devices",
+                                        params={"selector": "site=berlin"}).json()] == ["dev-1"]
+    assert client.get("/v1/devices", params={"selector": "a b"}).status_code == 422
 
 
 # ---------------------------------------------------------------- bridge
@@ -205,6 +215,14 @@ def test_bridge_records_status_and_telemetry(bridge_on_bus) -> None:
     gauge = bridge.metrics.registry.get_sample_value
     assert gauge("ehi_device_outbox", {"device": "dev-7", "figure": "entries"}) == 42
     assert gauge("ehi_device_outbox", {"device": "dev-7", "figure": "dropped_full"}) == 3
+    # Labels: kept when a selector can name them; otherwise the old ones stay, counted.
+    for labels in ({"site": "berlin"}, {"site": "two words"}):
+        bus.publish("ehi/v1/dev-7/telemetry", p.encode_json(p.Kind.TELEMETRY, {
+            "model": "digits-edge@1", "labels": labels}))
+    assert wait_until(lambda: (gauge("ehi_hub_bad_messages_total", {"reason": "labels"})
+                               or 0) == 1)
+    with bridge.sessions() as s:
+        assert s.get(Device, "dev-7").reported_labels == {"site": "berlin"}
     bus.publish("ehi/v1/dev-7/status", p.status_payload("offline", "dev-7"))
 
     def offline() -> bool:

@@ -302,3 +302,12 @@ def test_a_backlog_drains_at_the_configured_rate(make_agent: Callable[..., Agent
     assert again <= 100 * (time.monotonic() - t0) + 1  # only what the rate allowed since
     time.sleep(0.6)
     assert a.flush_results() == 50  # the bucket holds at most a burst
+
+
+def test_settings_refuse_labels_a_selector_could_not_name() -> None:
+    from edge_agent.config import load_settings
+    from edge_agent.errors import ConfigError
+
+    assert load_settings(device_id="cam-1", labels={"site": "berlin"}).labels == {"site": "berlin"}
+    with pytest.raises(ConfigError, match=r"labels.*two words"):
+        load_settings(device_id="cam-1", labels={"site": "two words"})

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
@@ -13,9 +12,7 @@ from cloud_hub.assignments import assign
 from cloud_hub.db import DesiredModel, Device
 from cloud_hub.errors import BundleRejected, NotFound, RegistryError, Unavailable
 from cloud_hub.rollouts import matching_devices
-from fleet.selectors import SelectorError, parse_selector
-
-_LABEL_KEY = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")
+from fleet.selectors import SelectorError, label_problems, parse_selector
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -86,16 +83,15 @@ def set_labels(device_id: str, body: LabelsIn, session: SessionDep) -> Any:
     dev = session.get(Device, device_id)
     if dev is None:
         return error_response(NotFound(f"unknown device {device_id!r}"))
-    bad = [k for k in body.labels if not _LABEL_KEY.fullmatch(k)]
-    if bad:
-        return error_response(BundleRejected(f"label keys {bad} must be 1-64 of "
-                                             "A-Z a-z 0-9 _ . - /"))
     labels = dict(dev.labels or {})
     for k, v in body.labels.items():
         if v is None:
             labels.pop(k, None)
         else:
-            labels[k] = v[:128]
+            labels[k] = v
+    bad = label_problems(body.labels) or label_problems(labels)
+    if bad:
+        return error_response(BundleRejected("; ".join(bad)))
     dev.labels = labels
     session.commit()
     return _out(dev)
