@@ -147,6 +147,13 @@ def _render(r: dict[str, Any]) -> Any:
             t.add_row(x["name"], _num(x["value"]), _num(x["limit"]), _num(x.get("baseline")),
                       _mark(x, provisional=g.get("decision") == "wait"))
         parts.append(t)
+    if r.get("devices"):
+        t = Table("device", "stage", "state", "previous")
+        t.add_column("error", overflow="fold")
+        for d in r["devices"]:
+            t.add_row(d["device"], str(d["stage"]), d["state"], d["previous_model"] or "-",
+                      d["error"] or "")
+        parts.append(t)
     return Group(*parts)
 
 
@@ -184,6 +191,9 @@ def rollout_status(
     watch: Annotated[bool, typer.Option("--watch", "-w", help="follow it until it ends; exit "
                                                              "3 if it halts or rolls back")]
     = False,
+    devices: Annotated[bool, typer.Option("--devices", "-d", help="every device of the "
+                                                                  "rollout: stage, state, "
+                                                                  "error")] = False,
     hub: HubOption = DEFAULT_HUB,
     as_json: JsonOption = False,
 ) -> None:
@@ -198,20 +208,20 @@ def rollout_status(
             if not rows:
                 fail(what, "there are no rollouts yet: fleet rollout start BUNDLE --to ...")
             rollout_id = int(rows[0]["id"])
-        r = c.get(f"/v1/rollouts/{rollout_id}")
+        r = c.get(f"/v1/rollouts/{rollout_id}", devices=devices or None)
         if watch and not as_json:
             console = Console()
             with Live(_render(r), console=console, refresh_per_second=4) as live:
                 while r["state"] not in TERMINAL:
                     time.sleep(WATCH_EVERY_S)
-                    r = c.get(f"/v1/rollouts/{rollout_id}")
+                    r = c.get(f"/v1/rollouts/{rollout_id}", devices=devices or None)
                     live.update(_render(r))
             if not console.is_terminal:
                 console.line()  # Live leaves its last frame without a line end when piped
         elif watch:
             while r["state"] not in TERMINAL:
                 time.sleep(WATCH_EVERY_S)
-                r = c.get(f"/v1/rollouts/{rollout_id}")
+                r = c.get(f"/v1/rollouts/{rollout_id}", devices=devices or None)
     if as_json:
         emit_json(r)
     elif not watch:

@@ -124,6 +124,11 @@ def test_devices_models_and_rollouts_through_the_cli(fleet_hub: tuple[HubServer,
     assert wait_until(lambda: sim.models().get("digits-edge@3", 0) == 0, CONNECT_S * 2)
     code, out = fleet("rollout", "list", *h)
     assert code == 0 and "rolled_back" in out and "completed" in out
+    code, out = fleet("rollout", "status", str(rid), "--devices", *h)
+    assert code == 0 and "digits-edge@2" in out and "revert" in out  # previous, reverting/ed
+    code, out = fleet("rollout", "status", str(rid), "--devices", "--json", *h)
+    rows = json.loads(out)["devices"]
+    assert rows and all(d["previous_model"] == "digits-edge@2" for d in rows)
     metrics = httpx.get(f"{hub.url}/metrics", timeout=10).text
     for line in ('ehi_hub_rollout_actions_total{action="pause",outcome="done"} 1.0',
                  'ehi_hub_rollout_actions_total{action="pause",outcome="refused"} 1.0',
