@@ -19,7 +19,7 @@ from cloud_hub.db import DesiredModel, Device, RollbackDirective
 from cloud_hub.errors import Conflict, NotFound, StoreError
 from cloud_hub.registry import get_model
 from fleet import protocol as p
-from fleet.assignment import Assignment, Reported, encode_desired
+from fleet.assignment import Assignment, OffloadTarget, Reported, encode_desired
 from fleet.signing import PrivateKey
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,13 @@ def _running_version(dev: Device, name: str) -> int | None:
     return None
 
 
+_KEEP = object()
+
+
 def assign(session: Session, hub_key: PrivateKey, device: str, name: str, version: int,
-           publish: Publish) -> DesiredModel:
-    """Record and publish `name@version` as the desired model of `device`.
+           publish: Publish, offload: OffloadTarget | object | None = _KEEP) -> DesiredModel:
+    """Record and publish `name@version` as the desired model of `device`, with `offload` as
+    the device's offload setting (by default the one its previous assignment carried).
 
     Raises NotFound (device or model), Conflict (an older version without a rollback
     directive)."""
@@ -59,15 +63,24 @@ def assign(session: Session, hub_key: PrivateKey, device: str, name: str, versio
     for _attempt in range(2):
         desired = session.get(DesiredModel, device, with_for_update=True)
         seq = desired.seq + 1 if desired is not None else 1
-        a = Assignment(device, seq, time.time(), model.manifest, rollback)
+        if offload is _KEEP:
+            kept = desired.offload if desired is not None else None
+            off = OffloadTarget.from_dict(kept) if kept else None
+        else:
+            assert offload is None or isinstance(offload, OffloadTarget)
+            off = offload
+        a = Assignment(device, seq, time.time(), model.manifest, rollback, off)
         payload = encode_desired(a, hub_key)
+        off_doc = off.to_dict() if off is not None else None
         if desired is None:
             desired = DesiredModel(device=device, seq=seq, name=name, version=version,
-                                   issued_at=a.issued_at, payload=payload, published=False)
+                                   issued_at=a.issued_at, payload=payload, published=False,
+                                   offload=off_doc)
             session.add(desired)
         else:
             desired.seq, desired.name, desired.version = seq, name, version
             desired.issued_at, desired.payload, desired.published = a.issued_at, payload, False
+            desired.offload = off_doc
         try:
             session.commit()
             break
@@ -81,6 +94,31 @@ def assign(session: Session, hub_key: PrivateKey, device: str, name: str, versio
     log.info("assigned %s@%d to %s (seq %d, %s)", name, version, device, seq,
              "published" if desired.published else "will publish when the broker is back")
     return desired
+
+
+def set_offload(session: Session, hub_key: PrivateKey, device: str,
+                offload: OffloadTarget | None, publish: Publish) -> DesiredModel:
+    """Give `device` an offload setting (None: its own settings again): the assignment of its
+    desired model is issued again with it, or, with none assigned yet, an assignment of the
+    registry bundle it runs. Raises NotFound, Conflict."""
+    dev = session.get(Device, device)
+    if dev is None:
+        raise NotFound(f"unknown device {device!r}: it has never connected to this hub")
+    desired = session.get(DesiredModel, device)
+    if desired is not None:
+        name, version = desired.name, desired.version
+    else:
+        running = (dev.model or "").rpartition("@")
+        if not running[1] or not running[2].isdigit():
+            raise Conflict(f"{device} has reported no model yet; try again once it is online")
+        name, version = running[0], int(running[2])
+        try:
+            get_model(session, name, version)
+        except NotFound:
+            raise Conflict(f"{device} runs {dev.model}, which is not in the registry: upload "
+                           f"it (`fleet models upload`) or assign a model first, then set its "
+                           "offload") from None
+    return assign(session, hub_key, device, name, version, publish, offload)
 
 
 def publish_pending(sessions: sessionmaker, publish: Publish) -> int:
@@ -110,6 +148,8 @@ def record_reported(sessions: sessionmaker, device: str, r: Reported) -> None:
             dev.update_state, dev.update_target = r.state.value, r.target
             dev.update_error = r.error[:1024] if r.error else None
             dev.update_code, dev.reported_at = r.code, r.ts or now
+            if r.fidelity is not None:
+                dev.fidelity = r.fidelity
             s.commit()
     except SQLAlchemyError as exc:
         raise StoreError(str(exc)) from None

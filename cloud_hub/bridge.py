@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import sessionmaker
@@ -240,11 +241,7 @@ class Bridge:
                 self._ingest_hard(item)
             elif item.channel is p.Channel.TELEMETRY:
                 h = p.decode_frame(item.payload, p.Kind.TELEMETRY).header
-                ob = h.get("outbox")
-                if isinstance(ob, dict):
-                    for key in ("entries", "dropped_full", "dropped_expired"):
-                        if isinstance(ob.get(key), int | float):
-                            self.metrics.device_outbox.labels(item.device, key).set(ob[key])
+                self._device_gauges(item.device, h)
                 if record_telemetry(self.sessions, item.device, h):
                     self.metrics.bad_messages.labels("labels").inc()
             elif item.channel is p.Channel.STATUS:
@@ -260,6 +257,25 @@ class Bridge:
             self._bad("version", topic, item.payload, exc)
         except ProtocolError as exc:
             self._bad("malformed", topic, item.payload, exc)
+
+    def _device_gauges(self, device: str, h: dict[str, Any]) -> None:
+        """The device's outbox, offload controller and fidelity, from its telemetry."""
+        m = self.metrics
+        ob = h.get("outbox")
+        if isinstance(ob, dict):
+            for key in ("entries", "dropped_full", "dropped_expired"):
+                if isinstance(ob.get(key), int | float):
+                    m.device_outbox.labels(device, key).set(ob[key])
+        off = h.get("offload")
+        if isinstance(off, dict):
+            for key in ("target", "recent_rate", "threshold", "drift"):
+                v = off.get(key)
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    m.device_offload.labels(device, key).set(v)
+            m.device_drifting.labels(device).set(1 if off.get("drifting") is True else 0)
+        fid = h.get("fidelity")
+        if isinstance(fid, dict) and isinstance(fid.get("agreement"), int | float):
+            m.device_fidelity.labels(device, str(fid.get("backend"))[:32]).set(fid["agreement"])
 
     def _ingest_results(self, item: _Incoming) -> None:
         good, bad = p.ResultBatch.decode_lenient(item.payload)

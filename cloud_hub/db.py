@@ -56,6 +56,11 @@ class Device(Base):
     # via telemetry) overlaid with those an operator set through the API.
     reported_labels: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     labels: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    # The fidelity check of the model the device runs, on its serving backend (reported state
+    # and telemetry), and its offload controller's state (telemetry): mode, target, threshold,
+    # drift.
+    fidelity: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    offload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     def effective_labels(self) -> dict[str, str]:
         return {**(self.reported_labels or {}), **(self.labels or {})}
@@ -152,6 +157,9 @@ class DesiredModel(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     # False until the broker took the message; the bridge publishes it again on reconnect.
     published: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The offload setting the assignment carries (fleet.assignment.OffloadTarget), kept across
+    # the assignments of rollouts; None: the device's own settings.
+    offload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Rollout(Base):

@@ -163,6 +163,10 @@ def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, A
             dev.telemetry = telemetry
             dev.model = str(telemetry.get("model")) if telemetry.get("model") else dev.model
             dev.backend = str(telemetry.get("backend")) if telemetry.get("backend") else dev.backend
+            if isinstance(telemetry.get("fidelity"), dict):
+                dev.fidelity = telemetry["fidelity"]
+            if isinstance(telemetry.get("offload"), dict):
+                dev.offload = telemetry["offload"]
             labels = telemetry.get("labels")
             if isinstance(labels, dict) and labels != (dev.reported_labels or {}):
                 labels = {str(k): str(v) for k, v in labels.items()}

@@ -37,6 +37,19 @@ class HubMetrics:
         self.device_outbox = Gauge("ehi_device_outbox", "A device's outbox, from its telemetry: "
                                    "entries waiting, dropped_full, dropped_expired",
                                    ["device", "figure"], registry=r)
+        # From each device's telemetry: its offload controller and its model's fidelity.
+        self.device_offload = Gauge(
+            "ehi_device_offload", "A device's offloading, from its telemetry: target (share of "
+            "inputs), recent_rate (its last 100 inputs), threshold, drift (log2 of the target "
+            "over the calibration share its threshold offloads; |drift| >= 1 is drift)",
+            ["device", "figure"], registry=r)
+        self.device_drifting = Gauge("ehi_device_offload_drifting",
+                                     "1 while a device's offload controller reports drift",
+                                     ["device"], registry=r)
+        self.device_fidelity = Gauge(
+            "ehi_device_fidelity_agreement", "Top-1 agreement of a device's model with its "
+            "bundle's reference on the fidelity set, on the serving backend",
+            ["device", "backend"], registry=r)
         self.update_reports = Counter("ehi_hub_update_reports_total",
                                       "Devices' model-update reports, by state", ["state"],
                                       registry=r)

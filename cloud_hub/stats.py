@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_hub.db import HardExample, Result, filter_results
+from cloud_hub.db import Device, HardExample, Result, filter_results
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -38,7 +38,23 @@ def compute_stats(s: Session, device: str | None = None, since: float | None = N
                    for (d, m), rows in sorted(groups.items())],
         "total": _summary(total),
         "late_answers": _late(s, device, since, until),
+        "offload": _offload(s, device),
     }
+
+
+def _offload(s: Session, device: str | None) -> dict[str, Any]:
+    """Each device's offloading as its latest telemetry says (mode, target, recent rate, drift),
+    and the devices whose controller reports drift: the input of retraining."""
+    q = select(Device.id, Device.offload).where(Device.offload.is_not(None)).order_by(Device.id)
+    if device is not None:
+        q = q.where(Device.id == device)
+    rows = []
+    for dev_id, off in s.execute(q):
+        if not isinstance(off, dict):
+            continue
+        rows.append({"device": dev_id, **{k: off.get(k) for k in (
+            "mode", "target", "recent_rate", "threshold", "drift", "drifting")}})
+    return {"devices": rows, "drifting": [r["device"] for r in rows if r["drifting"] is True]}
 
 
 def _late(s: Session, device: str | None, since: float | None,

@@ -24,14 +24,16 @@ from edge_agent.config import AgentSettings
 from edge_agent.engine import Engine, LocalResult
 from edge_agent.errors import AgentBusy, InputError
 from edge_agent.offload import PendingOffloads
+from edge_agent.offload_budget import OffloadController
 from edge_agent.outbox import Outbox, OutboxFull, OutboxLimits
 from edge_agent.outbox_store import EntryKind, MemoryStore, SqliteStore, Store
+from edge_agent.policy import CONFIDENCE_POLICIES
 from edge_agent.slots import ModelSlots
 from edge_agent.telemetry import TelemetrySampler
 from edge_agent.update_rules import DeviceProfile
 from edge_agent.updater import Updater, UpdaterConfig, resolve_startup
 from fleet import protocol as p
-from fleet.assignment import Reported
+from fleet.assignment import OffloadTarget, Reported
 from fleet.batcher import DynamicBatcher
 from fleet.errors import ProtocolError
 from fleet.mqtt import MqttSession, Transport, Will
@@ -130,6 +132,10 @@ class Agent:
             self.slots = ModelSlots(settings.models_path())
             bundle = resolve_startup(self.slots, settings.bundle, settings.update.keys()[0]).bundle
         self.engine = engine or self.open_engine(bundle)
+        # The hub's offload setting for this device (from its assignment), over the settings'.
+        self._offload_override: OffloadTarget | None = None
+        self._budget: tuple[Engine, OffloadController] | None = None
+        self._configure_offload(self.engine)
         self.pending = PendingOffloads(settings.offload.max_pending)
         self.outbox = open_outbox(settings)
         self._acks: queue.SimpleQueue[p.Ack] = queue.SimpleQueue()
@@ -162,7 +168,7 @@ class Agent:
     def open_engine(self, bundle: Path) -> Engine:
         s = self.settings
         return Engine.open(bundle, s.backend, s.threads, s.policy, s.threshold,
-                           options=s.backend_options())
+                           options=s.backend_options(), fidelity=s.fidelity)
 
     def _make_updater(self, slots: ModelSlots) -> Updater:
         u = self.settings.update
@@ -174,12 +180,64 @@ class Agent:
         assert u.hub_url is not None  # the settings validator insists
         cfg = UpdaterConfig(u.hub_url, trusted, hub_keys, profile, u.download_rate)
         return Updater(cfg, slots, open_engine=self.open_engine, swap=self._swap,
-                       running=lambda: self.engine, report=self._publish_report)
+                       running=lambda: self.engine, report=self._publish_report,
+                       on_offload=self.set_offload)
 
     def _swap(self, engine: Engine) -> None:
         """Serve new requests with `engine`. Requests in flight hold the old engine and finish
         on it; the old model is freed when the last of them lets go of it."""
+        self._configure_offload(engine)
         self.engine = engine
+
+    # ------------------------------------------------------------------ offload budget
+
+    def set_offload(self, target: OffloadTarget | None) -> None:
+        """Apply the hub's offload setting for this device (None: back to the settings')."""
+        if target == self._offload_override:
+            return
+        self._offload_override = target
+        log.info("offload setting from the hub: %s", target or "none (the agent's settings)")
+        self._configure_offload(self.engine)
+
+    def _configure_offload(self, engine: Engine) -> None:
+        """Start (or stop) the offload controller for `engine` as the settings say."""
+        o, hub = self.settings.offload, self._offload_override
+        mode = hub.mode if hub is not None else o.mode
+        target = (hub.target if hub is not None and hub.target is not None else o.target)
+        cap = hub.max_bytes_per_s if hub is not None else o.max_bytes_per_s
+        engine.policy.threshold = engine.base_threshold
+        if mode != "budget":
+            self._budget = None
+            return
+        spec = engine.manifest.fidelity
+        if target is None and spec is not None:
+            target = spec.offload_budget
+        if target is None or engine.policy.name not in CONFIDENCE_POLICIES:
+            log.warning("offload mode 'budget' needs a target share (offload.target; bundle %s "
+                        "states no offload budget) and a confidence policy (have %s): "
+                        "keeping the fixed threshold", engine.manifest.ref, engine.policy.name)
+            self._budget = None
+            return
+        ctl = OffloadController(target, engine.base_threshold, engine.calibration_scores,
+                                max_bytes_per_s=cap)
+        engine.policy.threshold = ctl.threshold
+        self._budget = (engine, ctl)
+        log.info("offload budget: %.1f%% of inputs%s, starting at threshold %.4g", 100 * target,
+                 f", at most {cap:g} bytes/s" if cap else "", ctl.threshold)
+
+    def offload_state(self) -> dict[str, Any]:
+        """The offload mode, target, threshold and drift (telemetry and the local API)."""
+        b = self._budget
+        if b is not None:
+            return b[1].state().to_dict()
+        e = self.engine
+        return {"mode": "threshold", "threshold": e.policy.threshold,
+                "source": e.threshold_source}
+
+    def _observe(self, engine: Engine, local: LocalResult, offload_bytes: int) -> None:
+        b = self._budget
+        if b is not None and b[0] is engine:
+            engine.policy.threshold = b[1].observe(local.score, local.hard, offload_bytes)
 
     def _publish_report(self, report: Reported) -> None:
         self.transport.publish(self._topics[p.Channel.REPORTED], report.encode(), qos=1,
@@ -359,6 +417,7 @@ class Agent:
                 if answer is not None:
                     self.counters.inc("hub_errors")
                     log.warning("hub could not answer offload %s: %s", rid, answer.error)
+        self._observe(engine, local, offload_bytes)
         latency_ms = (time.perf_counter() - t0) * 1000.0
         degraded = source == "edge_fallback"
         now = time.time()
@@ -487,6 +546,7 @@ class Agent:
             "device": self.device, "ts": time.time(), "uptime_s": time.time() - self.started_at,
             "model": self.model_ref, "backend": self.engine.backend.name,
             "policy": self.engine.policy.name, "threshold": self.engine.policy.threshold,
+            "fidelity": self.engine.fidelity_summary(), "offload": self.offload_state(),
             "labels": self.settings.labels,
             "queues": {"offloads_pending": len(self.pending), "outbox": len(self.outbox)},
             "outbox": self.outbox.stats().to_dict(),

@@ -49,6 +49,17 @@ class OffloadSettings(BaseModel):
     # Keep hard inputs whose cloud answer did not come in time (offline, deadline, busy) in the
     # outbox; the hub answers them late and stores them for statistics and retraining.
     late_answers: bool = True
+    # "threshold": a fixed threshold (`threshold` if set, else the one this device calibrated
+    # on the bundle's fidelity set for the bundle's offload budget, else the manifest's).
+    # "budget": the offload controller moves the threshold so the device offloads `target` of
+    # its inputs whatever they look like (docs/offload-budget.md). The hub may set both per
+    # device (`fleet devices offload`); its setting wins over this file.
+    mode: Literal["threshold", "budget"] = "threshold"
+    # The share of inputs to offload in "budget" mode; None: the bundle's offload budget.
+    target: float | None = Field(None, gt=0, lt=1)
+    # A byte budget for metered links, in "budget" mode: offload payloads at most this many
+    # bytes per second on average (the target share is lowered to fit); None: no cap.
+    max_bytes_per_s: float | None = Field(None, gt=0)
 
 
 class ResultsSettings(BaseModel):
@@ -157,6 +168,10 @@ class AgentSettings(BaseSettings):
     # None: the policy and threshold recommended by the bundle's manifest.
     policy: str | None = None
     threshold: float | None = None
+    # The fidelity check before a backend serves a bundle: "enforce" refuses a backend whose
+    # answers on the bundle's fidelity set fall below the bundle's floor (`auto` then takes
+    # the next one); "report" serves anyway and reports the figures; "off" skips the check.
+    fidelity: Literal["enforce", "report", "off"] = "enforce"
     telemetry_interval_s: float = Field(10.0, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
     summary_path: Path | None = None

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge_agent.backends import BackendOptions, InferenceBackend, candidates, choose_fastest
 from edge_agent.errors import BackendError, InputError
-from edge_agent.policy import HardExamplePolicy, softmax
+from edge_agent.fidelity import FidelityError, FidelityMode, FidelityReport
+from edge_agent.fidelity import check as fidelity_check
+from edge_agent.policy import CONFIDENCE_POLICIES, HardExamplePolicy, softmax
 from fleet.bundle import Bundle, load_bundle
 from fleet.errors import BundleError, ProtocolError
 from fleet.preprocess import Preprocessor
@@ -39,16 +42,30 @@ class Engine:
         self.backend = backend
         self.policy = policy
         self.preprocess = Preprocessor.for_manifest(self.manifest)
+        # The fidelity check of the serving backend (None: the bundle has no fidelity set, or
+        # the check is off), the backends refused and why, and the calibration sample: the
+        # fidelity set's hardness scores on this backend under this policy.
+        self.fidelity: FidelityReport | None = None
+        self.refused: dict[str, str] = {}
+        self.calibration_scores: np.ndarray | None = None
+        # Where the threshold came from: "settings", "calibrated" (fitted on this device for
+        # the bundle's offload budget), "manifest" or "default".
+        self.threshold_source = "default"
+        # The threshold the engine opened with; an offload controller moves `policy.threshold`.
+        self.base_threshold = policy.threshold
 
     @classmethod
     def open(cls, bundle_dir: Path, backend: str = "auto", threads: int = 1,
              policy: str | None = None, threshold: float | None = None,
-             seed: int | None = None, options: BackendOptions | None = None) -> Engine:
+             seed: int | None = None, options: BackendOptions | None = None,
+             fidelity: FidelityMode = "enforce") -> Engine:
         """Load and verify a bundle, open it on a backend, and set up the hard-example policy.
 
         `auto` opens the fastest installed backend for this model (measured once, cached in
-        `options.cache_dir`). Without `policy`/`threshold` the manifest's recommendation is
-        used; a policy without a threshold takes the one the manifest fitted for it.
+        `options.cache_dir`) among those that pass the bundle's fidelity check; a named backend
+        that fails it raises FidelityError (with `fidelity="enforce"`). Without `threshold`
+        the threshold is the one calibrated on this device for the bundle's offload budget,
+        else the manifest's for the policy (the manifest's recommended policy by default).
         """
         try:
             bundle = load_bundle(bundle_dir)
@@ -57,20 +74,53 @@ class Engine:
         m = bundle.manifest
         opts = replace(options or BackendOptions(threads=threads),
                        preprocessing=m.preprocessing, raw_dtype=m.raw_input.dtype)
-        names = candidates(backend, m.runtimes)
-        sample = np.zeros((1, *m.raw_input.shape), dtype=m.raw_input.dtype)
-        be, _ = choose_fastest(names, bundle.model_path, m.model_file().sha256,
-                               sample, Preprocessor.for_manifest(m)(sample), opts)
         he = m.hard_example
         pol = policy or (he.policy if he else DEFAULT_POLICY)
+        scorer = HardExamplePolicy(pol, 0.0, seed=seed)
+        reports: dict[str, tuple[FidelityReport, np.ndarray]] = {}
+
+        def vet(be: InferenceBackend) -> str | None:
+            report, scores = fidelity_check(bundle, be, scorer)
+            reports[be.name] = (report, scores)
+            return None if report.faithful or fidelity == "report" else report.reason()
+
+        check = m.fidelity is not None and fidelity != "off"
+        names = candidates(backend, m.runtimes)
+        sample = np.zeros((1, *m.raw_input.shape), dtype=m.raw_input.dtype)
+        try:
+            be, _, refused = choose_fastest(names, bundle.model_path, m.model_file().sha256,
+                                            sample, Preprocessor.for_manifest(m)(sample), opts,
+                                            vet if check else None)
+        except BackendError as exc:
+            failed = {n: reports[n][0].reason() for n in reports}
+            if failed:
+                raise FidelityError(str(exc), failed) from None
+            raise
+        source = "settings"
         if threshold is None:
-            if he and pol == he.policy:
-                threshold = he.threshold
+            report = reports.get(be.name, (None, None))[0]
+            if (report is not None and report.calibrated_threshold is not None
+                    and pol in CONFIDENCE_POLICIES):
+                threshold, source = report.calibrated_threshold, "calibrated"
+            elif he and pol == he.policy:
+                threshold, source = he.threshold, "manifest"
             elif he and pol in he.thresholds:
-                threshold = he.thresholds[pol]
+                threshold, source = he.thresholds[pol], "manifest"
             else:
-                threshold = DEFAULT_THRESHOLD
-        return cls(bundle, be, HardExamplePolicy(pol, threshold, seed=seed))
+                threshold, source = DEFAULT_THRESHOLD, "default"
+        eng = cls(bundle, be, HardExamplePolicy(pol, threshold, seed=seed))
+        eng.refused, eng.threshold_source = refused, source
+        if be.name in reports:
+            eng.fidelity, eng.calibration_scores = reports[be.name]
+        return eng
+
+    def fidelity_summary(self) -> dict[str, Any] | None:
+        """The fidelity figures of the serving backend, the backends refused and why, and where
+        the threshold came from (for the reported state and telemetry)."""
+        if self.fidelity is None and not self.refused:
+            return None
+        return {**(self.fidelity.to_dict() if self.fidelity else {}), "refused": self.refused,
+                "threshold_source": self.threshold_source}
 
     def run(self, raw: np.ndarray) -> LocalResult:
         """Preprocess one raw sample, run the model, and ask the policy."""

@@ -4,6 +4,11 @@
                             │ accepted
                             ▼
                        downloading ──► verifying ──► checking ──► activating ──► idle
+                                                  (loads on a backend
+                                                   that passes the
+                                                   fidelity check;
+                                                   golden output,
+                                                   latency)
                             │              │            │              │
                             └──────────────┴────────────┴──────────────┴──► failed
                                                       (old model kept; `reverted` if the
@@ -29,10 +34,11 @@ from pathlib import Path
 from edge_agent.download import fetch_file, file_url
 from edge_agent.engine import Engine
 from edge_agent.errors import AgentError, UpdateError, UpdateFailed, UpdateRefused
+from edge_agent.fidelity import FidelityError
 from edge_agent.health import check_health
 from edge_agent.slots import ModelSlots, UpdateRecord
 from edge_agent.update_rules import DeviceProfile, TrustState, check_assignment
-from fleet.assignment import Assignment, Reported, UpdateState, decode_desired
+from fleet.assignment import Assignment, OffloadTarget, Reported, UpdateState, decode_desired
 from fleet.bundle import MANIFEST_NAME, Bundle, Manifest, canonical_json, load_bundle
 from fleet.errors import BundleError, ProtocolError
 from fleet.signing import PublicKey, SignatureError, verify_bundle
@@ -122,7 +128,8 @@ class Updater:
     def __init__(self, config: UpdaterConfig, slots: ModelSlots, *,
                  open_engine: Callable[[Path], Engine], swap: Callable[[Engine], None],
                  running: Callable[[], Engine], report: Callable[[Reported], None],
-                 on_step: Callable[[UpdateState], None] | None = None) -> None:
+                 on_step: Callable[[UpdateState], None] | None = None,
+                 on_offload: Callable[[OffloadTarget | None], None] | None = None) -> None:
         self.config = config
         self.slots = slots
         self._open_engine = open_engine
@@ -130,6 +137,7 @@ class Updater:
         self._running = running
         self._report = report
         self._on_step = on_step
+        self._on_offload = on_offload
         self.record = slots.load_state()
         self._cond = threading.Condition()
         self._mailbox: bytes | None = None
@@ -187,6 +195,9 @@ class Updater:
             self._refuse(None, "malformed", f"desired state: {exc}")
             return
         rec = self.record
+        if self._on_offload is not None and a.seq >= rec.max_seq:
+            # The hub's offload setting for this device holds whatever becomes of the model.
+            self._on_offload(a.offload)
         if (a.seq == rec.seq and manifest_digest(a.manifest) == rec.target_digest
                 and rec.state not in TRANSIENT
                 and not (rec.state == UpdateState.FAILED.value and rec.code == "download")):
@@ -231,11 +242,14 @@ class Updater:
             self._step(UpdateState.CHECKING)
             try:
                 engine = self._open_engine(staging)
+            except FidelityError as exc:
+                raise UpdateFailed("fidelity", f"bundle {target.ref}: {exc}") from None
             except AgentError as exc:
                 raise UpdateFailed("health", f"bundle {target.ref} does not load: {exc}") from None
             report = check_health(engine)
-            log.info("bundle %s healthy: golden diff %.2g, median latency %.3f ms", target.ref,
-                     report.max_abs_diff, report.latency_ms)
+            log.info("bundle %s healthy on %s: golden diff %.2g, median latency %.3f ms, "
+                     "fidelity %s", target.ref, engine.backend.name, report.max_abs_diff,
+                     report.latency_ms, engine.fidelity.agreement if engine.fidelity else "-")
             self._step(UpdateState.ACTIVATING)
             old = self._running()
             switched = True
@@ -300,7 +314,9 @@ class Updater:
 
     def publish_report(self) -> None:
         rec = self.record
-        r = Reported(self.config.profile.device, self._running().manifest.ref,
-                     UpdateState(rec.state), rec.target, rec.error, rec.code, rec.seq)
+        running = self._running()
+        r = Reported(self.config.profile.device, running.manifest.ref,
+                     UpdateState(rec.state), rec.target, rec.error, rec.code, rec.seq,
+                     fidelity=running.fidelity_summary())
         self.last_report = r
         self._report(r)

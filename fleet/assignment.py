@@ -16,12 +16,17 @@ version `from_version` of bundle `name` to install the older `to_version`:
     {"type": "rollback", "name": ..., "from_version": 3, "to_version": 2,
      "expires": "2027-01-01T00:00:00+00:00", "signatures": [{fleet key}]}
 
+The assignment may also carry `"offload": {"mode": "budget", "target": 0.15,
+"max_bytes_per_s": null}`: how the hub wants the device to offload (`OffloadTarget`).
+
 Reported (agent -> hub, retained on `ehi/v1/{d}/reported`): the model the device runs, the
-update state, the target being installed and the last error with a machine-readable code.
+update state, the target being installed, the last error with a machine-readable code, and
+the fidelity figures of the running model on its backend.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +53,41 @@ class UpdateState(StrEnum):
     REVERTED = "reverted"        # went back to the previous model
 
 
+OFFLOAD_MODES = ("threshold", "budget")
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadTarget:
+    """How the hub wants a device to offload: a fixed threshold, or a budget (a target share of
+    its inputs, optionally capped in bytes per second) that the device's controller keeps.
+    `target` None means the bundle's own offload budget."""
+
+    mode: str
+    target: float | None = None
+    max_bytes_per_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "target": self.target,
+                "max_bytes_per_s": self.max_bytes_per_s}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> OffloadTarget:
+        """Raises ProtocolError for anything but a valid offload setting."""
+        if not isinstance(d, dict):
+            raise ProtocolError("offload setting must be an object")
+        mode, target, cap = d.get("mode"), d.get("target"), d.get("max_bytes_per_s")
+        if mode not in OFFLOAD_MODES:
+            raise ProtocolError(f"offload mode {mode!r} is not one of {list(OFFLOAD_MODES)}")
+        for name, v in (("target", target), ("max_bytes_per_s", cap)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                  or not math.isfinite(v) or v <= 0):
+                raise ProtocolError(f"offload {name} must be a positive number or null")
+        if target is not None and target >= 1:
+            raise ProtocolError(f"offload target {target} must be below 1 (a share of inputs)")
+        return cls(str(mode), None if target is None else float(target),
+                   None if cap is None else float(cap))
+
+
 @dataclass(frozen=True, slots=True)
 class Assignment:
     device: str
@@ -55,6 +95,8 @@ class Assignment:
     issued_at: float
     manifest: dict[str, Any]
     rollback: dict[str, Any] | None = None
+    # The offload setting the hub wants for this device; None: the device's own settings.
+    offload: OffloadTarget | None = None
 
     @property
     def name(self) -> str:
@@ -70,9 +112,11 @@ class Assignment:
         return f"{self.name}@{self.version}"
 
     def document(self) -> dict[str, Any]:
-        return {"type": ASSIGNMENT, "device": self.device, "seq": self.seq,
-                "issued_at": self.issued_at, "manifest": self.manifest,
-                "rollback": self.rollback}
+        d = {"type": ASSIGNMENT, "device": self.device, "seq": self.seq,
+             "issued_at": self.issued_at, "manifest": self.manifest, "rollback": self.rollback}
+        if self.offload is not None:
+            d["offload"] = self.offload.to_dict()
+        return d
 
 
 def encode_desired(assignment: Assignment, hub_key: PrivateKey) -> bytes:
@@ -97,7 +141,9 @@ def decode_desired(payload: bytes, hub_keys: list[PublicKey]) -> Assignment:
     rollback = d.get("rollback")
     if rollback is not None and not isinstance(rollback, dict):
         raise ProtocolError("assignment's rollback must be an object or null")
-    return Assignment(d["device"], seq, float(issued), manifest, rollback)
+    offload = d.get("offload")
+    return Assignment(d["device"], seq, float(issued), manifest, rollback,
+                      None if offload is None else OffloadTarget.from_dict(offload))
 
 
 def rollback_directive(name: str, from_version: int, to_version: int, expires: datetime,
@@ -143,12 +189,18 @@ class Reported:
     code: str | None = None    # e.g. "signature", "version", "hardware", "health", "download"
     seq: int = 0               # the assignment this report answers
     ts: float = 0.0
+    # The fidelity check of the running model on its serving backend (edge_agent/fidelity.py:
+    # agreement, floor, offload at the manifest threshold, calibrated threshold, CPU), with
+    # the backends refused and why under "refused".
+    fidelity: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
-        return p.encode_json(p.Kind.REPORTED, {
-            "device": self.device, "model": self.model, "state": self.state.value,
-            "target": self.target, "error": self.error, "code": self.code, "seq": self.seq,
-            "ts": self.ts or time.time()})
+        d: dict[str, Any] = {"device": self.device, "model": self.model, "state": self.state.value,
+             "target": self.target, "error": self.error, "code": self.code, "seq": self.seq,
+             "ts": self.ts or time.time()}
+        if self.fidelity is not None:
+            d["fidelity"] = self.fidelity
+        return p.encode_json(p.Kind.REPORTED, d)
 
     @classmethod
     def decode(cls, payload: bytes) -> Reported:
@@ -161,9 +213,11 @@ class Reported:
         if not isinstance(model, str) or not isinstance(device, str):
             raise ProtocolError("reported state needs 'device' and 'model' strings")
         seq, ts = h.get("seq", 0), h.get("ts", 0.0)
+        fidelity = h.get("fidelity")
         return cls(device, model, state, _opt(h, "target"), _opt(h, "error"), _opt(h, "code"),
                    seq if isinstance(seq, int) else 0,
-                   float(ts) if isinstance(ts, int | float) else 0.0)
+                   float(ts) if isinstance(ts, int | float) else 0.0,
+                   fidelity if isinstance(fidelity, dict) else None)
 
 
 def _opt(h: dict[str, Any], key: str) -> str | None:

@@ -5,6 +5,7 @@ The manifest names the model, its version (a monotonic integer), task and labels
 input applications submit, the model's inputs and outputs, the preprocessing, the recommended
 hard-example policy and threshold, compatible runtimes and hardware, the health check an
 agent runs before it switches to the bundle (a golden input and its output, a latency budget),
+the fidelity set it checks on its own backend (and the offload budget it calibrates for),
 every file's length and sha256, and an expiry. `fleet/signing.py` signs the canonical manifest
 (Ed25519); `edge_agent/update_rules.py` decides what an agent accepts.
 """
@@ -93,6 +94,43 @@ class HealthSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class FidelitySpec:
+    """What an agent checks on the backend that will serve the bundle, before it serves it:
+    the model's outputs on the fidelity set (a file of the bundle, role "fidelity": an .npz with
+    `input`, raw samples drawn like the stream from the validation split, `reference`, the
+    outputs the build computed, and `labels`) agree in top-1 with the reference on at least
+    `min_agreement` of the samples. `offload_budget` is the share of inputs the hard-example
+    threshold was fitted to offload: the device fits its own threshold on the fidelity set to
+    offload that share. `reference` says how the build computed the reference outputs."""
+
+    file: str
+    min_agreement: float
+    offload_budget: float | None = None
+    reference: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "min_agreement": self.min_agreement,
+                "offload_budget": self.offload_budget, "reference": self.reference}
+
+    @classmethod
+    def from_dict(cls, d: Any, files: set[str]) -> FidelitySpec:
+        if not isinstance(d, dict):
+            raise BundleError("manifest field 'fidelity' must be an object")
+        spec = cls(file=_req(d, "file", str),
+                   min_agreement=float(_req(d, "min_agreement", (int, float))),
+                   offload_budget=(None if d.get("offload_budget") is None
+                                   else float(_req(d, "offload_budget", (int, float)))),
+                   reference=str(d.get("reference", "")))
+        if spec.file not in files:
+            raise BundleError(f"the fidelity file {spec.file!r} is not among the bundle's files")
+        if not 0.0 < spec.min_agreement <= 1.0:
+            raise BundleError(f"fidelity min_agreement {spec.min_agreement} is not in (0, 1]")
+        if spec.offload_budget is not None and not 0.0 < spec.offload_budget < 1.0:
+            raise BundleError(f"fidelity offload_budget {spec.offload_budget} is not in (0, 1)")
+        return spec
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     name: str
     version: int
@@ -111,6 +149,7 @@ class Manifest:
     # Hardware tags the bundle runs on (e.g. "x86_64", "aarch64", "rpi4"); empty: any device.
     hardware: tuple[str, ...] = ()
     health: HealthSpec | None = None
+    fidelity: FidelitySpec | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -172,9 +211,12 @@ class Manifest:
             if health.golden not in {f.path for f in files}:
                 raise BundleError(f"the golden file {health.golden!r} is not among the "
                                   "bundle's files")
+        fidelity = None
+        if (fd := d.get("fidelity")) is not None:
+            fidelity = FidelitySpec.from_dict(fd, {f.path for f in files})
         known = {"schema", "name", "version", "task", "labels", "raw_input", "inputs", "outputs",
                  "preprocessing", "hard_example", "runtimes", "files", "expires", "metrics",
-                 "hardware", "health"}
+                 "hardware", "health", "fidelity"}
         return cls(
             name=_req(d, "name", str),
             version=version,
@@ -192,6 +234,7 @@ class Manifest:
             extra={k: v for k, v in d.items() if k not in known},
             hardware=tuple(str(x) for x in d.get("hardware", [])),
             health=health,
+            fidelity=fidelity,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +257,8 @@ class Manifest:
             d["hardware"] = list(self.hardware)
         if self.health is not None:
             d["health"] = self.health.to_dict()
+        if self.fidelity is not None:
+            d["fidelity"] = self.fidelity.to_dict()
         if self.hard_example is not None:
             d["hard_example"] = {
                 "policy": self.hard_example.policy,

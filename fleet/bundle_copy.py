@@ -50,3 +50,19 @@ def break_golden(bundle: Path) -> None:
     with np.load(path) as z:
         x, out = z["input"], z["output"]
     np.savez(path, input=x, output=np.roll(out, 1, axis=-1))
+
+
+def break_fidelity(bundle: Path, share: float = 0.05) -> None:
+    """Change the top-1 class of `share` of the fidelity set's reference outputs, so that every
+    backend falls below the floor (for tests of the `fidelity` refusal); the manifest must be
+    rewritten and signed after."""
+    import numpy as np
+
+    path = bundle / "fidelity.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    ref = arrays["reference"].copy()
+    n = max(1, int(len(ref) * share))
+    ref[:n] = np.roll(ref[:n], 1, axis=-1)
+    arrays["reference"] = ref
+    np.savez_compressed(path, allow_pickle=False, **arrays)

@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -90,20 +91,54 @@ def _versions(names: list[str]) -> dict[str, str]:
     return out
 
 
-def choose_fastest(names: list[str], model_path: Path, model_sha256: str, raw: np.ndarray,
-                   preprocessed: np.ndarray, options: BackendOptions
-                   ) -> tuple[InferenceBackend, dict[str, float]]:
-    """Open the fastest of `names` on this model, measuring once per model, runtime and CPU.
+# A backend's fitness for the bundle, checked once it is open: None if it may serve, else the
+# reason it may not (the fidelity check).
+Vet = Callable[[InferenceBackend], str | None]
 
-    Each backend is timed on what its `run` takes: `raw` if it preprocesses itself, else
-    `preprocessed` (then the time of our preprocessing is left out: a few µs to 0.1 ms).
+
+def _vetted(name: str, model_path: Path, options: BackendOptions, vet: Vet | None,
+            refused: dict[str, str]) -> InferenceBackend | None:
+    """`name` opened on the model and vetted; None (the reason in `refused`) if it may not serve."""
+    try:
+        be = open_backend(name, model_path, options)
+    except BackendError as exc:
+        log.warning("backend %s unusable: %s", name, exc)
+        refused[name] = str(exc)
+        return None
+    reason = vet(be) if vet is not None else None
+    if reason is not None:
+        log.warning("backend %s refused: %s", name, reason)
+        refused[name] = reason
+        be.close()
+        return None
+    return be
+
+
+def choose_fastest(names: list[str], model_path: Path, model_sha256: str, raw: np.ndarray,
+                   preprocessed: np.ndarray, options: BackendOptions, vet: Vet | None = None
+                   ) -> tuple[InferenceBackend, dict[str, float], dict[str, str]]:
+    """Open the fastest of `names` that `vet` accepts, measuring once per model, runtime and CPU.
+
+    Returns the backend, the measured timings (median µs per call) and the refused backends
+    with their reasons. Raises BackendError when none can serve; its message names every
+    backend's reason. Each backend is timed on what its `run` takes: `raw` if it preprocesses
+    itself, else `preprocessed` (our preprocessing, a few µs to 0.1 ms, is left out).
     """
+    refused: dict[str, str] = {}
+
+    def none_left() -> BackendError:
+        why = "; ".join(f"{n}: {r}" for n, r in refused.items())
+        return BackendError(f"no backend can serve {model_path}: {why}")
+
     if len(names) == 1:
-        return open_backend(names[0], model_path, options), {}
+        be = _vetted(names[0], model_path, options, vet, refused)
+        if be is None:
+            raise none_left()
+        return be, {}, refused
     key = json.dumps({"model": model_sha256, "versions": _versions(names),
                       "cpu": platform.processor() or platform.machine(),
                       "cpus": os.cpu_count(), "threads": options.threads,
-                      "hint": options.openvino_hint,
+                      "hint": options.openvino_hint, "ort": options.ort_optimization,
                       "preprocessing": list(options.preprocessing)}, sort_keys=True)
     cache = options.cache_dir / AUTO_CACHE_FILE if options.cache_dir else None
     known: dict[str, dict[str, float]] = {}
@@ -114,20 +149,23 @@ def choose_fastest(names: list[str], model_path: Path, model_sha256: str, raw: n
             known = {}
     if key in known:
         timings = known[key]
-        best = min(timings, key=lambda b: timings[b])
-        log.info("auto backend: %s (cached measurement, median us per call %s)", best, timings)
-        return open_backend(best, model_path, options), timings
+        # The fastest measured first; one the measurement left out (refused then) last.
+        for n in sorted(names, key=lambda b: timings.get(b, float("inf"))):
+            be = _vetted(n, model_path, options, vet, refused)
+            if be is not None:
+                log.info("auto backend: %s (cached measurement, median us per call %s)", n,
+                         timings)
+                return be, timings, refused
+        raise none_left()
     timings, opened = {}, {}
     for n in names:
-        try:
-            be = open_backend(n, model_path, options)
-        except BackendError as exc:
-            log.warning("auto backend: %s unusable: %s", n, exc)
+        be = _vetted(n, model_path, options, vet, refused)
+        if be is None:
             continue
         timings[n] = round(median_call_us(be, raw if be.takes_raw else preprocessed), 2)
         opened[n] = be
     if not opened:
-        raise BackendError(f"no backend could load {model_path}")
+        raise none_left()
     best = min(timings, key=lambda b: timings[b])
     for n, be in opened.items():
         if n != best:
@@ -142,7 +180,7 @@ def choose_fastest(names: list[str], model_path: Path, model_sha256: str, raw: n
             tmp.replace(cache)
         except OSError as exc:
             log.warning("could not cache the backend choice in %s: %s", cache, exc)
-    return opened[best], timings
+    return opened[best], timings, refused
 
 
 __all__ = ["BACKENDS", "BackendOptions", "FakeBackend", "InferenceBackend", "available_backends",

@@ -23,6 +23,10 @@ class BackendOptions:
     # The bundle's preprocessing, for a backend that can compile it into the model.
     preprocessing: tuple[dict[str, Any], ...] = ()
     raw_dtype: str = ""
+    # onnxruntime's graph optimization level: "all" fuses INT8 (QDQ) nodes into integer kernels
+    # (fast; their arithmetic depends on the CPU), "disabled" runs the graph as written
+    # (quantize and dequantize emulated in float: the build's reference).
+    ort_optimization: Literal["disabled", "basic", "extended", "all"] = "all"
 
 
 DEFAULT_OPTIONS = BackendOptions()

@@ -10,6 +10,9 @@ import numpy as np
 from edge_agent.backends.base import DEFAULT_OPTIONS, BackendOptions
 from edge_agent.errors import BackendError
 
+_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+           "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
@@ -27,7 +30,8 @@ class OnnxRuntimeBackend:
         opts.intra_op_num_threads = options.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                                _LEVELS[options.ort_optimization])
         opts.log_severity_level = 3
         self.model_path = Path(model_path)
         try:

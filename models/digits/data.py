@@ -19,6 +19,7 @@ TEST_SHIFT_SEED = 1
 VAL_SHIFT_SEED = 2
 TRAIN_AUG_SEED = 3
 MIXED_ORDER_SEED = 4
+FIDELITY_SEED = 5
 PIXEL_MAX = 16.0
 # Shift strengths, picked so the shift hurts a small model clearly more than a large one.
 MAX_ROTATION_DEG = 15.0
@@ -95,6 +96,20 @@ def validation_set(s: Splits) -> tuple[np.ndarray, np.ndarray]:
     x = np.concatenate([np.tile(s.x_val, (k, 1, 1)), *shifted])
     y = np.tile(s.y_val, 2 * k)
     return x, y
+
+
+def fidelity_set(s: Splits, seed: int = FIDELITY_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The fidelity set a bundle carries: every validation image once clean and once shifted
+    (one of its validation copies, picked at random), shuffled: drawn like the mixed stream,
+    from validation data only."""
+    rng = np.random.default_rng(seed)
+    copies = np.stack([shift(s.x_val, VAL_SHIFT_SEED * 100 + i) for i in range(VAL_SHIFT_COPIES)])
+    pick = rng.integers(0, VAL_SHIFT_COPIES, size=len(s.x_val))
+    shifted = copies[pick, np.arange(len(s.x_val))]
+    x = np.concatenate([s.x_val, shifted])
+    y = np.concatenate([s.y_val, s.y_val])
+    order = rng.permutation(len(y))
+    return np.ascontiguousarray(x[order], dtype=np.float32), y[order]
 
 
 def test_streams(s: Splits) -> dict[str, np.ndarray]:

@@ -43,13 +43,17 @@ def test_single_sample_path_matches_batch() -> None:
 
 def test_engine_uses_the_manifest_recommendation() -> None:
     m = load_bundle(EDGE_BUNDLE).manifest
-    eng = Engine.open(EDGE_BUNDLE)
     assert m.hard_example is not None
-    assert eng.policy.name == m.hard_example.policy
+    # Without the fidelity check there is no calibration: the manifest's thresholds.
+    eng = Engine.open(EDGE_BUNDLE, fidelity="off")
+    assert eng.policy.name == m.hard_example.policy and eng.threshold_source == "manifest"
     assert eng.policy.threshold == pytest.approx(m.hard_example.threshold)
     other = next(k for k in m.hard_example.thresholds if k != m.hard_example.policy)
-    eng2 = Engine.open(EDGE_BUNDLE, policy=other)
+    eng2 = Engine.open(EDGE_BUNDLE, policy=other, fidelity="off")
     assert eng2.policy.threshold == pytest.approx(m.hard_example.thresholds[other])
+    # With it, the recommended policy at the threshold calibrated on this device.
+    eng3 = Engine.open(EDGE_BUNDLE)
+    assert eng3.policy.name == m.hard_example.policy and eng3.threshold_source == "calibrated"
 
 
 def test_backend_errors_are_clear(tmp_path) -> None:

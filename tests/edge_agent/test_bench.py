@@ -55,12 +55,12 @@ def test_auto_measures_once_and_caches(tmp_path: Path) -> None:
     raw = np.zeros((1, 8, 8), np.float32)
     x = Preprocessor.for_manifest(m)(raw)
     opts = BackendOptions(cache_dir=tmp_path)
-    be, timings = choose_fastest(names, b.model_path, m.model_file().sha256, raw, x, opts)
+    be, timings, _ = choose_fastest(names, b.model_path, m.model_file().sha256, raw, x, opts)
     assert set(timings) == {"onnxruntime", "openvino"}
     assert be.name == min(timings, key=lambda k: timings[k])
     cached = json.loads((tmp_path / "backend-choice.json").read_text())
     assert list(cached.values()) == [timings]
-    be2, timings2 = choose_fastest(names, b.model_path, m.model_file().sha256, raw, x, opts)
+    be2, timings2, _ = choose_fastest(names, b.model_path, m.model_file().sha256, raw, x, opts)
     assert be2.name == be.name and timings2 == timings  # read back, not measured again
 
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
@@ -8,10 +8,11 @@ from sqlalchemy import select
 
 from cloud_hub.api.deps import SessionDep, StateDep
 from cloud_hub.api.routes.models import error_response
-from cloud_hub.assignments import assign
+from cloud_hub.assignments import assign, set_offload
 from cloud_hub.db import DesiredModel, Device
 from cloud_hub.errors import BundleRejected, NotFound, RegistryError, Unavailable
 from cloud_hub.rollouts import matching_devices
+from fleet.assignment import OffloadTarget
 from fleet.selectors import SelectorError, label_problems, parse_selector
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
@@ -37,6 +38,14 @@ class DeviceOut(BaseModel):
     reported_at: float | None
     labels: dict[str, str]
     """The labels rollouts select on: those the device reports, overlaid with those set here."""
+    fidelity: dict[str, Any] | None
+    """The fidelity check of the model it runs, on its serving backend: top-1 agreement with
+    the bundle's reference and the floor, offload at the manifest threshold, the threshold it
+    calibrated for the bundle's budget, its CPU, and the backends it refused and why."""
+    offload: dict[str, Any] | None
+    """Its offloading, from telemetry: mode, target, threshold, recent rate, drift."""
+    offload_setting: dict[str, Any] | None
+    """The offload setting the hub gave it (`PUT /v1/devices/{id}/offload`); null: its own."""
 
 
 class LabelsIn(BaseModel):
@@ -58,9 +67,20 @@ class DesiredOut(BaseModel):
     published: bool
 
 
-def _out(d: Device) -> dict[str, Any]:
-    out = {c: getattr(d, c) for c in DeviceOut.model_fields if c != "labels"}
+class OffloadIn(BaseModel):
+    mode: Literal["threshold", "budget"]
+    # The share of inputs to offload in budget mode; null: the bundle's offload budget.
+    target: float | None = Field(None, gt=0, lt=1)
+    # A byte budget for metered links (offload payloads per second); null: none.
+    max_bytes_per_s: float | None = Field(None, gt=0, le=1e12)
+
+
+def _out(d: Device, desired: DesiredModel | None = None) -> dict[str, Any]:
+    """A device as the API shows it (`desired` gives its offload setting)."""
+    out = {c: getattr(d, c) for c in DeviceOut.model_fields
+           if c not in ("labels", "offload_setting")}
     out["labels"] = d.effective_labels()
+    out["offload_setting"] = desired.offload if desired is not None else None
     return out
 
 
@@ -73,8 +93,12 @@ def list_devices(session: SessionDep, selector: str | None = None) -> Any:
             sel = parse_selector(selector)
         except SelectorError as exc:
             return error_response(BundleRejected(str(exc)))
-        return [_out(d) for d in matching_devices(session, sel)]
-    return [_out(d) for d in session.scalars(select(Device).order_by(Device.id))]
+        devices = list(matching_devices(session, sel))
+    else:
+        devices = list(session.scalars(select(Device).order_by(Device.id)))
+    settings = {d: o for d, o in session.execute(select(DesiredModel.device, DesiredModel.offload)
+                                                 .where(DesiredModel.offload.is_not(None)))}
+    return [{**_out(d), "offload_setting": settings.get(d.id)} for d in devices]
 
 
 @router.put("/{device_id}/labels", response_model=DeviceOut, responses={404: {}, 422: {}})
@@ -123,9 +147,42 @@ def get_desired(device_id: str, session: SessionDep) -> Any:
                       issued_at=d.issued_at, published=d.published)
 
 
+@router.put("/{device_id}/offload", response_model=DesiredOut,
+            responses={404: {}, 409: {}, 503: {}})
+def put_offload(device_id: str, body: OffloadIn, session: SessionDep, state: StateDep) -> Any:
+    """Set how a device offloads: `{"mode": "budget", "target": 0.15}` makes its controller keep
+    15% of its inputs offloaded (`target` null: the bundle's budget; `max_bytes_per_s` caps the
+    bytes); `{"mode": "threshold"}` a fixed threshold. Travels in the device's signed
+    assignment, so it holds across restarts and rollouts."""
+    return _put_offload(device_id, OffloadTarget(body.mode, body.target, body.max_bytes_per_s),
+                        session, state)
+
+
+@router.delete("/{device_id}/offload", response_model=DesiredOut,
+               responses={404: {}, 409: {}, 503: {}})
+def delete_offload(device_id: str, session: SessionDep, state: StateDep) -> Any:
+    """Give the device back its own offload settings."""
+    return _put_offload(device_id, None, session, state)
+
+
+def _put_offload(device_id: str, target: OffloadTarget | None, session: SessionDep,
+                 state: StateDep) -> Any:
+    if state.bridge is None:
+        return error_response(Unavailable("this hub runs without its MQTT bridge: it cannot "
+                                            "publish assignments"))
+    try:
+        d = set_offload(session, state.hub_key, device_id, target, state.bridge.publish_desired)
+    except RegistryError as exc:
+        return error_response(exc)
+    return DesiredOut(device=d.device, model=d.name, version=d.version, seq=d.seq,
+                      issued_at=d.issued_at, published=d.published)
+
+
 @router.get("/{device_id}", response_model=DeviceOut)
 def get_device(device_id: str, session: SessionDep) -> Any:
+    """One device: its model, update state, labels, telemetry, the fidelity figures of its
+    model on its backend, and its offloading (mode, target, threshold, drift)."""
     dev = session.get(Device, device_id)
     if dev is None:
         raise HTTPException(404, f"unknown device {device_id!r}")
-    return _out(dev)
+    return _out(dev, session.get(DesiredModel, device_id))
