@@ -116,7 +116,9 @@ class FidelitySet:
         if len(x) == 0 or len(ref) != len(x) or (labels is not None and len(labels) != len(x)):
             raise BackendError(f"bundle {bundle.manifest.ref}: fidelity set {spec.file} has "
                                f"{len(x)} inputs, {len(ref)} reference outputs")
-        return cls(x, ref, labels)
+        # Inputs may be stored narrower than the raw input (float16 for float32: half the
+        # bytes); the reference was computed on exactly these values.
+        return cls(x.astype(bundle.manifest.raw_input.dtype, copy=False), ref, labels)
 
 
 def threshold_for_rate(scores: np.ndarray, rate: float) -> float:
@@ -198,15 +200,20 @@ def record_fidelity(bundle_dir: Path, inputs: np.ndarray, labels: np.ndarray | N
                     min_agreement: float, offload_budget: float | None,
                     reference: InferenceBackend, reference_text: str) -> Manifest:
     """Add a fidelity set to a bundle (which then needs signing again): `inputs`, the outputs
-    of `reference` on them, the floor and the offload budget. Returns the new manifest."""
+    of `reference` on them, the floor and the offload budget. Returns the new manifest.
+
+    float32 inputs are stored as float16 (half the bytes of the bundle's largest file for
+    small models); the reference is computed on the float16 values, so nothing is lost."""
     from fleet.bundle import load_bundle
 
     b = load_bundle(bundle_dir)
+    stored = inputs.astype(np.float16) if inputs.dtype == np.float32 else inputs
+    inputs = stored.astype(inputs.dtype)
     pre = Preprocessor.for_manifest(b.manifest)
     outs = [reference.run(pre(inputs[i:i + CHUNK])) for i in range(0, len(inputs), CHUNK)]
-    arrays: dict[str, np.ndarray] = {"input": inputs, "reference": np.concatenate(outs)}
+    arrays: dict[str, np.ndarray] = {"input": stored, "reference": np.concatenate(outs)}
     if labels is not None:
-        arrays["labels"] = labels
+        arrays["labels"] = labels.astype(np.int16)
     np.savez_compressed(bundle_dir / FIDELITY_FILE, allow_pickle=False, **arrays)
     m = b.manifest
     files = tuple(f for f in m.files if f.path != FIDELITY_FILE)

@@ -35,6 +35,9 @@ class DemoOptions:
     policy: str | None = None
     threshold: float | None = None
     backend: str = "auto"
+    # The agents' offload mode ("threshold" or "budget") and, for "budget", the target share.
+    offload: str = "threshold"
+    target: float | None = None
     broker: str = "auto"
     rate_hz: float = 100.0
     deadline_ms: float = 200.0
@@ -88,7 +91,8 @@ def _agent_toml(i: int, o: DemoOptions, broker: RunningBroker, n_samples: int,
         lines.append(f"threshold = {o.threshold}")
     lines += [
         "[mqtt]", f"port = {broker.port}", f'protocol = "{broker.protocol}"',
-        "[offload]", f"deadline_ms = {o.deadline_ms}",
+        "[offload]", f"deadline_ms = {o.deadline_ms}", f'mode = "{o.offload}"',
+        *([f"target = {o.target}"] if o.target is not None else []),
         "[local_api]", "port = -1",
         # Each run's outboxes live in its workdir: an interrupted run leaves nothing behind
         # for the next run's fresh hub.
@@ -110,6 +114,10 @@ def _agent_toml(i: int, o: DemoOptions, broker: RunningBroker, n_samples: int,
 def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]:
     if o.devices < 1:
         raise FleetError("--devices must be at least 1")
+    if o.offload not in ("threshold", "budget"):
+        raise FleetError(f"--offload {o.offload!r}: choose threshold or budget")
+    if o.target is not None and not 0 < o.target < 1:
+        raise FleetError(f"--target {o.target}: a share of inputs, between 0 and 1")
     with np.load(STREAMS_FILE) as data:
         if f"{o.stream}_x" not in data:
             raise FleetError(f"unknown stream {o.stream!r}; choose clean, shifted or mixed")
@@ -267,6 +275,8 @@ def _report(o: DemoOptions, broker: RunningBroker, x: np.ndarray, y: np.ndarray,
     offl = [r["latency_ms"] for r in records if r["offloaded"]]
     edge_ref = load_bundle(EDGE_BUNDLE, verify_files=False).manifest.ref
     backend = summaries[0]["backend"] if summaries else o.backend
+    edge_manifest = load_bundle(EDGE_BUNDLE, verify_files=False).manifest
+    fidelity = [s.get("fidelity") or {} for s in summaries]
     return {
         "samples": len(y),
         "devices": o.devices,
@@ -287,6 +297,17 @@ def _report(o: DemoOptions, broker: RunningBroker, x: np.ndarray, y: np.ndarray,
         "results_produced": produced,
         "results_at_hub": at_hub,
         "broker": broker.kind,
+        "manifest_accuracy": edge_manifest.metrics.get("accuracy", {}).get(o.stream),
+        "offload_budget": (edge_manifest.fidelity.offload_budget
+                           if edge_manifest.fidelity else None),
+        "offload_mode": o.offload,
+        "fidelity": {"agreement": min((f["agreement"] for f in fidelity if "agreement" in f),
+                                      default=None),
+                     "min_agreement": (edge_manifest.fidelity.min_agreement
+                                       if edge_manifest.fidelity else None),
+                     "backends": sorted({str(f.get("backend")) for f in fidelity if f}),
+                     "refused": sorted({f"{b}: {why}" for f in fidelity
+                                        for b, why in (f.get("refused") or {}).items()})},
     }
 
 
@@ -299,6 +320,12 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     if v is None:
         return "-"
     return f"{v * 100:.2f}%" if pct else f"{v:.3f}"
+
+
+def _fidelity_row(f: dict[str, Any]) -> str:
+    text = (f"{f['agreement'] * 100:.2f}% agreement on {', '.join(f['backends'])} "
+            f"(floor {f['min_agreement'] * 100:.1f}%)")
+    return text + (f"; refused {'; '.join(f['refused'])}" if f.get("refused") else "")
 
 
 def _update_row(u: dict[str, Any]) -> str:
@@ -314,11 +341,17 @@ def report_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("samples / devices", f"{r['samples']} / {r['devices']} ({r['stream']} stream)"),
         ("broker", r["broker"]),
         ("policy (threshold)", f"{r['policy']} ({r['threshold']:.6g})"),
-        ("edge-only accuracy", _fmt(r["edge_accuracy"], True)),
+        ("edge-only accuracy", _fmt(r["edge_accuracy"], True)
+         + (f"  (manifest {_fmt(r['manifest_accuracy'], True)})"
+            if r.get("manifest_accuracy") is not None else "")),
+        *([("fidelity on this CPU", _fidelity_row(r["fidelity"]))]
+          if r.get("fidelity", {}).get("agreement") is not None else []),
         ("cloud-only accuracy", _fmt(r["cloud_accuracy"], True)),
         ("hybrid accuracy", f"{_fmt(r['hybrid_accuracy'], True)}"
                             + (f"  ({rec * 100:.0f}% of the edge-cloud gap)" if rec else "")),
-        ("offload rate", _fmt(r["offload_rate"], True)),
+        ("offload rate", _fmt(r["offload_rate"], True)
+         + (f"  ({r['offload_mode']}; bundle budget {_fmt(r['offload_budget'], True)})"
+            if r.get("offload_budget") is not None else "")),
         ("bytes offloaded / cloud-only", f"{r['bytes_offloaded']:,} / {r['bytes_cloud_only']:,} "
                                          f"({r['bytes_offloaded'] / r['bytes_cloud_only']:.1%})"),
         ("latency local p50 / p99 (ms)", f"{_fmt(lat['local_p50'])} / {_fmt(lat['local_p99'])}"),

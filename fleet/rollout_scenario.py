@@ -4,7 +4,8 @@
 (b) a bundle that fails its health check on the devices (version 3) must halt at stage 1, its
     devices sent back, nobody outside stage 1 touched;
 (c) a bundle that installs fine but offloads twice as much (version 4: the same model with a
-    lower threshold) must be halted by the ML gate and its stage's devices reverted.
+    lower threshold and twice the offload budget) must be halted by the ML gate and its
+    stage's devices reverted.
 
 `bench/rollout.py` runs it with 200 devices; the test suite with fewer.
 """
@@ -132,9 +133,13 @@ def _scenario(o: RolloutOptions, group: ProcessGroup, workdir: Path,
     t, rate, worse_rate = _worse_threshold(v2, x, 2.0)
     m = load_bundle(v2).manifest
     he = m.to_dict()["hard_example"]
+    # Devices calibrate their threshold for the bundle's offload budget (edge_agent/fidelity.py):
+    # a release that offloads twice as much states twice the budget, as well as the threshold.
+    fid = m.to_dict()["fidelity"]
     v4 = copy_bundle(EDGE_BUNDLE, b / "v4-offloads-more", version=4, key=key, changes={
         "hard_example": {**he, "threshold": t, "thresholds": {**he["thresholds"],
-                                                             he["policy"]: t}}})
+                                                             he["policy"]: t}},
+        "fidelity": {**fid, "offload_budget": round(min(0.9, fid["offload_budget"] * 2.0), 4)}})
     for bundle in (v1, v2, v3, v4):
         hub.post("/v1/models", content=pack_bundle(bundle))
     soon = datetime.now(UTC) + timedelta(days=1)

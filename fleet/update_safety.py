@@ -60,9 +60,10 @@ class SafetyOptions:
     crash_trials: int = 50
     swap_rate_hz: float = 200.0
     swap_seconds: float = 6.0
-    # The agent's download bandwidth cap (bytes/s): at 40 kB/s the 36 kB bundle takes about a
-    # second, so random kills land inside the download as well as after it.
-    download_rate: float = 40_000.0
+    # The agent's download bandwidth cap (bytes/s); None: the digits bundle's size per second,
+    # so that an update's download takes about a second and random kills land inside the
+    # download as well as after it (the bundle grew from 36 to 97 kB with its fidelity set).
+    download_rate: float | None = None
     backend: str = "onnxruntime"
     seed: int = 0
     workdir: Path | None = None
@@ -157,6 +158,8 @@ class _Rig:
         self.o = o
         self.group = group
         self.workdir = workdir
+        self.download_rate = (o.download_rate if o.download_rate is not None else float(
+            load_bundle(EDGE_BUNDLE, verify_files=False).manifest.total_bytes))
         self.fleet_key = workdir / "keys" / "fleet.key"
         self.fleet_pub = generate_keys(self.fleet_key, workdir / "keys" / "fleet.pub")
         self.attacker_key = workdir / "keys" / "attacker.key"
@@ -198,7 +201,7 @@ class _Rig:
                 "[update]", "enabled = true", f'hub_url = "{self.hub_url}"',
                 f'trusted_keys = ["{self.fleet_pub.to_text()}"]',
                 f'hub_keys = ["{self.hub_key.public.to_text()}"]',
-                f'models_dir = "{self.models_dir}"', f"download_rate = {self.o.download_rate}",
+                f'models_dir = "{self.models_dir}"', f"download_rate = {self.download_rate}",
                 ""]))
         n = sum(1 for x in self.group.procs if x.name == "agent")
         a = self.group.start("agent", [sys.executable, "-m", "edge_agent.cli", "run",

@@ -23,6 +23,13 @@ def demo(
     threshold: Annotated[float | None, typer.Option(
         help="policy threshold (default: fitted in the bundle)")] = None,
     backend: Annotated[str, typer.Option(help="auto, onnxruntime or openvino")] = "auto",
+    offload: Annotated[str, typer.Option(
+        help="threshold: a fixed threshold (calibrated on each device for the bundle's budget); "
+             "budget: each agent's controller keeps --target of its inputs offloaded")]
+    = "threshold",
+    target: Annotated[float | None, typer.Option(
+        help="share of inputs to offload with --offload budget (default: the bundle's "
+             "budget)")] = None,
     broker: Annotated[str, typer.Option(help="auto, mosquitto or embedded")] = "auto",
     rate: Annotated[float, typer.Option(help="inputs per second per agent")] = 100.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the figures here")] = None,
@@ -43,7 +50,7 @@ def demo(
     console = Console()
     opts = DemoOptions(devices=devices, stream=stream, samples=samples, policy=policy,
                        threshold=threshold, backend=backend, broker=broker, rate_hz=rate,
-                       keep=keep, update=update)
+                       keep=keep, update=update, offload=offload, target=target)
     try:
         with Progress("[progress.description]{task.description}", BarColumn(),
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console,

@@ -1,4 +1,4 @@
-"""`fleet devices`: list, show, label, assign."""
+"""`fleet devices`: list, show, label, assign, offload."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from fleet.commands.common import (
     hub_client,
 )
 
-app = typer.Typer(no_args_is_help=True, help="Devices: list, show, label, assign a model.")
+app = typer.Typer(no_args_is_help=True,
+                  help="Devices: list, show, label, assign a model, set offloading.")
 
 
 def _labels(d: dict[str, Any]) -> str:
@@ -70,6 +71,65 @@ def devices_show(
                + (f" -> {d['update_target']}" if d.get("update_target") else "")
                + (f": {d['update_code']}: {d['update_error']}" if d.get("update_error") else ""))
     typer.echo(f"labels {_labels(d) or '-'}")
+    f = d.get("fidelity") or {}
+    if f.get("agreement") is not None:
+        typer.echo(f"fidelity {f['agreement']:.2%} agreement on {f.get('backend')} (floor "
+                   f"{f.get('min_agreement', 0):.2%}); offload at the manifest threshold "
+                   f"{_pct(f.get('offload_at_manifest'))}, budget {_pct(f.get('budget'))}; "
+                   f"threshold {f.get('threshold_source', '-')}")
+    for name, why in (f.get("refused") or {}).items():
+        typer.echo(f"refused backend {name}: {why}")
+    o = d.get("offload") or {}
+    if o:
+        line = f"offload {o.get('mode')}"
+        if o.get("mode") == "budget":
+            line += (f", target {_pct(o.get('target'))}, last 100 inputs "
+                     f"{_pct(o.get('recent_rate'))}, drift {o.get('drift')}"
+                     + (" (DRIFTING)" if o.get("drifting") else ""))
+        typer.echo(line + f", threshold {o.get('threshold')}")
+    if d.get("offload_setting"):
+        s = d["offload_setting"]
+        typer.echo(f"offload set by the hub: {s.get('mode')}"
+                   + (f", target {_pct(s.get('target'))}" if s.get("target") else "")
+                   + (f", at most {s['max_bytes_per_s']:g} B/s" if s.get("max_bytes_per_s")
+                      else ""))
+
+
+def _pct(v: Any) -> str:
+    return "-" if not isinstance(v, int | float) else f"{v:.1%}"
+
+
+@app.command("offload")
+def devices_offload(
+    device: Annotated[str, typer.Argument(help="device id")],
+    mode: Annotated[str, typer.Option(
+        help="budget: the device keeps --target of its inputs offloaded as they drift; "
+             "threshold: a fixed threshold; device: its own settings again")] = "budget",
+    target: Annotated[float | None, typer.Option(
+        help="share of inputs to offload in budget mode (default: the bundle's budget)")] = None,
+    max_bytes_per_s: Annotated[float | None, typer.Option(
+        "--max-bytes-per-s", help="byte budget for a metered link (budget mode)")] = None,
+    hub: HubOption = DEFAULT_HUB,
+    as_json: JsonOption = False,
+) -> None:
+    """Set how a device offloads; the hub sends it in the device's signed assignment."""
+    if mode not in ("budget", "threshold", "device"):
+        fail("fleet devices offload", f"--mode {mode!r}: choose budget, threshold or device")
+        return
+    with hub_client(hub, "fleet devices offload") as c:
+        if mode == "device":
+            body = c.request("DELETE", f"/v1/devices/{device}/offload")
+        else:
+            body = c.put(f"/v1/devices/{device}/offload",
+                         json={"mode": mode, "target": target,
+                               "max_bytes_per_s": max_bytes_per_s})
+    if as_json:
+        emit_json(body)
+        return
+    what = ("its own settings" if mode == "device" else
+            mode + (f" {target:.1%}" if target else ""))
+    typer.echo(f"{device}: offload {what}, in assignment seq {body['seq']} of "
+               f"{body['model']}@{body['version']}")
 
 
 @app.command("label")

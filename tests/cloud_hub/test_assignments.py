@@ -108,3 +108,43 @@ def test_reports_land_on_the_device(sessions: sessionmaker, tmp_path: Path) -> N
         assert len(d.update_error) == 1024
         new = s.get(Device, "new-dev")
         assert new is not None and new.model == "digits-edge@1"
+
+
+def test_offload_setting_rides_the_assignment_and_survives_reassignment(
+        sessions: sessionmaker, kit: UpdateKit) -> None:
+    from cloud_hub.assignments import set_offload
+    from fleet.assignment import OffloadTarget
+
+    broker = Broker()
+    with sessions() as s:
+        # No desired model yet: the hub reissues the registry bundle the device runs.
+        d = set_offload(s, kit.hub_key, "dev-1", OffloadTarget("budget", 0.15), broker)
+        assert (d.name, d.version, d.seq) == ("digits-edge", 3, 1)
+        a = decode_desired(broker.sent[-1][1], [kit.hub_key.public])
+        assert a.offload == OffloadTarget("budget", 0.15) and a.version == 3
+        # A rollout's assignment of another version keeps the device's offload setting.
+        assign(s, kit.hub_key, "dev-1", "digits-edge", 4, broker)
+        a = decode_desired(broker.sent[-1][1], [kit.hub_key.public])
+        assert a.version == 4 and a.offload == OffloadTarget("budget", 0.15)
+        # Taken back: the device's own settings again.
+        set_offload(s, kit.hub_key, "dev-1", None, broker)
+        a = decode_desired(broker.sent[-1][1], [kit.hub_key.public])
+        assert a.version == 4 and a.offload is None and a.seq == 3
+        # A device running a bundle the registry does not hold cannot be given one.
+        s.add(Device(id="dev-2", first_seen=1.0, last_seen=1.0, online=True,
+                     model="digits-edge@1", duplicates=0))
+        s.commit()
+        with pytest.raises(Conflict, match="not in the registry"):
+            set_offload(s, kit.hub_key, "dev-2", OffloadTarget("threshold"), broker)
+        with pytest.raises(NotFound):
+            set_offload(s, kit.hub_key, "nobody", OffloadTarget("threshold"), broker)
+
+
+def test_reported_fidelity_is_kept(sessions: sessionmaker) -> None:
+    fid = {"backend": "openvino", "agreement": 1.0, "min_agreement": 0.995,
+           "refused": {"onnxruntime": "agreement 97.08% below the floor"}}
+    payload = Reported("dev-1", "digits-edge@3", UpdateState.IDLE, fidelity=fid).encode()
+    record_reported(sessions, "dev-1", Reported.decode(payload))
+    with sessions() as s:
+        dev = s.get(Device, "dev-1")
+        assert dev is not None and dev.fidelity == fid

@@ -7,14 +7,12 @@ model), beside the real runtimes, which must pass on any CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import edge_agent.backends as backends
-from edge_agent.backends.base import BackendOptions, InferenceBackend
 from edge_agent.engine import Engine
 from edge_agent.fidelity import FidelityError, FidelitySet, threshold_for_rate
 from edge_agent.fidelity import check as fidelity_check
@@ -22,49 +20,7 @@ from edge_agent.policy import HardExamplePolicy
 from fleet.bundle import load_bundle
 from fleet.bundle_copy import break_fidelity, copy_bundle
 from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
-
-
-class Perturbed:
-    """A real backend whose outputs are changed by `edit` (the model "drifts")."""
-
-    def __init__(self, inner: InferenceBackend, edit: Callable[[np.ndarray], np.ndarray]) -> None:
-        self._inner, self._edit = inner, edit
-        self.name, self.model_path, self.takes_raw = inner.name, inner.model_path, inner.takes_raw
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return self._edit(self._inner.run(batch))
-
-    def bare_runner(self, batch: np.ndarray) -> Callable[[], object]:
-        return self._inner.bare_runner(batch)
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-def swap_top2(every: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Swap the two largest logits of every `every`-th row of each batch: top-1 changes there."""
-    def edit(out: np.ndarray) -> np.ndarray:
-        out = out.copy()
-        rows = np.arange(0, len(out), every)
-        top2 = np.argsort(out[rows], axis=1)[:, -2:]
-        a, b = top2[:, 0], top2[:, 1]
-        out[rows, a], out[rows, b] = out[rows, b], out[rows, a].copy()
-        return out
-    return edit
-
-
-@pytest.fixture
-def drifting(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    """Make the named runtime drift with `edit` wherever the agent opens it."""
-    real = backends.open_backend
-
-    def make(name: str, edit: Callable[[np.ndarray], np.ndarray]) -> None:
-        def opener(n: str, model: Path, options: BackendOptions = backends.DEFAULT_OPTIONS
-                   ) -> InferenceBackend:
-            be = real(n, model, options)
-            return Perturbed(be, edit) if n == name else be  # type: ignore[return-value]
-        monkeypatch.setattr(backends, "open_backend", opener)
-    yield make
+from tests.edge_agent.drift import swap_top2
 
 
 @pytest.mark.parametrize("root", [EDGE_BUNDLE, CLOUD_BUNDLE], ids=["edge", "cloud"])
@@ -73,7 +29,7 @@ def test_shipped_bundles_are_faithful_on_both_runtimes(root: Path, backend: str)
     eng = Engine.open(root, backend)
     f = eng.fidelity
     assert f is not None and f.faithful, f
-    assert f.agreement >= load_bundle(root).manifest.fidelity.min_agreement  # type: ignore[union-attr]
+    assert f.agreement >= f.min_agreement == load_bundle(root).manifest.fidelity.min_agreement  # type: ignore[union-attr]
     assert f.samples == len(FidelitySet.load(eng.bundle).inputs) >= 700 and not eng.refused
 
 

@@ -18,8 +18,9 @@ from edge_agent.update_rules import DeviceProfile
 from edge_agent.updater import Updater, UpdaterConfig, resolve_startup
 from fleet.assignment import Reported, UpdateState
 from fleet.bundle import MANIFEST_NAME, load_bundle
-from fleet.bundle_copy import break_golden, copy_bundle
+from fleet.bundle_copy import break_fidelity, break_golden, copy_bundle
 from models import EDGE_BUNDLE, STREAMS_FILE
+from tests.edge_agent.drift import Drift, swap_top2
 from tests.updates import HubServer, UpdateKit, hub_settings
 
 PROFILE = DeviceProfile("dev-1", ("x86_64",), ("onnxruntime",), 10 << 20)
@@ -45,12 +46,12 @@ class Device:
     """An updater with real slots and real engines, the way the agent wires it."""
 
     def __init__(self, kit: UpdateKit, hub: HubServer, root: Path,
-                 crash_at: UpdateState | None = None) -> None:
+                 crash_at: UpdateState | None = None, backend: str = "onnxruntime") -> None:
         self.kit = kit
         self.slots = ModelSlots(root)
         start = resolve_startup(self.slots, EDGE_BUNDLE, [kit.pub])
         self.startup = start
-        self.engine = Engine.open(start.bundle, "onnxruntime")
+        self.engine = Engine.open(start.bundle, backend)
         self.reports: list[Reported] = []
         self.steps: list[UpdateState] = []
 
@@ -60,7 +61,7 @@ class Device:
                 raise Crash(s)
 
         cfg = UpdaterConfig(hub.url, [kit.pub], [kit.hub_key.public], PROFILE)
-        self.updater = Updater(cfg, self.slots, open_engine=lambda p: Engine.open(p, "onnxruntime"),
+        self.updater = Updater(cfg, self.slots, open_engine=lambda p: Engine.open(p, backend),
                                swap=self._swap, running=lambda: self.engine,
                                report=self.reports.append, on_step=on_step)
 
@@ -247,3 +248,39 @@ def test_requests_in_flight_finish_on_the_old_model(kit: UpdateKit, hub: HubServ
         stop.set()
         t.join()
     assert errors == [] and {"digits-edge@1", "digits-edge@3"} <= models
+
+
+def test_bundle_below_its_fidelity_floor_is_refused_and_the_old_model_serves(
+        kit: UpdateKit, hub: HubServer, tmp_path: Path) -> None:
+    unfaithful = copy_bundle(kit.version(6), tmp_path / "v6", version=6, key=kit.key,
+                             edit_files=break_fidelity)
+    assert hub.push(unfaithful).status_code == 201
+    d = Device(kit, hub, tmp_path / "m")
+    d.assign(6, 1, unfaithful)
+    last = d.reports[-1]
+    assert (last.state, last.code, last.model) == (UpdateState.FAILED, "fidelity",
+                                                   "digits-edge@1")
+    assert "agreement" in (last.error or "") and "below the bundle's floor" in (last.error or "")
+    assert UpdateState.ACTIVATING not in d.steps
+    assert d.running == "digits-edge@1" and d.slots.current() is None
+    # The report carries the running model's own fidelity figures.
+    assert last.fidelity is not None and last.fidelity["faithful"]
+
+
+def test_bundle_faithful_on_one_backend_installs_and_serves_there(
+        kit: UpdateKit, hub: HubServer, tmp_path: Path, drifting: Drift) -> None:
+    drifting("onnxruntime", swap_top2(every=20))
+    d = Device(kit, hub, tmp_path / "m", backend="auto")
+    assert d.engine.backend.name == "openvino"
+    d.assign(2, 1)
+    assert d.running == "digits-edge@2" and d.engine.backend.name == "openvino"
+    last = d.reports[-1]
+    assert last.state is UpdateState.IDLE and last.fidelity is not None
+    assert last.fidelity["backend"] == "openvino" and "onnxruntime" in last.fidelity["refused"]
+    # Where the only runtime allowed drifts, the update fails on fidelity and nothing changes.
+    only_ov = Device(kit, hub, tmp_path / "m2", backend="openvino")
+    drifting("openvino", swap_top2(every=20))
+    only_ov.assign(3, 1)
+    assert (only_ov.reports[-1].state, only_ov.reports[-1].code) == (UpdateState.FAILED,
+                                                                       "fidelity")
+    assert only_ov.running == "digits-edge@1"

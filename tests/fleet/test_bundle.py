@@ -120,3 +120,33 @@ def test_unknown_preprocessing_step() -> None:
     m = load_bundle(EDGE_BUNDLE).manifest
     with pytest.raises(BundleError, match="unknown preprocessing step"):
         Preprocessor(m.raw_input, [{"type": "fft"}])
+
+
+def test_fidelity_spec_round_trips_and_bad_ones_are_refused(bundle_copy: Path) -> None:
+    m = load_bundle(bundle_copy).manifest
+    assert m.fidelity is not None and m.fidelity.file == "fidelity.npz"
+    assert 0.99 <= m.fidelity.min_agreement <= 1 and m.fidelity.offload_budget == 0.22
+    assert Manifest.from_dict(m.to_dict()).fidelity == m.fidelity
+    fid = m.fidelity.to_dict()
+    for bad, msg in (({**fid, "file": "missing.npz"}, "not among the bundle's files"),
+                     ({**fid, "min_agreement": 1.5}, "min_agreement"),
+                     ({**fid, "offload_budget": 0}, "offload_budget"),
+                     ({**fid, "min_agreement": "high"}, "wrong type"),
+                     ("all of it", "must be an object")):
+        _edit(bundle_copy, fidelity=bad)
+        with pytest.raises(BundleError, match=msg):
+            load_bundle(bundle_copy)
+
+
+def test_offload_target_validation() -> None:
+    from fleet.assignment import OffloadTarget
+
+    ok = OffloadTarget.from_dict({"mode": "budget", "target": 0.2, "max_bytes_per_s": 5000})
+    assert ok == OffloadTarget("budget", 0.2, 5000.0)
+    assert OffloadTarget.from_dict(ok.to_dict()) == ok
+    assert OffloadTarget.from_dict({"mode": "threshold"}) == OffloadTarget("threshold")
+    for bad in ({"mode": "always"}, {"mode": "budget", "target": 1.0},
+                {"mode": "budget", "target": -0.1}, {"mode": "budget", "target": True},
+                {"mode": "budget", "max_bytes_per_s": float("nan")}, [1]):
+        with pytest.raises(ProtocolError):
+            OffloadTarget.from_dict(bad)

@@ -130,3 +130,49 @@ def test_replayed_assignment_and_rollback_rules(mosquitto: RunningBroker, kit: U
 def test_unknown_device_and_model_get_clear_errors(hub: HubServer) -> None:
     r = _assign(hub, "never-seen", 2)
     assert r.status_code == 404 and "unknown device" in r.json()["detail"]
+
+
+@pytest.mark.mosquitto
+def test_fidelity_figures_reach_the_hub_and_the_hub_sets_the_offload_budget(
+        mosquitto: RunningBroker, kit: UpdateKit, hub: HubServer) -> None:
+    a = _agent(mosquitto, kit, hub, "upd-fid")
+    x = np.load(STREAMS_FILE)["shifted_x"]
+    try:
+        # The reported state carries the fidelity check of the model on its backend.
+        assert wait_until(lambda: (d := _device(hub, "upd-fid")) is not None
+                          and d.fidelity is not None, CONNECT_S)
+        d = httpx.get(f"{hub.url}/v1/devices/upd-fid", timeout=10).json()
+        f = d["fidelity"]
+        assert f["bundle"] == "digits-edge@1" and f["backend"] == "onnxruntime"
+        assert f["faithful"] and f["agreement"] >= f["min_agreement"] == 0.995
+        assert f["threshold_source"] == "calibrated" and f["calibrated_threshold"] > 0
+        # The device runs a factory bundle the registry does not hold: assign one first.
+        r = httpx.put(f"{hub.url}/v1/devices/upd-fid/offload",
+                      json={"mode": "budget", "target": 0.3}, timeout=10)
+        assert r.status_code == 409 and "registry" in r.json()["detail"]
+        assert _assign(hub, "upd-fid", 2).status_code == 200
+        assert wait_until(lambda: a.model_ref == "digits-edge@2", UPDATE_S)
+        r = httpx.put(f"{hub.url}/v1/devices/upd-fid/offload",
+                      json={"mode": "budget", "target": 0.3}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert wait_until(lambda: a.offload_state()["mode"] == "budget", CONNECT_S)
+        assert a.offload_state()["target"] == 0.3
+        for xi in x[:300]:
+            a.infer(xi)
+        st = a.offload_state()
+        assert abs(st["recent_rate"] - 0.3) <= 0.06, st
+        a.publish_telemetry()
+        assert wait_until(lambda: ((d := _device(hub, "upd-fid")) is not None
+                                   and (d.offload or {}).get("mode") == "budget"), CONNECT_S)
+        d = httpx.get(f"{hub.url}/v1/devices/upd-fid", timeout=10).json()
+        assert d["offload_setting"] == {"mode": "budget", "target": 0.3, "max_bytes_per_s": None}
+        stats = httpx.get(f"{hub.url}/v1/stats", timeout=10).json()
+        assert [r["device"] for r in stats["offload"]["devices"]] == ["upd-fid"]
+        metrics = httpx.get(f"{hub.url}/metrics", timeout=10).text
+        assert 'ehi_device_offload{device="upd-fid",figure="target"} 0.3' in metrics
+        # Taken back: the agent's own settings (a fixed threshold) again.
+        assert httpx.delete(f"{hub.url}/v1/devices/upd-fid/offload",
+                            timeout=10).status_code == 200
+        assert wait_until(lambda: a.offload_state()["mode"] == "threshold", CONNECT_S)
+    finally:
+        a.stop()

@@ -1,0 +1,3 @@
+from tests.edge_agent.drift import drifting
+
+__all__ = ["drifting"]
