@@ -104,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--segment", type=int, default=400, help="inputs per segment (x3)")
     ap.add_argument("--target", type=float, default=0.2)
     ap.add_argument("--broker", default="auto", help="auto, mosquitto or embedded")
+    ap.add_argument("--seed", type=int, default=0, help="the stream's shuffle")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.segment % WINDOW:
         ap.error(f"--segment must be a multiple of {WINDOW}")
-    x, y, names = make_stream(args.segment)
+    x, y, names = make_stream(args.segment, args.seed)
     runs: dict[str, dict[str, Any]] = {}
     with work_folder(None, "ehi-budget-") as workdir, ProcessGroup() as group:
         broker = start_broker(group, workdir, args.broker)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[mode] = run_agent(mode, args.target, x, broker.port, workdir)
     rates: dict[str, list[float]] = {}
     out: dict[str, Any] = {"cpu": cpu_name(), "cpu_flags": cpu_flags(), "target": args.target,
-                           "segment": args.segment, "broker": broker.kind}
+                           "segment": args.segment, "seed": args.seed, "broker": broker.kind}
     for mode, r in runs.items():
         ans = r["answers"]
         hard = np.array([a.offloaded for a in ans])
