@@ -103,12 +103,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     s = load_settings(args.config, **_overrides(args))
     eng = Engine.open(s.bundle, s.backend, s.threads, s.policy, s.threshold,
-                      options=s.backend_options())
+                      options=s.backend_options(), fidelity=s.fidelity)
     spec = eng.manifest.raw_input
     r = eng.run(np.zeros(spec.shape, dtype=spec.dtype))
     print(json.dumps({"bundle": eng.manifest.ref, "backend": eng.backend.name,
                       "policy": eng.policy.name, "threshold": eng.policy.threshold,
-                      "label": r.label, "edge_ms": round(r.edge_ms, 3)}))
+                      "label": r.label, "edge_ms": round(r.edge_ms, 3),
+                      "fidelity": eng.fidelity_summary()}))
     return 0
 
 

@@ -39,4 +39,18 @@ def render(agent: Agent) -> str:
            [("", len(agent.pending))])
     metric("ehi_agent_connected", "gauge", "1 while connected to the broker",
            [("", 1.0 if agent.transport.connected else 0.0)])
+    off = agent.offload_state()
+    figures = [(f'{{figure="{k}"}}', float(off[k])) for k in
+               ("target", "recent_rate", "threshold", "drift")
+               if isinstance(off.get(k), int | float) and not isinstance(off.get(k), bool)]
+    metric("ehi_agent_offload", "gauge", "Offloading: target share, share of the last 100 "
+           "inputs, threshold, drift (log2 of target over the calibration share; |drift| >= 1 "
+           "is drift)", figures)
+    metric("ehi_agent_offload_drifting", "gauge", "1 while the offload controller reports drift",
+           [("", 1.0 if off.get("drifting") is True else 0.0)])
+    fid = agent.engine.fidelity
+    if fid is not None:
+        metric("ehi_agent_fidelity_agreement", "gauge", "Top-1 agreement with the bundle's "
+               "reference on its fidelity set, on the serving backend",
+               [(f'{{backend="{fid.backend}"}}', fid.agreement)])
     return "\n".join(lines) + "\n"

@@ -311,3 +311,35 @@ def test_settings_refuse_labels_a_selector_could_not_name() -> None:
     assert load_settings(device_id="cam-1", labels={"site": "berlin"}).labels == {"site": "berlin"}
     with pytest.raises(ConfigError, match=r"labels.*two words"):
         load_settings(device_id="cam-1", labels={"site": "two words"})
+
+
+def test_offload_budget_from_settings_and_from_the_hub(bus: MemoryBus, hub: ScriptedHub) -> None:
+    from fleet.assignment import OffloadTarget
+    from models import STREAMS_FILE
+
+    engine = Engine.open(EDGE_BUNDLE, "onnxruntime")
+    settings = AgentSettings(device_id="dev-1", telemetry_interval_s=60,
+                             offload={"deadline_ms": 100.0, "mode": "budget", "target": 0.3},
+                             results={"store": "memory", "flush_interval_s": 0.01})
+    a = Agent(settings, engine, functools.partial(_memory, bus))
+    a.start()
+    try:
+        st = a.offload_state()
+        assert st["mode"] == "budget" and st["target"] == 0.3
+        x = np.load(STREAMS_FILE)["shifted_x"]
+        answers = [a.infer(xi) for xi in x[:300]]
+        assert abs(np.mean([ans.offloaded for ans in answers[100:]]) - 0.3) <= 0.05
+        t = a.telemetry()
+        assert t["offload"]["mode"] == "budget" and t["fidelity"]["faithful"]
+        # The hub's setting wins: a fixed threshold (the calibrated one) ...
+        a.set_offload(OffloadTarget("threshold"))
+        assert a.offload_state()["mode"] == "threshold"
+        assert engine.policy.threshold == engine.base_threshold
+        assert a.offload_state()["source"] == "calibrated"
+        # ... or another target; None gives the agent's own settings back.
+        a.set_offload(OffloadTarget("budget", 0.1))
+        assert a.offload_state()["target"] == 0.1
+        a.set_offload(None)
+        assert a.offload_state()["target"] == 0.3
+    finally:
+        a.stop()

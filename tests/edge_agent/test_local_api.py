@@ -109,3 +109,6 @@ def test_metrics_show_the_outbox(api: tuple[str, Agent]) -> None:
     assert 'ehi_agent_outbox_entries{kind="result"} 1' in text
     assert "ehi_agent_outbox_dropped_full_total 0" in text
     assert 'ehi_agent_events_total{event="inputs"} 1' in text
+    assert 'ehi_agent_offload{figure="threshold"}' in text
+    assert "ehi_agent_offload_drifting 0" in text
+    assert f'ehi_agent_fidelity_agreement{{backend="{agent.engine.backend.name}"}}' in text
