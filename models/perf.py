@@ -14,6 +14,7 @@ real weights would want for accuracy. The digits bundles remain the accuracy ben
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -164,9 +165,11 @@ def build(out: Path | None = None, width: float = 1.0,
 def ensure(out: Path | None = None) -> dict[str, Path]:
     """The perf bundles, built if they are not in the cache yet."""
     dirs = bundle_dirs(out)
-    if all((d / "manifest.json").is_file() for d in dirs.values()):
+    if all((d / "manifest.json").is_file()
+           and "fidelity" in json.loads((d / "manifest.json").read_text())
+           for d in dirs.values()):
         return dirs
-    return build(out)
+    return build(out)  # missing, or built before bundles carried a fidelity set
 
 
 def main(argv: list[str] | None = None) -> int:
