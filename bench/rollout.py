@@ -12,7 +12,8 @@ once, for real). Then three rollouts, stages 5%, 25%, 100%, bake `--bake` second
 - (a) version 2, a good bundle: `good_completed`, `good_seconds`;
 - (b) version 3, whose golden output is wrong (fails its health check on every device):
   `bad_halted_at_stage`, `bad_devices_outside_first_stage_updated`;
-- (c) version 4, the same model with a threshold that offloads twice as much:
+- (c) version 4, the same model stating twice the offload budget (devices calibrate for it),
+  with a threshold to match: it offloads twice as much:
   `ml_gate_halted`, `ml_gate_devices_in_stage`, `ml_gate_devices_reverted`.
 """
 

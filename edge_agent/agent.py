@@ -135,6 +135,9 @@ class Agent:
         # The hub's offload setting for this device (from its assignment), over the settings'.
         self._offload_override: OffloadTarget | None = None
         self._budget: tuple[Engine, OffloadController] | None = None
+        # Held while a decision updates the threshold and while the offload setting changes:
+        # a request finishing on the old controller must not write its threshold after.
+        self._offload_lock = threading.Lock()
         self._configure_offload(self.engine)
         self.pending = PendingOffloads(settings.offload.max_pending)
         self.outbox = open_outbox(settings)
@@ -201,6 +204,10 @@ class Agent:
 
     def _configure_offload(self, engine: Engine) -> None:
         """Start (or stop) the offload controller for `engine` as the settings say."""
+        with self._offload_lock:
+            self._configure_offload_locked(engine)
+
+    def _configure_offload_locked(self, engine: Engine) -> None:
         o, hub = self.settings.offload, self._offload_override
         mode = hub.mode if hub is not None else o.mode
         target = (hub.target if hub is not None and hub.target is not None else o.target)
@@ -235,9 +242,12 @@ class Agent:
                 "source": e.threshold_source}
 
     def _observe(self, engine: Engine, local: LocalResult, offload_bytes: int) -> None:
-        b = self._budget
-        if b is not None and b[0] is engine:
-            engine.policy.threshold = b[1].observe(local.score, local.hard, offload_bytes)
+        if self._budget is None:
+            return
+        with self._offload_lock:
+            b = self._budget
+            if b is not None and b[0] is engine:
+                engine.policy.threshold = b[1].observe(local.score, local.hard, offload_bytes)
 
     def _publish_report(self, report: Reported) -> None:
         self.transport.publish(self._topics[p.Channel.REPORTED], report.encode(), qos=1,

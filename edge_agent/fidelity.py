@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_agent.backends.base import InferenceBackend
 from edge_agent.cpu import cpu_flags, cpu_name
-from edge_agent.errors import AgentError, BackendError
+from edge_agent.errors import BackendError
 from edge_agent.policy import HardExamplePolicy, softmax
 from fleet.bundle import Bundle, FidelitySpec, Manifest, file_entry, write_manifest
 from fleet.errors import ProtocolError
@@ -163,10 +163,7 @@ def check(bundle: Bundle, backend: InferenceBackend, policy: HardExamplePolicy |
     spec = m.fidelity
     assert spec is not None
     fs = FidelitySet.load(bundle)
-    try:
-        probs = run_set(backend, m, fs.inputs)
-    except AgentError:
-        raise
+    probs = run_set(backend, m, fs.inputs)
     ref = softmax(fs.reference)
     agreement = float((probs.argmax(1) == ref.argmax(1)).mean())
     he = m.hard_example

@@ -142,7 +142,6 @@ class OffloadController:
         self._rate_avg: float | None = None
         self._last_t: float | None = None
         self.threshold = min(max(threshold, self.bounds[0]), self.bounds[1])
-        self._plain = self.threshold  # the feed-forward threshold at the target: for drift
 
     # ------------------------------------------------------------------ the loop
 
@@ -175,7 +174,6 @@ class OffloadController:
             rate = min(hi_rate, max(lo_rate, target + self._debt / self._horizon))
             lo, hi = self.bounds
             self.threshold = min(hi, max(lo, _rate_threshold(self._sorted, rate)))
-            self._plain = min(hi, max(lo, _rate_threshold(self._sorted, target)))
             return self.threshold
 
     def _measure_rate(self, nbytes: int) -> None:
@@ -196,11 +194,16 @@ class OffloadController:
     # ------------------------------------------------------------------ reports
 
     def drift(self) -> float | None:
-        """log2(target / the calibration share the feed-forward threshold offloads)."""
+        """log2(target / the calibration share the feed-forward threshold offloads): the
+        threshold at the target share of the recent scores, without the feedback's pacing."""
         if self._cal is None:
             return None
+        plain = self.threshold
+        if self._sorted:
+            lo, hi = self.bounds
+            plain = min(hi, max(lo, _rate_threshold(self._sorted, self.effective_target())))
         n = len(self._cal)
-        above = n - bisect.bisect_right(self._cal.tolist(), self._plain)
+        above = n - int(np.searchsorted(self._cal, plain, side="right"))
         share = max(above, 0.5) / n  # half an input: a finite figure when none is above
         return math.log2(self.target / share)
 
