@@ -34,7 +34,7 @@ from enum import StrEnum
 from typing import Any
 
 from fleet import protocol as p
-from fleet.bundle import Manifest, parse_time
+from fleet.bundle import parse_time
 from fleet.errors import BundleError, ProtocolError
 from fleet.signing import PrivateKey, PublicKey, SignatureError, verify_manifest
 
@@ -223,8 +223,3 @@ class Reported:
 def _opt(h: dict[str, Any], key: str) -> str | None:
     v = h.get(key)
     return None if v is None else str(v)
-
-
-def manifest_of(assignment: Assignment) -> Manifest:
-    """The parsed manifest of an assignment (BundleError if it is malformed)."""
-    return Manifest.from_dict(assignment.manifest)

@@ -22,7 +22,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from fleet.mqtt import topic_matches
+from paho.mqtt.client import topic_matches_sub as topic_matches
 
 log = logging.getLogger(__name__)
 

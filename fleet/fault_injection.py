@@ -190,18 +190,6 @@ class _Fleet:
     def start_broker(self) -> None:
         self.broker = start_broker(self.group, self.workdir, "mosquitto", port=self.broker.port)
 
-    def hub_count(self) -> int | None:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.hub_port, timeout=2)
-            conn.request("GET", "/v1/results/count")
-            r = conn.getresponse()
-            data = r.read()
-            conn.close()
-            return int(json.loads(data)["count"]) if r.status == 200 else None
-        except (OSError, http.client.HTTPException, ValueError, KeyError):
-            return None
-
-
 def _schedule(plan: FaultPlan) -> list[tuple[float, str, Callable[[_Fleet], None]]]:
     """(time, description, action), in time order."""
     ev: list[tuple[float, str, Callable[[_Fleet], None]]] = []

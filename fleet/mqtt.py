@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, Field
 
 from fleet.errors import FleetError
@@ -129,8 +130,9 @@ class MqttSession:
             c.username_pw_set(cfg.username, cfg.password)
         if cfg.will:
             c.will_set(cfg.will.topic, cfg.will.payload, cfg.will.qos, cfg.will.retain)
-        c.reconnect_delay_set(min_delay=max(1, int(cfg.reconnect_min_s)),
-                              max_delay=max(1, int(cfg.reconnect_max_s)))
+        # paho types the delays as int but sleeps on them as numbers: 0.5 s stays 0.5 s.
+        c.reconnect_delay_set(min_delay=cfg.reconnect_min_s,  # type: ignore[arg-type]
+                              max_delay=cfg.reconnect_max_s)  # type: ignore[arg-type]
         c.max_inflight_messages_set(MAX_INFLIGHT)
         c.on_socket_open = self._socket_open
         c.on_connect = self._handle_connect
@@ -185,10 +187,6 @@ class MqttSession:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
-
-    @property
-    def gave_up(self) -> bool:
-        return self._gave_up
 
     def start(self) -> None:
         try:
@@ -261,7 +259,7 @@ class MemoryBus:
             self.log.append((topic, payload))
             if retain:
                 self.retained[topic] = payload
-            targets = [h for f, h in self._subs if topic_matches(f, topic)]
+            targets = [h for f, h in self._subs if topic_matches_sub(f, topic)]
         for h in targets:
             h(topic, payload)
 
@@ -308,18 +306,3 @@ class MemorySession:
         if final and self.connected:
             self.bus.publish(final[0], final[1], final[3])
         self._connected = False
-
-
-def topic_matches(flt: str, topic: str) -> bool:
-    """MQTT topic filter matching (`+` one level, `#` the rest; `$` topics need a literal start)."""
-    f_parts, t_parts = flt.split("/"), topic.split("/")
-    if topic.startswith("$") and not flt.startswith("$"):
-        return False
-    for i, f in enumerate(f_parts):
-        if f == "#":
-            return True
-        if i >= len(t_parts):
-            return False
-        if f != "+" and f != t_parts[i]:
-            return False
-    return len(f_parts) == len(t_parts)
