@@ -24,8 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_agent.bench import sample_inputs
-from edge_agent.engine import Engine
-from fleet.bundle import load_bundle
+from fleet.contract.bundle import load_bundle
+from fleet.inference.engine import Engine
 
 
 def ort_runner(model: Path, x: np.ndarray, level: str, threads: int) -> Callable[[], object]:

@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
-from edge_agent.cpu import cpu_flags, cpu_name
-from fleet.brokers import start_broker
-from fleet.processes import ProcessGroup, free_port, start_hub, work_folder
-from models import STREAMS_FILE
+from fleet.inference.cpu import cpu_flags, cpu_name
+from fleet.lab.brokers import start_broker
+from fleet.lab.processes import ProcessGroup, start_hub, work_folder
+from fleet.transport.ports import free_port
+from models import EDGE_BUNDLE, STREAMS_FILE
 
 WINDOW = 100
 TOLERANCE_PTS = 3.0
@@ -55,7 +56,7 @@ def make_stream(segment: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, li
 
 def run_agent(mode: str, target: float, x: np.ndarray, broker_port: int, workdir: Path
               ) -> dict[str, Any]:
-    s = AgentSettings(device_id=f"budget-{mode}", telemetry_interval_s=3600,
+    s = AgentSettings(device_id=f"budget-{mode}", bundle=EDGE_BUNDLE, telemetry_interval_s=3600,
                       mqtt={"port": broker_port}, local_api={"port": -1},
                       results={"store": "memory"},
                       offload={"mode": mode, "target": target, "deadline_ms": 1000.0},
@@ -69,7 +70,7 @@ def run_agent(mode: str, target: float, x: np.ndarray, broker_port: int, workdir
         backend = agent.engine.backend.name
     finally:
         agent.stop()
-    from fleet import protocol as p
+    from fleet.contract import protocol as p
 
     one = len(p.Offload(id="0" * 32, model=answers[0].model, input=np.asarray(x[0]),
                         deadline_ms=1000.0, sent_at=time.time(), edge_label=0,

@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_agent.engine import Engine
-from edge_agent.policy import CONFIDENCE_POLICIES, HardExamplePolicy
+from fleet.inference.engine import Engine
+from fleet.inference.policy import CONFIDENCE_POLICIES, HardExamplePolicy
 from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS, STREAMS_FILE
 from models.digits.evaluate import auroc
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleet.fault_injection import FaultPlan, ScenarioOptions, run_scenario
+from fleet.lab.fault_injection import FaultPlan, ScenarioOptions, run_scenario
 
 
 def table(r: dict) -> str:

@@ -25,13 +25,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_agent.backends import open_backend
-from edge_agent.backends.base import BackendOptions
-from edge_agent.cpu import cpu_flags, cpu_name
-from edge_agent.engine import Engine
-from edge_agent.fidelity import check as fidelity_check
-from edge_agent.policy import HardExamplePolicy
-from fleet.bundle import load_bundle
+from fleet.contract.bundle import load_bundle
+from fleet.inference.backends import open_backend
+from fleet.inference.backends.base import BackendOptions
+from fleet.inference.cpu import cpu_flags, cpu_name
+from fleet.inference.engine import Engine
+from fleet.inference.fidelity import check as fidelity_check
+from fleet.inference.policy import HardExamplePolicy
 from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS, STREAMS_FILE
 
 LEVELS = ("disabled", "basic", "extended", "all")

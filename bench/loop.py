@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleet.brokers import mosquitto_path
-from fleet.demo import DemoOptions, gap_recovered, run_demo
+from fleet.lab.brokers import mosquitto_path
+from fleet.lab.demo import DemoOptions, gap_recovered, run_demo
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "mosquitto": {"broker": "mosquitto", "env": {}},

@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_agent.cpu import cpu_flags, cpu_name
-from edge_agent.policy import HardExamplePolicy, softmax
+from fleet.inference.cpu import cpu_flags, cpu_name
+from fleet.inference.policy import HardExamplePolicy, softmax
 from models import EDGE_BUNDLE, STREAMS_FILE
 from models.build import CALIBRATION_SAMPLES, RECIPES, Recipe, _preprocess, quantize_int8
 from models.digits import data

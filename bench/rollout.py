@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleet.rollout_scenario import RolloutOptions, run_rollouts
+from fleet.lab.rollout_scenario import RolloutOptions, run_rollouts
 
 
 def _num(v: float) -> str:

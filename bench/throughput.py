@@ -28,12 +28,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_agent.agent import Agent
-from edge_agent.backends import BackendOptions
 from edge_agent.bench import _offline, forget_outbox, sample_inputs
 from edge_agent.config import AgentSettings
-from edge_agent.engine import Engine
 from edge_agent.local_api import LocalApi
-from fleet.runtime import tune_gil_switch_interval
+from fleet.inference.backends import BackendOptions
+from fleet.inference.engine import Engine
+from fleet.transport.tuning import tune_gil_switch_interval
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "ort-latency": {"backend": "onnxruntime", "mode": "latency", "hint": "LATENCY"},

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fleet.update_safety import SafetyOptions, run_safety
+from fleet.lab.update_safety import SafetyOptions, run_safety
 
 
 def table(r: dict) -> str:

@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud_hub.db import DesiredModel, Device, RollbackDirective
 from cloud_hub.errors import Conflict, NotFound, StoreError
 from cloud_hub.registry import get_model
-from fleet import protocol as p
-from fleet.assignment import Assignment, OffloadTarget, Reported, encode_desired
-from fleet.signing import PrivateKey
+from fleet.contract import protocol as p
+from fleet.contract.assignment import Assignment, OffloadTarget, Reported, encode_desired
+from fleet.contract.signing import PrivateKey
 
 log = logging.getLogger(__name__)
 

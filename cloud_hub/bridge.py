@@ -1,8 +1,9 @@
-"""The MQTT bridge: answers offloads with the cloud model and ingests what devices send.
+"""The MQTT bridge: routes what devices send to the offload answerer and the ingest worker.
 
-Threads: paho's network thread decodes nothing heavy; it sorts messages into two bounded queues.
-The offload worker batches them through the cloud model and publishes the answers; the ingest
-worker writes results, telemetry and status to the database and acknowledges results after the
+Threads: paho's network thread decodes nothing heavy; it hands offloads to the answerer
+(cloud_hub/offloads.py: inline, or queued for its worker) and everything else to a bounded
+ingest queue. The ingest worker writes results, hard examples (answered late by the cloud
+model), telemetry, status and reports to the database and acknowledges results after the
 commit. A malformed message or an unknown protocol version is counted and logged, never fatal.
 """
 
@@ -10,15 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import sessionmaker
 
 from cloud_hub.assignments import publish_pending, record_reported
+from cloud_hub.cloud_model import CloudModel
 from cloud_hub.errors import StoreError
 from cloud_hub.ingest import (
     LateAnswer,
@@ -28,18 +28,16 @@ from cloud_hub.ingest import (
     record_telemetry,
 )
 from cloud_hub.metrics import HubMetrics
-from edge_agent.engine import Engine
-from edge_agent.errors import InputError
-from fleet import protocol as p
-from fleet.assignment import Reported
-from fleet.batcher import DynamicBatcher
-from fleet.errors import ProtocolError, UnsupportedVersion
-from fleet.mqtt import MqttConfig, MqttSession, Transport
+from cloud_hub.offloads import OffloadAnswerer
+from fleet.contract import protocol as p
+from fleet.contract.assignment import Reported
+from fleet.contract.errors import ProtocolError, UnsupportedVersion
+from fleet.inference.batcher import DynamicBatcher
+from fleet.inference.engine import Engine
+from fleet.transport.mqtt import MqttConfig, MqttSession, Transport
 
 log = logging.getLogger(__name__)
 
-# Weight of the newest batch-1 inference time in its moving average (the inline fast path).
-INFER_EWMA_WEIGHT = 0.1
 # After a database error the ingest worker waits this long before it takes the next message,
 # so a database outage is not a busy loop. The device resends what was not acknowledged.
 STORE_RETRY_S = 1.0
@@ -53,31 +51,19 @@ class _Incoming:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    device: str
-    offload: p.Offload
-    received: float
-
-
 class Bridge:
     def __init__(self, engine: Engine, sessions: sessionmaker, metrics: HubMetrics,
                  *, batch_max: int, batch_wait_ms: float, offload_queue: int, ingest_queue: int,
                  inline_max_ms: float = 0.0,
                  transport_factory: Callable[..., Transport] | None = None,
                  mqtt: MqttConfig | None = None, shared: bool = True) -> None:
-        self.engine = engine
+        self.model = CloudModel(engine)
         self.sessions = sessions
         self.metrics = metrics
-        self.offloads: DynamicBatcher[_Pending] = DynamicBatcher(batch_max, batch_wait_ms / 1e3,
-                                                                 offload_queue)
+        self.offloads = OffloadAnswerer(self.model, metrics, self._answer, batch_max=batch_max,
+                                        batch_wait_ms=batch_wait_ms, queue_size=offload_queue,
+                                        inline_max_ms=inline_max_ms)
         self.ingest: DynamicBatcher[_Incoming] = DynamicBatcher(1, 0.0, ingest_queue)
-        # Inline fast path: with nothing queued and a model that answers one input in under
-        # `inline_max_ms`, the network thread answers itself. Each thread hand-off costs more
-        # than such a model (a woken thread runs cold); big models always go through the batcher.
-        self.inline_max_ms = inline_max_ms
-        self._infer_ms_ewma = 0.0
-        self._worker_busy = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         subs = [(p.hub_filter(c, shared), p.QOS[c]) for c in
@@ -88,13 +74,12 @@ class Bridge:
         else:
             self.transport = MqttSession(mqtt or MqttConfig(), self._on_message, subs,
                                          self._on_connect)
-        self.cloud_raw_shape = tuple(engine.manifest.raw_input.shape)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         self.transport.start()
-        for name, fn in (("offload-worker", self._offload_loop),
+        for name, fn in (("offload-worker", lambda: self.offloads.loop(self._stop)),
                          ("ingest-worker", self._ingest_loop)):
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
@@ -143,78 +128,16 @@ class Bridge:
             except ProtocolError as exc:
                 self._bad("malformed", topic, payload, exc)
                 return
-            item = _Pending(device, off, time.time())
-            if self._answer_inline():
-                self.answer_batch([item])
-            elif not self.offloads.offer(item):
-                self.metrics.offloads.labels("queue_full").inc()
-                self._answer(device, p.Answer(off.id, -1, 0.0, self.engine.manifest.ref,
-                                              error="hub busy: offload queue full"))
+            self.offloads.submit(device, off)
         elif not self.ingest.offer(_Incoming(device, channel, payload)):
             self.metrics.bad_messages.labels("queue_full").inc()
             log.error("ingest queue full: dropped a %s message of %s (the device resends "
                       "unacknowledged results)", channel.value, device)
-        self.metrics.queue_depth.labels("offload").set(len(self.offloads))
+        self.metrics.queue_depth.labels("offload").set(len(self.offloads.queue))
         self.metrics.queue_depth.labels("ingest").set(len(self.ingest))
-
-    def _answer_inline(self) -> bool:
-        return (self.inline_max_ms > 0 and len(self.offloads) == 0
-                and not self._worker_busy.is_set()
-                and self._infer_ms_ewma < self.inline_max_ms)
 
     def _answer(self, device: str, answer: p.Answer) -> None:
         self.transport.publish(p.topic(device, p.Channel.ANSWER), answer.encode(), qos=1)
-
-    # ------------------------------------------------------------------ offload worker
-
-    def _offload_loop(self) -> None:
-        while not self._stop.is_set():
-            batch = self.offloads.next_batch()
-            if batch:
-                self._worker_busy.set()
-                try:
-                    self.answer_batch(batch)
-                except Exception:
-                    log.exception("offload batch of %d failed", len(batch))
-                finally:
-                    self._worker_busy.clear()
-
-    def answer_batch(self, batch: list[_Pending]) -> None:
-        ok: list[_Pending] = []
-        for item in batch:
-            shape = item.offload.input.shape
-            if shape != self.cloud_raw_shape and shape[1:] != self.cloud_raw_shape:
-                self.metrics.offloads.labels("bad_input").inc()
-                self._answer(item.device, p.Answer(
-                    item.offload.id, -1, 0.0, self.engine.manifest.ref,
-                    error=f"input shape {list(shape)} does not fit the cloud model's "
-                          f"{list(self.cloud_raw_shape)}"))
-            else:
-                ok.append(item)
-        if not ok:
-            return
-        self.metrics.batch_size.observe(len(ok))
-        t0 = time.perf_counter()
-        try:
-            x = np.stack([i.offload.input.reshape(self.cloud_raw_shape) for i in ok])
-            probs = self.engine.predict_batch(x)
-        except InputError as exc:
-            for i in ok:
-                self.metrics.offloads.labels("bad_input").inc()
-                self._answer(i.device, p.Answer(i.offload.id, -1, 0.0, self.engine.manifest.ref,
-                                                error=str(exc)))
-            return
-        dt = time.perf_counter() - t0
-        self.metrics.infer_seconds.observe(dt)
-        if len(ok) == 1:
-            self._infer_ms_ewma += INFER_EWMA_WEIGHT * (dt * 1e3 - self._infer_ms_ewma)
-        ref = self.engine.manifest.ref
-        for item, pr in zip(ok, probs, strict=True):
-            label = int(pr.argmax())
-            hub_ms = (time.time() - item.received) * 1000.0
-            self._answer(item.device, p.Answer(item.offload.id, label, float(pr[label]), ref,
-                                               hub_ms=hub_ms))
-            self.metrics.offloads.labels("answered").inc()
 
     # ------------------------------------------------------------------ ingest worker
 
@@ -293,28 +216,15 @@ class Bridge:
         ack = p.Ack(outcome.committed, bad)
         self.transport.publish(p.topic(item.device, p.Channel.ACK), ack.encode(), qos=1)
 
-
     def _ingest_hard(self, item: _Incoming) -> None:
         """Answer hard examples with the cloud model, store them with the answer, then ack."""
         good, bad = p.HardExample.decode_batch(item.payload)
-        ok = []
-        for ex in good:
-            if ex.input.shape != self.cloud_raw_shape:
-                bad[ex.id] = (f"input shape {list(ex.input.shape)} does not fit the cloud model's "
-                              f"{list(self.cloud_raw_shape)}")
-            else:
-                ok.append(ex)
         answers: list[LateAnswer] = []
-        if ok:
-            try:
-                probs = self.engine.predict_batch(np.stack([ex.input for ex in ok]))
-            except InputError as exc:
-                bad.update((ex.id, str(exc)) for ex in ok)
+        for ex, a in zip(good, self.model.answer([ex.input for ex in good]), strict=True):
+            if a.error is not None:
+                bad[ex.id] = a.error
             else:
-                ref = self.engine.manifest.ref
-                for ex, pr in zip(ok, probs, strict=True):
-                    label = int(pr.argmax())
-                    answers.append(LateAnswer(ex, label, float(pr[label]), ref))
+                answers.append(LateAnswer(ex, a.label, a.confidence, self.model.ref))
         outcome = ingest_hard_examples(self.sessions, item.device, answers)
         self.metrics.hard_examples.labels("stored").inc(len(outcome.inserted))
         self.metrics.hard_examples.labels("duplicate").inc(len(outcome.duplicates))

@@ -7,7 +7,8 @@ import logging
 import sys
 
 from cloud_hub.errors import HubError
-from fleet.runtime import tune_gil_switch_interval
+from fleet.inference.errors import InferenceError
+from fleet.transport.tuning import tune_gil_switch_interval
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = create_app(HubSettings(**overrides), with_bridge=not args.no_bridge)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    except HubError as exc:
+    except (HubError, InferenceError) as exc:
         print(f"cloud-hub: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -157,8 +157,8 @@ class DesiredModel(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     # False until the broker took the message; the bridge publishes it again on reconnect.
     published: Mapped[bool] = mapped_column(Boolean, default=False)
-    # The offload setting the assignment carries (fleet.assignment.OffloadTarget), kept across
-    # the assignments of rollouts; None: the device's own settings.
+    # The offload setting the assignment carries (fleet.contract.assignment.OffloadTarget),
+    # kept across the assignments of rollouts; None: the device's own settings.
     offload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 

@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_hub.db import Device, HardExample, Result
 from cloud_hub.errors import StoreError
-from fleet.protocol import HardExample as WireHardExample
-from fleet.protocol import ResultRecord, tensor_bytes
-from fleet.selectors import label_problems
+from fleet.contract.protocol import HardExample as WireHardExample
+from fleet.contract.protocol import ResultRecord, tensor_bytes
+from fleet.contract.selectors import label_problems
 
 log = logging.getLogger(__name__)
 

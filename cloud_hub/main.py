@@ -24,10 +24,11 @@ from cloud_hub.artifacts import LocalArtifactStore
 from cloud_hub.bridge import Bridge
 from cloud_hub.core.config import HubSettings
 from cloud_hub.db import init_db, make_engine, session_factory
+from cloud_hub.errors import HubConfigError
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.rollouts import RolloutController
-from edge_agent.engine import Engine
-from fleet.signing import PrivateKey
+from fleet.contract.signing import PrivateKey
+from fleet.inference.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
         app.state.bridge = None
         app.state.rollouts = None
         if with_bridge:
+            if settings.cloud_bundle is None:
+                raise HubConfigError("no cloud model: set EHI_HUB_CLOUD_BUNDLE to a bundle "
+                                     "directory (this repository's: models/bundles/digits-cloud)")
             cloud = Engine.open(settings.cloud_bundle, settings.backend, settings.threads)
             m = settings.mqtt
             cfg = m.session_config(f"cloud-hub-{settings.replica_id}")

@@ -26,10 +26,10 @@ from sqlalchemy.orm import Session
 from cloud_hub.artifacts import ArtifactStore
 from cloud_hub.db import ModelVersion, RollbackDirective
 from cloud_hub.errors import BundleRejected, Conflict, NotFound
-from fleet.assignment import ROLLBACK, check_rollback
-from fleet.bundle import MANIFEST_NAME, Manifest
-from fleet.errors import BundleError
-from fleet.signing import PublicKey, SignatureError, verify_bundle, verify_manifest
+from fleet.contract.assignment import ROLLBACK, check_rollback
+from fleet.contract.bundle import MANIFEST_NAME, Manifest
+from fleet.contract.errors import BundleError
+from fleet.contract.signing import PublicKey, SignatureError, verify_bundle, verify_manifest
 
 log = logging.getLogger(__name__)
 

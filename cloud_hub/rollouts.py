@@ -38,8 +38,8 @@ from cloud_hub.errors import BundleRejected, Conflict, NotFound, RegistryError, 
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.registry import get_model
 from cloud_hub.rollout_gates import Figures, RolloutPolicy, judge_stage
-from fleet.selectors import Selector, SelectorError, parse_selector
-from fleet.signing import PrivateKey
+from fleet.contract.selectors import Selector, SelectorError, parse_selector
+from fleet.contract.signing import PrivateKey
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """The agent: answers inputs locally, offloads hard ones, and reports every decision to the hub.
 
 Threads: the caller's (or the local API's) threads run `infer`; paho's network thread delivers
-answers and acks; one sender thread batches result records; one thread sends telemetry.
+answers and acks; one sender thread (edge_agent/sender.py) batches result records; one thread
+sends telemetry.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -19,31 +19,29 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.backends import available_backends
-from edge_agent.config import AgentSettings
-from edge_agent.engine import Engine, LocalResult
-from edge_agent.errors import AgentBusy, InputError
+from edge_agent.config import NO_BUNDLE, AgentSettings
+from edge_agent.errors import AgentBusy, ConfigError
 from edge_agent.offload import PendingOffloads
 from edge_agent.offload_budget import OffloadController
 from edge_agent.outbox import Outbox, OutboxFull, OutboxLimits
 from edge_agent.outbox_store import EntryKind, MemoryStore, SqliteStore, Store
-from edge_agent.policy import CONFIDENCE_POLICIES
+from edge_agent.sender import ResultSender
 from edge_agent.slots import ModelSlots
 from edge_agent.telemetry import TelemetrySampler
 from edge_agent.update_rules import DeviceProfile
 from edge_agent.updater import Updater, UpdaterConfig, resolve_startup
-from fleet import protocol as p
-from fleet.assignment import OffloadTarget, Reported
-from fleet.batcher import DynamicBatcher
-from fleet.errors import ProtocolError
-from fleet.mqtt import MqttSession, Transport, Will
+from fleet.contract import protocol as p
+from fleet.contract.assignment import OffloadTarget, Reported
+from fleet.contract.errors import ProtocolError
+from fleet.inference.backends import available_backends
+from fleet.inference.batcher import DynamicBatcher
+from fleet.inference.engine import Engine, LocalResult
+from fleet.inference.errors import InputError
+from fleet.inference.policy import CONFIDENCE_POLICIES
+from fleet.transport.mqtt import MqttSession, Transport, Will
 
 log = logging.getLogger(__name__)
 
-# An idle sender (nothing in flight) still wakes this often, to notice a reconnect it missed.
-SENDER_IDLE_WAKE_S = 5.0
-# Bounds and expiry are enforced after every change, and at least this often.
-MAINTAIN_EVERY_S = 60.0
 
 TransportFactory = Callable[[Callable[[str, bytes], None], list[tuple[str, int]],
                              Callable[[], None], Will], Transport]
@@ -103,24 +101,6 @@ def open_outbox(settings: AgentSettings) -> Outbox:
                   rs.resend_after_s)
 
 
-class _TokenBucket:
-    """At most `rate` entries per second on average, in bursts of up to `burst`."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.at = time.monotonic()
-
-    def available(self) -> float:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        return self.tokens
-
-    def take(self, n: int) -> None:
-        self.tokens -= n
-
-
 class Agent:
     def __init__(self, settings: AgentSettings, engine: Engine | None = None,
                  transport_factory: TransportFactory | None = None) -> None:
@@ -131,7 +111,11 @@ class Agent:
         if settings.update.enabled:
             self.slots = ModelSlots(settings.models_path())
             bundle = resolve_startup(self.slots, settings.bundle, settings.update.keys()[0]).bundle
-        self.engine = engine or self.open_engine(bundle)
+        if engine is None:
+            if bundle is None:
+                raise ConfigError(NO_BUNDLE)
+            engine = self.open_engine(bundle)
+        self.engine = engine
         # The hub's offload setting for this device (from its assignment), over the settings'.
         self._offload_override: OffloadTarget | None = None
         self._budget: tuple[Engine, OffloadController] | None = None
@@ -141,9 +125,6 @@ class Agent:
         self._configure_offload(self.engine)
         self.pending = PendingOffloads(settings.offload.max_pending)
         self.outbox = open_outbox(settings)
-        self._acks: queue.SimpleQueue[p.Ack] = queue.SimpleQueue()
-        rs = settings.results
-        self._drain = _TokenBucket(rs.drain_rate, max(rs.batch_max, rs.drain_rate * 0.5))
         self.counters = Counters()
         tp = settings.throughput
         self._batcher: DynamicBatcher[_Request] | None = (
@@ -161,6 +142,8 @@ class Agent:
             self.updater = self._make_updater(self.slots)
         factory = transport_factory or self._mqtt_factory
         self.transport = factory(self._on_message, subs, self._on_connect, will)
+        self.sender = ResultSender(settings.results, self.outbox, self.transport,
+                                   self._topics.__getitem__)
         self._telemetry = TelemetrySampler()
         self.started_at = time.time()
 
@@ -268,7 +251,9 @@ class Agent:
                         wait_connected_s)
         if self.updater is not None:
             self.updater.start()
-        loops = [("results-sender", self._sender_loop), ("telemetry", self._telemetry_loop)]
+        loops: list[tuple[str, Callable[[], None]]] = [
+            ("results-sender", lambda: self.sender.loop(self._stop)),
+            ("telemetry", self._telemetry_loop)]
         if self._batcher is not None:
             loops.append(("batcher", self._batch_loop))
         for name, fn in loops:
@@ -291,7 +276,7 @@ class Agent:
             t.join(timeout=5)
         self.transport.stop(final=(self._topics[p.Channel.STATUS],
                                    p.status_payload("offline", self.device), 1, True))
-        self.apply_acks()  # what the hub acknowledged last need not be sent again
+        self.sender.apply_acks()  # what the hub acknowledged last need not be sent again
         self.engine.close()
         self.outbox.close()
 
@@ -465,10 +450,7 @@ class Agent:
             if channel is p.Channel.ANSWER:
                 self.pending.deliver(p.Answer.decode(payload))
             elif channel is p.Channel.ACK:
-                # Applied by the sender thread: deleting from SQLite here would hold up the
-                # cloud answers that arrive on this same network thread.
-                self._acks.put(p.Ack.decode(payload))
-                self.outbox.poke()
+                self.sender.queue_ack(p.Ack.decode(payload))
             elif channel is p.Channel.DESIRED and self.updater is not None:
                 self.updater.offer(payload)  # checked and acted on by the updater's thread
         except ProtocolError as exc:
@@ -483,69 +465,6 @@ class Agent:
         self.outbox.resend_all()  # also wakes the sender
 
     # ------------------------------------------------------------------ background loops
-
-    def _sender_loop(self) -> None:
-        rs = self.settings.results
-        seen = -1
-        maintained_at, maintained_gen = 0.0, -1
-        while not self._stop.is_set():
-            connected = self.transport.connected
-            # With entries in flight, look every flush interval (acks, resend timers); else
-            # sleep until an entry arrives or the broker comes back (both wake this thread).
-            busy = connected and len(self.outbox) > 0
-            seen = self.outbox.wait_for_change(seen, rs.flush_interval_s if busy
-                                               else SENDER_IDLE_WAKE_S)
-            if self._stop.is_set():
-                return
-            # Let a batch fill up for a moment: fewer, larger messages (and while offline, one
-            # move of the journal into SQLite per interval, not one per answer).
-            if not connected or self.outbox.pending(EntryKind.RESULT) < rs.batch_max:
-                self._stop.wait(rs.flush_interval_s)
-            try:
-                self.apply_acks()
-                now = time.monotonic()
-                if seen != maintained_gen or now - maintained_at >= MAINTAIN_EVERY_S:
-                    self.outbox.maintain()
-                    maintained_at, maintained_gen = now, seen
-                self.flush_results()
-            except Exception:  # a disk error must not end the sender; it is retried
-                log.exception("outbox: sending failed; retrying")
-                self._stop.wait(rs.flush_interval_s)
-
-    def apply_acks(self) -> int:
-        """Forget what the hub acknowledged (the acks queued by the network thread)."""
-        n = 0
-        while True:
-            try:
-                ack = self._acks.get_nowait()
-            except queue.Empty:
-                return n
-            kind = EntryKind.RESULT if ack.of == "results" else EntryKind.HARD
-            n += self.outbox.ack(kind, ack.ids, ack.rejected)
-
-    def flush_results(self) -> int:
-        """Send due result records and hard examples in batches, within the drain rate and the
-        in-flight window; returns how many entries were sent."""
-        if not self.transport.connected:
-            return 0
-        rs = self.settings.results
-        sent = 0
-        for kind, channel in ((EntryKind.RESULT, p.Channel.RESULTS),
-                              (EntryKind.HARD, p.Channel.HARD)):
-            while self._drain.available() >= 1:
-                batch = self.outbox.due(kind, min(rs.batch_max, int(self._drain.tokens)),
-                                        rs.batch_max_bytes, rs.max_inflight)
-                if not batch.entries:
-                    break
-                blobs = [e.body for e in batch.entries]
-                payload = (p.ResultBatch(batch.ids, blobs).encode() if kind is EntryKind.RESULT
-                           else p.encode_hard_batch(batch.ids, blobs))
-                if not self.transport.publish(self._topics[channel], payload, qos=1):
-                    return sent
-                self.outbox.mark_sent(batch)
-                self._drain.take(len(batch))
-                sent += len(batch)
-        return sent
 
     def _telemetry_loop(self) -> None:
         while not self._stop.wait(self.settings.telemetry_interval_s):

@@ -30,11 +30,11 @@ import numpy as np
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings, default_cache_dir
-from edge_agent.engine import Engine
 from edge_agent.local_api import LocalApi
 from edge_agent.outbox_store import EntryKind
-from fleet.mqtt import Will
-from fleet.processes import free_port
+from fleet.inference.engine import Engine
+from fleet.transport.mqtt import Will
+from fleet.transport.ports import free_port
 
 DEFAULT_ROUNDS = 5
 COLD_STARTS = 3

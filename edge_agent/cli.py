@@ -16,8 +16,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import AgentError
-from fleet.runtime import tune_gil_switch_interval
+from edge_agent.config import NO_BUNDLE
+from edge_agent.errors import AgentError, ConfigError
+from fleet.inference.errors import InferenceError
+from fleet.transport.tuning import tune_gil_switch_interval
 
 log = logging.getLogger("edge_agent")
 
@@ -78,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                      rp.rate_hz)
             replayed = replay(lambda a, ref: agent.infer(a, input_ref=ref), x, idx, rp.stream,
                               rp.rate_hz, stop)
-            agent.flush_results()
+            agent.sender.flush()
             if rp.exit_when_done:
                 if not agent.drain(DRAIN_TIMEOUT_S):
                     log.error("%d results still unacknowledged after %.0f s", len(agent.outbox),
@@ -99,9 +101,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge_agent.config import load_settings
-    from edge_agent.engine import Engine
+    from fleet.inference.engine import Engine
 
     s = load_settings(args.config, **_overrides(args))
+    if s.bundle is None:
+        raise ConfigError(NO_BUNDLE)
     eng = Engine.open(s.bundle, s.backend, s.threads, s.policy, s.threshold,
                       options=s.backend_options(), fidelity=s.fidelity)
     spec = eng.manifest.raw_input
@@ -114,9 +118,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from edge_agent.backends import candidates
     from edge_agent.bench import dump, format_table, run_bench
-    from fleet.bundle import load_bundle
+    from fleet.contract.bundle import load_bundle
+    from fleet.inference.backends import candidates
 
     try:
         manifest = load_bundle(args.bundle).manifest
@@ -147,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--threshold", type=float)
     bp = sub.add_parser("bench", help="measure a bundle: bare runtime vs the agent, cold start, "
                                       "memory")
-    bp.add_argument("bundle", type=Path, nargs="?", default=None,
-                    help="bundle directory (default: the bundled digits edge model)")
+    bp.add_argument("bundle", type=Path,
+                    help="bundle directory (this repository's: models/bundles/digits-edge)")
     bp.add_argument("--backend", default="all", choices=["all", "auto", "onnxruntime", "openvino"])
     bp.add_argument("--batch", type=int, default=1)
     bp.add_argument("--seconds", type=float, default=5.0,
@@ -161,16 +165,12 @@ def main(argv: list[str] | None = None) -> int:
                          "(the bench's random inputs are mostly hard: the offline worst case)")
     bp.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
-    if args.cmd == "bench" and args.bundle is None:
-        from models import EDGE_BUNDLE
-
-        args.bundle = EDGE_BUNDLE
     tune_gil_switch_interval()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return {"run": cmd_run, "check": cmd_check, "bench": cmd_bench}[args.cmd](args)
-    except AgentError as exc:
+    except (AgentError, InferenceError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
 

@@ -20,19 +20,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from edge_agent.backends.base import BackendOptions
 from edge_agent.errors import ConfigError
-from fleet.errors import BundleError
-from fleet.mqtt import BrokerSettings
-from fleet.signing import PublicKey
-from models import EDGE_BUNDLE
+from fleet.contract.errors import BundleError
+from fleet.contract.signing import PublicKey
+from fleet.inference.backends.base import BackendOptions, default_cache_dir
+from fleet.transport.mqtt import BrokerSettings
 
 CONFIG_ENV = "EHI_AGENT_CONFIG"
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edge-hybrid-inference"
+NO_BUNDLE = ("no model bundle: set `bundle` in the agent's settings (or EHI_AGENT_BUNDLE) to a "
+             "bundle directory; this repository's digits model is models/bundles/digits-edge")
 
 
 def default_state_dir() -> Path:
@@ -158,7 +154,9 @@ class AgentSettings(BaseSettings):
                                       extra="forbid")
 
     device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
-    bundle: Path = EDGE_BUNDLE
+    # The model bundle the agent serves (a directory with manifest.json): required, unless a
+    # model update already installed one. This repository's is models/bundles/digits-edge.
+    bundle: Path | None = None
     backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
     threads: int = Field(1, ge=1, le=64)
     # OpenVINO's performance hint: LATENCY (one input at a time) or THROUGHPUT (batches).
@@ -209,7 +207,7 @@ class AgentSettings(BaseSettings):
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, v: str) -> str:
-        from fleet.protocol import check_device_id
+        from fleet.contract.protocol import check_device_id
 
         check_device_id(v)
         return v
@@ -217,7 +215,7 @@ class AgentSettings(BaseSettings):
     @field_validator("labels")
     @classmethod
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        from fleet.selectors import label_problems
+        from fleet.contract.selectors import label_problems
 
         bad = label_problems(v)
         if bad:

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from edge_agent.errors import UpdateFailed
-from fleet.bundle import FileEntry
+from fleet.contract.bundle import FileEntry
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,8 @@
-"""Exceptions of the edge agent.
+"""Exceptions of the edge agent. (The inference engine's own, BackendError, InputError and
+FidelityError among them, are in fleet/inference/errors.py.)
 
     AgentError
     ├── ConfigError    the settings file or environment is wrong
-    ├── BackendError   the inference runtime is missing or failed to load or run a model
-    ├── InputError     an input submitted to the agent is not what the bundle accepts
     ├── AgentBusy      the agent cannot take more work now (a full queue); retry later
     └── UpdateError    a model update did not happen; `code` says why, the old model runs on
         ├── UpdateRefused  the assignment breaks a rule (signature, version, device, size)
@@ -17,14 +16,6 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     """The agent's settings are wrong; the message says which and how to fix it."""
-
-
-class BackendError(AgentError):
-    """The inference runtime is missing, or failed to load or run the model."""
-
-
-class InputError(AgentError):
-    """An input the bundle does not accept (shape, dtype, encoding)."""
 
 
 class AgentBusy(AgentError):

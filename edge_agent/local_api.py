@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.errors import AgentBusy, InputError
+from edge_agent.errors import AgentBusy
 from edge_agent.metrics import render as render_metrics
-from fleet.errors import ProtocolError
-from fleet.protocol import decode_tensor
+from fleet.contract.errors import ProtocolError
+from fleet.contract.protocol import decode_tensor
+from fleet.inference.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from fleet.protocol import Answer
+from fleet.contract.protocol import Answer
 
 
 @dataclass(slots=True)

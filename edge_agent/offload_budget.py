@@ -1,8 +1,8 @@
 """The offload budget: a controller that keeps a device's offload rate at its target.
 
 The bundle states the share of inputs it was fitted to offload (its budget); at install the
-device fits its own threshold for that share on the fidelity set (edge_agent/fidelity.py). As the
-inputs drift (a dirtier lens, a new site), the same threshold offloads more or less: 19.7% of
+device fits its own threshold for that share on the fidelity set (fleet/inference/fidelity.py).
+As the inputs drift (a dirtier lens, a new site), the same threshold offloads more or less: 19.7% of
 the mixed stream, 30.3% of shifted inputs alone. In `budget` mode this controller moves the
 threshold so that the device keeps offloading its target share:
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.errors import ConfigError, InputError
+from edge_agent.errors import ConfigError
+from fleet.inference.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.assignment import UpdateState
+from fleet.contract.assignment import UpdateState
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from edge_agent.errors import UpdateRefused
-from fleet.assignment import Assignment, check_rollback
-from fleet.bundle import Manifest
-from fleet.errors import BundleError
-from fleet.signing import PublicKey, SignatureError, verify_manifest
+from fleet.contract.assignment import Assignment, check_rollback
+from fleet.contract.bundle import Manifest
+from fleet.contract.errors import BundleError
+from fleet.contract.signing import PublicKey, SignatureError, verify_manifest
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,16 +32,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.download import fetch_file, file_url
-from edge_agent.engine import Engine
-from edge_agent.errors import AgentError, UpdateError, UpdateFailed, UpdateRefused
-from edge_agent.fidelity import FidelityError
-from edge_agent.health import check_health
+from edge_agent.errors import UpdateError, UpdateFailed, UpdateRefused
 from edge_agent.slots import ModelSlots, UpdateRecord
 from edge_agent.update_rules import DeviceProfile, TrustState, check_assignment
-from fleet.assignment import Assignment, OffloadTarget, Reported, UpdateState, decode_desired
-from fleet.bundle import MANIFEST_NAME, Bundle, Manifest, canonical_json, load_bundle
-from fleet.errors import BundleError, ProtocolError
-from fleet.signing import PublicKey, SignatureError, verify_bundle
+from fleet.contract.assignment import (
+    Assignment,
+    OffloadTarget,
+    Reported,
+    UpdateState,
+    decode_desired,
+)
+from fleet.contract.bundle import MANIFEST_NAME, Bundle, Manifest, canonical_json, load_bundle
+from fleet.contract.errors import BundleError, ProtocolError
+from fleet.contract.signing import PublicKey, SignatureError, verify_bundle
+from fleet.inference.engine import Engine
+from fleet.inference.errors import FidelityError, HealthCheckFailed, InferenceError
+from fleet.inference.health import check_health
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +77,12 @@ def manifest_digest(manifest: dict[str, object]) -> str:
 class Startup:
     """What the agent runs after a (re)start, and why."""
 
-    bundle: Path
+    bundle: Path | None  # None: no model installed and no factory bundle configured
     reverted_because: str | None = None
 
 
-def resolve_startup(slots: ModelSlots, factory: Path, trusted: list[PublicKey]) -> Startup:
+def resolve_startup(slots: ModelSlots, factory: Path | None, trusted: list[PublicKey]
+                    ) -> Startup:
     """The bundle to run: `current` if it loads and verifies, else `previous` (the update is
     then reported as reverted), else the factory bundle. Finishes an activation that a crash
     interrupted after the switch."""
@@ -244,9 +251,12 @@ class Updater:
                 engine = self._open_engine(staging)
             except FidelityError as exc:
                 raise UpdateFailed("fidelity", f"bundle {target.ref}: {exc}") from None
-            except AgentError as exc:
+            except InferenceError as exc:
                 raise UpdateFailed("health", f"bundle {target.ref} does not load: {exc}") from None
-            report = check_health(engine)
+            try:
+                report = check_health(engine)
+            except HealthCheckFailed as exc:
+                raise UpdateFailed("health", str(exc)) from None
             log.info("bundle %s healthy on %s: golden diff %.2g, median latency %.3f ms, "
                      "fidelity %s", target.ref, engine.backend.name, report.max_abs_diff,
                      report.latency_ms, engine.fidelity.agreement if engine.fidelity else "-")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.bundle import (
+from fleet.contract.bundle import (
     FileEntry,
     HardExampleSpec,
     Manifest,
@@ -32,7 +32,7 @@ from fleet.bundle import (
     load_bundle,
     write_manifest,
 )
-from fleet.preprocess import Preprocessor
+from fleet.inference.preprocess import Preprocessor
 from models import BUNDLES_DIR, STREAMS_FILE
 from models.digits import data
 from models.digits.evaluate import OFFLOAD_BUDGET, Fitted, fit_all
@@ -166,7 +166,7 @@ def _train(tmp: Path, p_train: np.ndarray, y_train: np.ndarray, pv: np.ndarray,
     the best; leaves cloud.onnx, edge-fp32.onnx and edge-int8.onnx in `tmp`."""
     import torch
 
-    from edge_agent.policy import softmax
+    from fleet.inference.policy import softmax
     from models.digits.nets import CloudNet, EdgeNet, count_flops
     from models.digits.train import train
 
@@ -218,7 +218,7 @@ def build(out_dir: Path, streams_file: Path, requantize: bool = False) -> dict[s
     rng = np.random.default_rng(0)
     calib = p_train[rng.choice(len(p_train), CALIBRATION_SAMPLES, replace=False)]
 
-    from edge_agent.policy import softmax
+    from fleet.inference.policy import softmax
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -308,11 +308,11 @@ def add_health_and_sign(bundle_dir: Path, stream_x: np.ndarray, fidelity_x: np.n
                         fidelity_y: np.ndarray, budget: float | None) -> None:
     """Record the golden input and output, the health limits and the fidelity set (reference
     outputs: onnxruntime running the graph as written), then sign with the demo key."""
-    from edge_agent.backends.base import BackendOptions
-    from edge_agent.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from edge_agent.fidelity import record_fidelity
-    from edge_agent.health import record_golden
-    from fleet.signing import sign_bundle
+    from fleet.contract.signing import sign_bundle
+    from fleet.inference.backends.base import BackendOptions
+    from fleet.inference.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fleet.inference.fidelity import record_fidelity
+    from fleet.inference.health import record_golden
     from models import DEMO_KEY
 
     record_golden(bundle_dir, np.ascontiguousarray(stream_x[:GOLDEN_SAMPLES], dtype=np.float32),

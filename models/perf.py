@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.backends.base import BackendOptions
-from edge_agent.backends.onnxruntime_backend import OnnxRuntimeBackend
-from edge_agent.fidelity import record_fidelity
-from edge_agent.health import record_golden
-from fleet.bundle import HardExampleSpec, Manifest, TensorSpec, file_entry, write_manifest
-from fleet.signing import sign_bundle
+from fleet.contract.bundle import HardExampleSpec, Manifest, TensorSpec, file_entry, write_manifest
+from fleet.contract.signing import sign_bundle
+from fleet.inference.backends.base import BackendOptions
+from fleet.inference.backends.onnxruntime_backend import OnnxRuntimeBackend
+from fleet.inference.fidelity import record_fidelity
+from fleet.inference.health import record_golden
 from models import DEMO_KEY
 
 log = logging.getLogger("models.perf")
@@ -56,7 +56,7 @@ FIDELITY_MIN_AGREEMENT = 0.96
 
 
 def default_out() -> Path:
-    from edge_agent.config import default_cache_dir
+    from fleet.inference.backends.base import default_cache_dir
 
     return default_cache_dir() / "perf-bundles"
 

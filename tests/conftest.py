@@ -6,6 +6,7 @@ and fail instead when CI=true, so that CI cannot pass by skipping them.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.brokers import RunningBroker, mosquitto_path, start_broker
-from fleet.processes import ProcessGroup
+from fleet.lab.brokers import RunningBroker, mosquitto_path, start_broker
+from fleet.lab.processes import ProcessGroup
 from tests.updates import UpdateKit
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -42,6 +43,45 @@ def need(condition: bool, why: str) -> None:
     if IN_CI:
         pytest.fail(f"{why} (required in CI)")
     pytest.skip(why)
+
+
+# Loggers of our own packages: an exception one of them logs fails the test that caused it.
+OUR_PACKAGES = ("edge_agent", "cloud_hub", "fleet", "models")
+
+
+class _LoggedExceptions(logging.Handler):
+    """Collects the exceptions our modules log (with a traceback) while a test runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.name.split(".")[0] in OUR_PACKAGES:
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_exceptions(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test during which one of our modules logged an exception, unless the test says
+    it expects one (`@pytest.mark.logs_exceptions("text of the message", ...)`): a swallowed
+    exception in a worker thread must not pass for a green test."""
+    handler = _LoggedExceptions()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+    marker = request.node.get_closest_marker("logs_exceptions")
+    allowed = marker.args if marker else ()
+    unexpected = [r for r in handler.records
+                  if not any(a in r.getMessage() for a in allowed)]
+    if unexpected:
+        r = unexpected[0]
+        pytest.fail(f"{len(unexpected)} exception(s) logged by our code, the first by {r.name}: "
+                    f"{r.getMessage()}\n{logging.Formatter().formatException(r.exc_info)}"
+                    if r.exc_info else r.getMessage(), pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

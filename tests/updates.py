@@ -16,12 +16,12 @@ import uvicorn
 
 from cloud_hub.core.config import HubSettings
 from cloud_hub.main import create_app
-from fleet.assignment import Assignment, encode_desired
-from fleet.bundle import MANIFEST_NAME, pack_bundle
-from fleet.bundle_copy import copy_bundle
-from fleet.processes import free_port
-from fleet.signing import PrivateKey, PublicKey, generate_keys
-from models import EDGE_BUNDLE
+from fleet.contract.assignment import Assignment, encode_desired
+from fleet.contract.bundle import MANIFEST_NAME, pack_bundle
+from fleet.contract.signing import PrivateKey, PublicKey, generate_keys
+from fleet.lab.bundle_copy import copy_bundle
+from fleet.transport.ports import free_port
+from models import CLOUD_BUNDLE, EDGE_BUNDLE
 
 SERVER_START_S = 20.0
 
@@ -99,6 +99,6 @@ def hub_settings(tmp: Path, kit: UpdateKit, **kw: Any) -> HubSettings:
         (tmp / "hub.key").write_bytes((kit.root / "hub.key").read_bytes())
     base: dict[str, Any] = dict(database_url=f"sqlite:///{tmp / 'hub.db'}",
                                 artifacts_dir=tmp / "artifacts", assignment_key=tmp / "hub.key",
-                                trusted_keys=[kit.pub.to_text()])
+                                trusted_keys=[kit.pub.to_text()], cloud_bundle=CLOUD_BUNDLE)
     base.update(kw)
     return HubSettings(**base)

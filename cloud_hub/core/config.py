@@ -8,10 +8,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fleet.errors import BundleError
-from fleet.mqtt import BrokerSettings
-from fleet.signing import PublicKey
-from models import CLOUD_BUNDLE
+from fleet.contract.errors import BundleError
+from fleet.contract.signing import PublicKey
+from fleet.transport.mqtt import BrokerSettings
 
 
 class HubMqtt(BrokerSettings):
@@ -24,7 +23,9 @@ class HubSettings(BaseSettings):
                                       extra="forbid")
 
     database_url: str = "sqlite:///hub.db"
-    cloud_bundle: Path = CLOUD_BUNDLE
+    # The cloud model's bundle (a directory with manifest.json). Required to answer offloads;
+    # the repository's is models/bundles/digits-cloud (`fleet demo` and the lab pass it).
+    cloud_bundle: Path | None = None
     backend: Literal["auto", "onnxruntime", "openvino"] = "onnxruntime"
     threads: int = Field(1, ge=1, le=64)
     replica_id: str = "hub-0"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.policy import CONFIDENCE_POLICIES, HardExamplePolicy
+from fleet.inference.policy import CONFIDENCE_POLICIES, HardExamplePolicy
 
 # Offload budget for the fitted threshold: below the 25% a deployment plans for, with room for
 # the difference between validation and the field.

@@ -16,9 +16,9 @@ from cloud_hub.assignments import assign, publish_pending, record_reported
 from cloud_hub.db import DesiredModel, Device, ModelVersion, init_db, make_engine, session_factory
 from cloud_hub.errors import Conflict, NotFound
 from cloud_hub.registry import add_rollback
-from fleet.assignment import Reported, UpdateState, decode_desired, rollback_directive
-from fleet.bundle import MANIFEST_NAME
-from fleet.signing import PrivateKey
+from fleet.contract.assignment import Reported, UpdateState, decode_desired, rollback_directive
+from fleet.contract.bundle import MANIFEST_NAME
+from fleet.contract.signing import PrivateKey
 from tests.updates import UpdateKit
 
 
@@ -113,7 +113,7 @@ def test_reports_land_on_the_device(sessions: sessionmaker, tmp_path: Path) -> N
 def test_offload_setting_rides_the_assignment_and_survives_reassignment(
         sessions: sessionmaker, kit: UpdateKit) -> None:
     from cloud_hub.assignments import set_offload
-    from fleet.assignment import OffloadTarget
+    from fleet.contract.assignment import OffloadTarget
 
     broker = Broker()
     with sessions() as s:

@@ -17,9 +17,9 @@ from cloud_hub.db import init_db, make_engine, session_factory
 from cloud_hub.ingest import ingest_results
 from cloud_hub.main import create_app
 from cloud_hub.metrics import HubMetrics
-from edge_agent.engine import Engine
-from fleet import protocol as p
-from fleet.mqtt import MemoryBus, MemorySession
+from fleet.contract import protocol as p
+from fleet.inference.engine import Engine
+from fleet.transport.mqtt import MemoryBus, MemorySession
 from models import CLOUD_BUNDLE, STREAMS_FILE
 from tests.conftest import wait_until
 
@@ -38,7 +38,8 @@ def record(i: int, device: str = "dev-1", **kw: object) -> p.ResultRecord:
 
 @pytest.fixture
 def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    app = create_app(HubSettings(database_url=database_url, artifacts_dir=tmp_path / "artifacts",
+    app = create_app(HubSettings(cloud_bundle=CLOUD_BUNDLE, database_url=database_url,
+                                 artifacts_dir=tmp_path / "artifacts",
                                  assignment_key=tmp_path / "hub.key"), with_bridge=False)
     with TestClient(app) as c:
         yield c

@@ -16,9 +16,9 @@ from cloud_hub.artifacts import ArtifactNotFound, LocalArtifactStore, MemoryArti
 from cloud_hub.errors import BundleRejected
 from cloud_hub.main import create_app
 from cloud_hub.registry import unpack_bundle
-from fleet.assignment import rollback_directive
-from fleet.bundle import pack_bundle
-from fleet.signing import PrivateKey, generate_keys
+from fleet.contract.assignment import rollback_directive
+from fleet.contract.bundle import pack_bundle
+from fleet.contract.signing import PrivateKey, generate_keys
 from tests.updates import UpdateKit, hub_settings
 
 

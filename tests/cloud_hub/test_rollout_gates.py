@@ -7,7 +7,7 @@ import pytest
 from cloud_hub.errors import BundleRejected
 from cloud_hub.rollout_gates import Figures, RolloutPolicy, judge_stage, ml_gates, rate_worse
 from cloud_hub.rollouts import parse_stages, stage_targets
-from fleet.selectors import SelectorError, parse_labels, parse_selector
+from fleet.contract.selectors import SelectorError, parse_labels, parse_selector
 
 P = RolloutPolicy(min_results=100, bake_s=0)
 
@@ -110,7 +110,7 @@ def test_latency_gate_compares_p95_once_both_sides_have_enough() -> None:
 
 
 def test_status_marks_say_what_is_provisional_and_what_is_noise() -> None:
-    from fleet.commands.rollout import _mark
+    from fleet.cli.commands.rollout import _mark
 
     def g(name: str, value: float, limit: float, passed: bool | None) -> dict[str, object]:
         return {"name": name, "value": value, "limit": limit, "passed": passed}
@@ -126,3 +126,18 @@ def test_status_marks_say_what_is_provisional_and_what_is_noise() -> None:
     assert _mark(g("results", 450, 400, True), provisional=False) == "[green]ok[/green]"
     assert _mark(g("results", 50, 400, None), provisional=True) == "[dim]waiting[/dim]"
     assert _mark(g("install_failures", 0, 0.05, True), provisional=True) == "[green]ok[/green]"
+
+
+def test_a_few_events_do_not_halt_on_the_normal_approximation() -> None:
+    from cloud_hub.rollout_gates import binomial_tail
+
+    # 3 disagreements of 4 answered offloads against a baseline of 14.55% (limit 19.46%): the
+    # z score says 2.4 (> 2.33 at 99%), but a rate at the limit gives 3 of 4 2.5% of the time.
+    t = rate_worse(0.75, 4, 0.1455, 1400, 0.2, 0.02, 0.99)
+    assert t.z > 2.33 and not t.worse
+    assert rate_worse(0.75, 40, 0.1455, 1400, 0.2, 0.02, 0.99).worse
+    assert abs(binomial_tail(3, 4, 0.1946) - 0.0251) < 0.001
+    assert binomial_tail(0, 10, 0.3) == 1.0 and binomial_tail(11, 10, 0.3) == 0.0
+    # Large samples: the exact tail agrees with the z test's verdict.
+    assert rate_worse(0.4, 400, 0.2, 2000, 0.2, 0.02, 0.99).worse
+    assert not rate_worse(0.2, 400, 0.2, 2000, 0.2, 0.02, 0.99).worse

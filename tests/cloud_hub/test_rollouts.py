@@ -34,10 +34,10 @@ from cloud_hub.rollouts import (
     get_rollout,
     transition,
 )
-from fleet import protocol as p
-from fleet.assignment import decode_desired, rollback_directive
-from fleet.bundle import MANIFEST_NAME
-from fleet.signing import PrivateKey
+from fleet.contract import protocol as p
+from fleet.contract.assignment import decode_desired, rollback_directive
+from fleet.contract.bundle import MANIFEST_NAME
+from fleet.contract.signing import PrivateKey
 from tests.updates import UpdateKit
 
 FAST = RolloutPolicy(min_results=0, bake_s=0)

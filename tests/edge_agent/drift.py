@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import edge_agent.backends as backends
-from edge_agent.backends.base import BackendOptions, InferenceBackend
+import fleet.inference.backends as backends
+from fleet.inference.backends.base import BackendOptions, InferenceBackend
 
 
 class Perturbed:

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from edge_agent.agent import Agent
-from edge_agent.backends import FakeBackend
 from edge_agent.config import AgentSettings
-from edge_agent.engine import Engine
-from edge_agent.errors import InputError
-from edge_agent.policy import HardExamplePolicy
-from fleet import protocol as p
-from fleet.bundle import load_bundle
-from fleet.mqtt import MemoryBus, MemorySession
+from fleet.contract import protocol as p
+from fleet.contract.bundle import load_bundle
+from fleet.inference.backends import FakeBackend
+from fleet.inference.engine import Engine
+from fleet.inference.errors import InputError
+from fleet.inference.policy import HardExamplePolicy
+from fleet.transport.mqtt import MemoryBus, MemorySession
 from models import EDGE_BUNDLE
 
 CONFIDENT = np.array([[10.0] + [0.0] * 9], dtype=np.float32)
@@ -295,13 +295,13 @@ def test_a_backlog_drains_at_the_configured_rate(make_agent: Callable[..., Agent
     a.transport.online = True  # type: ignore[attr-defined]
     a.outbox.maintain()
     t0 = time.monotonic()
-    sent = a.flush_results()
+    sent = a.sender.flush()
     # A burst of half a second's worth, then the bucket is empty: no flood after an outage.
     assert sent == 50 and hub.batches == [50]
-    again = a.flush_results()
+    again = a.sender.flush()
     assert again <= 100 * (time.monotonic() - t0) + 1  # only what the rate allowed since
     time.sleep(0.6)
-    assert a.flush_results() == 50  # the bucket holds at most a burst
+    assert a.sender.flush() == 50  # the bucket holds at most a burst
 
 
 def test_settings_refuse_labels_a_selector_could_not_name() -> None:
@@ -314,7 +314,7 @@ def test_settings_refuse_labels_a_selector_could_not_name() -> None:
 
 
 def test_offload_budget_from_settings_and_from_the_hub(bus: MemoryBus, hub: ScriptedHub) -> None:
-    from fleet.assignment import OffloadTarget
+    from fleet.contract.assignment import OffloadTarget
     from models import STREAMS_FILE
 
     engine = Engine.open(EDGE_BUNDLE, "onnxruntime")

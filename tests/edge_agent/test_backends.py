@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from edge_agent.backends import available_backends, candidates, open_backend
-from edge_agent.engine import Engine
-from edge_agent.errors import BackendError
-from fleet.bundle import load_bundle
-from fleet.preprocess import Preprocessor
+from fleet.contract.bundle import load_bundle
+from fleet.inference.backends import available_backends, candidates, open_backend
+from fleet.inference.engine import Engine
+from fleet.inference.errors import BackendError
+from fleet.inference.preprocess import Preprocessor
 from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
 
 
@@ -78,7 +78,7 @@ def test_backend_errors_are_clear(tmp_path) -> None:
      "uint8", False),
 ])
 def test_openvino_fuses_only_exact_preprocessing(steps, dtype, ok) -> None:
-    from edge_agent.backends.openvino_backend import fusable
+    from fleet.inference.backends.openvino_backend import fusable
 
     assert fusable(steps, dtype) is ok
 

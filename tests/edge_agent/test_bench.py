@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.backends import BackendOptions, candidates, choose_fastest
 from edge_agent.cli import main
-from edge_agent.engine import Engine
-from fleet.bundle import load_bundle
-from fleet.preprocess import Preprocessor
+from fleet.contract.bundle import load_bundle
+from fleet.inference.backends import BackendOptions, candidates, choose_fastest
+from fleet.inference.engine import Engine
+from fleet.inference.preprocess import Preprocessor
 from models import EDGE_BUNDLE
 
 KEYS = {"backend", "bare_ips", "agent_ips", "ratio", "added_us_p50", "api_ips",

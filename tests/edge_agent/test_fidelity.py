@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import edge_agent.backends as backends
-from edge_agent.engine import Engine
-from edge_agent.fidelity import FidelityError, FidelitySet, threshold_for_rate
-from edge_agent.fidelity import check as fidelity_check
-from edge_agent.policy import HardExamplePolicy
-from fleet.bundle import load_bundle
-from fleet.bundle_copy import break_fidelity, copy_bundle
+import fleet.inference.backends as backends
+from fleet.contract.bundle import load_bundle
+from fleet.inference.engine import Engine
+from fleet.inference.errors import FidelityError
+from fleet.inference.fidelity import FidelitySet, threshold_for_rate
+from fleet.inference.fidelity import check as fidelity_check
+from fleet.inference.policy import HardExamplePolicy
+from fleet.lab.bundle_copy import break_fidelity, copy_bundle
 from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
 from tests.edge_agent.drift import swap_top2
 

@@ -15,14 +15,14 @@ import pytest
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
 from edge_agent.local_api import LocalApi
-from fleet.mqtt import MemoryBus, MemorySession
-from models import STREAMS_FILE
+from fleet.transport.mqtt import MemoryBus, MemorySession
+from models import EDGE_BUNDLE, STREAMS_FILE
 
 
 @pytest.fixture
 def api() -> Iterator[tuple[str, Agent]]:
     bus = MemoryBus()  # no hub: hard inputs fall back to the edge answer
-    settings = AgentSettings(device_id="api-test", telemetry_interval_s=60,
+    settings = AgentSettings(device_id="api-test", bundle=EDGE_BUNDLE, telemetry_interval_s=60,
                              offload={"deadline_ms": 20.0})
     agent = Agent(settings, transport_factory=lambda on_msg, subs, on_conn, _will:
                   MemorySession(bus, on_msg, subs, on_conn))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edge_agent.policy import HardExamplePolicy, softmax
+from fleet.inference.policy import HardExamplePolicy, softmax
 from models.digits.evaluate import auroc, cascade_curve
 
 

@@ -11,19 +11,20 @@ import numpy as np
 import pytest
 
 from edge_agent.agent import Agent
-from edge_agent.backends import BackendOptions, open_backend
 from edge_agent.config import AgentSettings
 from edge_agent.errors import AgentBusy
 from edge_agent.local_api import LocalApi
-from fleet.bundle import load_bundle
-from fleet.mqtt import MemoryBus, MemorySession
-from fleet.preprocess import Preprocessor
+from fleet.contract.bundle import load_bundle
+from fleet.inference.backends import BackendOptions, open_backend
+from fleet.inference.preprocess import Preprocessor
+from fleet.transport.mqtt import MemoryBus, MemorySession
 from models import EDGE_BUNDLE, STREAMS_FILE
 
 
 def _agent(**throughput: object) -> Agent:
     bus = MemoryBus()
-    a = Agent(AgentSettings(device_id="tp", telemetry_interval_s=60, backend="onnxruntime",
+    a = Agent(AgentSettings(device_id="tp", bundle=EDGE_BUNDLE, telemetry_interval_s=60,
+                            backend="onnxruntime",
                             offload={"deadline_ms": 20.0}, throughput=throughput),
               transport_factory=lambda m, s, c, _w: MemorySession(bus, m, s, c))
     a.start()
@@ -67,7 +68,7 @@ def test_batch_mode_gathers_concurrent_requests() -> None:
 def test_batch_mode_refuses_bad_input_and_full_queue() -> None:
     a = _agent(mode="batch", max_batch=4, max_wait_ms=1.0, max_queue=1)
     try:
-        from fleet.errors import ProtocolError
+        from fleet.contract.errors import ProtocolError
 
         with pytest.raises(ProtocolError, match="does not match"):
             a.submit(np.zeros((3, 3), np.float32))

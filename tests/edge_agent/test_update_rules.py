@@ -12,7 +12,7 @@ import pytest
 
 from edge_agent.errors import UpdateRefused
 from edge_agent.update_rules import DeviceProfile, TrustState, check_assignment
-from fleet.assignment import (
+from fleet.contract.assignment import (
     Assignment,
     Reported,
     UpdateState,
@@ -21,9 +21,9 @@ from fleet.assignment import (
     encode_desired,
     rollback_directive,
 )
-from fleet.bundle import MANIFEST_NAME, Manifest, canonical_json, load_bundle
-from fleet.errors import ProtocolError
-from fleet.signing import PrivateKey, SignatureError, generate_keys
+from fleet.contract.bundle import MANIFEST_NAME, Manifest, canonical_json, load_bundle
+from fleet.contract.errors import ProtocolError
+from fleet.contract.signing import PrivateKey, SignatureError, generate_keys
 from models import DEMO_KEY, EDGE_BUNDLE
 from tests.updates import UpdateKit
 
@@ -149,7 +149,7 @@ def test_reported_state_round_trips_and_refuses_unknown_states() -> None:
     r = Reported("dev-1", "digits-edge@2", UpdateState.FAILED, "digits-edge@3", "bad", "health",
                  4, 1.5)
     assert Reported.decode(r.encode()) == r
-    from fleet import protocol as p
+    from fleet.contract import protocol as p
 
     with pytest.raises(ProtocolError, match="unknown update state"):
         Reported.decode(p.encode_json(p.Kind.REPORTED, {"device": "d", "model": "m",

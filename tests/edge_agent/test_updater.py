@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.engine import Engine
 from edge_agent.errors import UpdateFailed
 from edge_agent.slots import ModelSlots
 from edge_agent.update_rules import DeviceProfile
 from edge_agent.updater import Updater, UpdaterConfig, resolve_startup
-from fleet.assignment import Reported, UpdateState
-from fleet.bundle import MANIFEST_NAME, load_bundle
-from fleet.bundle_copy import break_fidelity, break_golden, copy_bundle
+from fleet.contract.assignment import Reported, UpdateState
+from fleet.contract.bundle import MANIFEST_NAME, load_bundle
+from fleet.inference.engine import Engine
+from fleet.lab.bundle_copy import break_fidelity, break_golden, copy_bundle
 from models import EDGE_BUNDLE, STREAMS_FILE
 from tests.edge_agent.drift import Drift, swap_top2
 from tests.updates import HubServer, UpdateKit, hub_settings
@@ -51,6 +51,7 @@ class Device:
         self.slots = ModelSlots(root)
         start = resolve_startup(self.slots, EDGE_BUNDLE, [kit.pub])
         self.startup = start
+        assert start.bundle is not None
         self.engine = Engine.open(start.bundle, backend)
         self.reports: list[Reported] = []
         self.steps: list[UpdateState] = []
@@ -99,6 +100,7 @@ def test_update_downloads_checks_and_switches(kit: UpdateKit, hub: HubServer,
     assert len(d.steps) == n and d.reports[-1].state is UpdateState.IDLE
     # A restart runs what `current` points to.
     again = resolve_startup(ModelSlots(tmp_path / "m"), EDGE_BUNDLE, [kit.pub])
+    assert again.bundle is not None
     assert load_bundle(again.bundle).manifest.ref == "digits-edge@3"
 
 
@@ -164,6 +166,7 @@ def test_a_crash_at_any_step_restarts_on_a_complete_model_and_resumes(
     with pytest.raises(Crash):
         crashing.assign(3, 2)
     after = Device(kit, hub, root)  # the restart
+    assert after.startup.bundle is not None
     assert load_bundle(after.startup.bundle).manifest.ref in ("digits-edge@2", "digits-edge@3")
     assert after.running == "digits-edge@2"  # the crash came before the switch
     after.assign(3, 2)  # the retained assignment arrives again

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet import brokers
-from fleet.errors import FleetError
+from fleet.contract.errors import FleetError
+from fleet.lab import brokers
 
 
 def test_auto_falls_back_to_the_embedded_broker(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleet.bundle import Manifest, canonical_json, load_bundle
-from fleet.errors import BundleError, ProtocolError
-from fleet.preprocess import Preprocessor
+from fleet.contract.bundle import Manifest, canonical_json, load_bundle
+from fleet.contract.errors import BundleError, ProtocolError
+from fleet.inference.preprocess import Preprocessor
 from models import CLOUD_BUNDLE, EDGE_BUNDLE
 
 
@@ -139,7 +139,7 @@ def test_fidelity_spec_round_trips_and_bad_ones_are_refused(bundle_copy: Path) -
 
 
 def test_offload_target_validation() -> None:
-    from fleet.assignment import OffloadTarget
+    from fleet.contract.assignment import OffloadTarget
 
     ok = OffloadTarget.from_dict({"mode": "budget", "target": 0.2, "max_bytes_per_s": 5000})
     assert ok == OffloadTarget("budget", 0.2, 5000.0)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fleet.cli import EXIT_REFUSED, EXIT_UNREACHABLE, app
-from fleet.processes import free_port
+from fleet.cli.app import EXIT_REFUSED, EXIT_UNREACHABLE, app
+from fleet.transport.ports import free_port
 from tests.updates import HubServer, UpdateKit, hub_settings
 
 

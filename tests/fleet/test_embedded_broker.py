@@ -8,8 +8,8 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from fleet.brokers import RunningBroker
-from fleet.mqtt import MqttConfig, MqttSession, Will
+from fleet.lab.brokers import RunningBroker
+from fleet.transport.mqtt import MqttConfig, MqttSession, Will
 from tests.conftest import wait_until
 
 

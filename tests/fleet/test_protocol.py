@@ -5,8 +5,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet import protocol as p
-from fleet.errors import ProtocolError, UnsupportedVersion
+from fleet.contract import protocol as p
+from fleet.contract.errors import ProtocolError, UnsupportedVersion
 
 
 def _offload(x: np.ndarray | None = None) -> p.Offload:

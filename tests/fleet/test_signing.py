@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fleet.bundle import MANIFEST_NAME
-from fleet.cli import app
-from fleet.errors import BundleError
-from fleet.signing import (
+from fleet.cli.app import app
+from fleet.contract.bundle import MANIFEST_NAME
+from fleet.contract.errors import BundleError
+from fleet.contract.signing import (
     PublicKey,
     SignatureError,
     generate_keys,

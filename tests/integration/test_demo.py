@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fleet.brokers import mosquitto_path
-from fleet.cli import app
+from fleet.cli.app import app
+from fleet.lab.brokers import mosquitto_path
 from tests.conftest import need
 
 KEYS = {"samples", "edge_accuracy", "cloud_accuracy", "hybrid_accuracy", "offload_rate",

@@ -15,13 +15,13 @@ from cloud_hub.ingest import ingest_results
 from cloud_hub.metrics import HubMetrics
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
-from edge_agent.engine import Engine
 from edge_agent.outbox_store import EntryKind
-from fleet import protocol as p
-from fleet.brokers import RunningBroker
-from fleet.fault_injection import FaultPlan, ScenarioOptions, run_scenario
-from fleet.mqtt import MqttConfig
-from models import CLOUD_BUNDLE, STREAMS_FILE
+from fleet.contract import protocol as p
+from fleet.inference.engine import Engine
+from fleet.lab.brokers import RunningBroker
+from fleet.lab.fault_injection import FaultPlan, ScenarioOptions, run_scenario
+from fleet.transport.mqtt import MqttConfig
+from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
 from tests.conftest import need, wait_until
 
 CONNECT_S = 10.0
@@ -33,7 +33,7 @@ def test_broker_outage_agent_and_hub_kill_lose_nothing(database_url: str) -> Non
     """The scenario of bench/faults.py, smaller and quicker: 2 agents, 600 answers, a 4 s
     broker outage, two agent kill -9 and one hub kill -9, each followed by a restart; the hub
     on SQLite and on PostgreSQL."""
-    from fleet.brokers import mosquitto_path
+    from fleet.lab.brokers import mosquitto_path
 
     need(mosquitto_path() is not None, "mosquitto is not installed")
     plan = FaultPlan(agent_kills=(2.0, 12.0), broker_outage_at=4.0, broker_outage_s=4.0,
@@ -63,7 +63,7 @@ def test_bad_and_duplicate_entries_never_block_the_queue(mosquitto: RunningBroke
                  batch_max=8, batch_wait_ms=0, offload_queue=100, ingest_queue=100,
                  mqtt=MqttConfig(port=mosquitto.port, client_id="hub-poison"))
     hub.start()
-    agent = Agent(AgentSettings(device_id="poison", telemetry_interval_s=60,
+    agent = Agent(AgentSettings(device_id="poison", bundle=EDGE_BUNDLE, telemetry_interval_s=60,
                                 mqtt={"port": mosquitto.port},
                                 results={"flush_interval_s": 0.05}))
     try:
@@ -98,12 +98,14 @@ def test_bad_and_duplicate_entries_never_block_the_queue(mosquitto: RunningBroke
 def test_offline_hard_inputs_get_a_late_cloud_answer(tmp_path: Path) -> None:
     """No broker at all while the agent works; then broker and hub come; every hard input the
     agent answered alone is answered by the cloud and stored with that answer."""
-    from fleet.brokers import mosquitto_path, start_broker
-    from fleet.processes import ProcessGroup, free_port
+    from fleet.lab.brokers import mosquitto_path, start_broker
+    from fleet.lab.processes import ProcessGroup
+    from fleet.transport.ports import free_port
 
     need(mosquitto_path() is not None, "mosquitto is not installed")
     port = free_port()
-    agent = Agent(AgentSettings(device_id="late", telemetry_interval_s=60, mqtt={"port": port},
+    agent = Agent(AgentSettings(device_id="late", bundle=EDGE_BUNDLE, telemetry_interval_s=60,
+                                mqtt={"port": port},
                                 results={"flush_interval_s": 0.05}))
     agent.start()
     data = np.load(STREAMS_FILE)

@@ -15,11 +15,11 @@ from cloud_hub.db import Result, init_db, make_engine, session_factory
 from cloud_hub.metrics import HubMetrics
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
-from edge_agent.engine import Engine
-from fleet import protocol as p
-from fleet.brokers import RunningBroker
-from fleet.mqtt import MqttConfig, MqttSession
-from models import CLOUD_BUNDLE, STREAMS_FILE
+from fleet.contract import protocol as p
+from fleet.inference.engine import Engine
+from fleet.lab.brokers import RunningBroker
+from fleet.transport.mqtt import MqttConfig, MqttSession
+from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
 
 CONNECT_S = 10.0
 
@@ -40,7 +40,7 @@ def hub(broker: RunningBroker, tmp_path: Path) -> Iterator[Bridge]:
 
 
 def _agent(broker: RunningBroker, device: str, **kw: Any) -> Agent:
-    s = AgentSettings(device_id=device, telemetry_interval_s=0.5,
+    s = AgentSettings(device_id=device, bundle=EDGE_BUNDLE, telemetry_interval_s=0.5,
                       mqtt={"port": broker.port, "protocol": broker.protocol},
                       results={"flush_interval_s": 0.02}, **kw)
     a = Agent(s)
@@ -68,7 +68,7 @@ def test_two_agents_offload_and_deliver_every_result(broker: RunningBroker, hub:
         for i, xi in enumerate(x):
             answers.append(agents[i % 2].infer(xi, input_ref=f"mixed:{i}"))
         for a in agents:
-            a.flush_results()
+            a.sender.flush()
             assert a.drain(15.0), f"{a.device}: {len(a.outbox)} results unacknowledged"
     finally:
         for a in agents:

@@ -13,11 +13,11 @@ from cloud_hub.db import init_db, make_engine, session_factory
 from cloud_hub.metrics import HubMetrics
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
-from edge_agent.engine import Engine
-from fleet.brokers import start_broker
-from fleet.mqtt import MqttConfig
-from fleet.processes import ProcessGroup
-from models import CLOUD_BUNDLE
+from fleet.inference.engine import Engine
+from fleet.lab.brokers import start_broker
+from fleet.lab.processes import ProcessGroup
+from fleet.transport.mqtt import MqttConfig
+from models import CLOUD_BUNDLE, EDGE_BUNDLE
 
 HARD = np.random.default_rng(0).uniform(0, 16, (8, 8)).astype(np.float32)
 
@@ -25,7 +25,7 @@ HARD = np.random.default_rng(0).uniform(0, 16, (8, 8)).astype(np.float32)
 
 @pytest.mark.parametrize("kind", ["embedded", "mosquitto"])
 def test_agent_and_hub_reconnect_after_a_broker_restart(kind: str, tmp_path: Path) -> None:
-    from fleet.brokers import mosquitto_path
+    from fleet.lab.brokers import mosquitto_path
     from tests.conftest import need, wait_until
 
     if kind == "mosquitto":
@@ -39,7 +39,7 @@ def test_agent_and_hub_reconnect_after_a_broker_restart(kind: str, tmp_path: Pat
                      mqtt=MqttConfig(port=broker.port, protocol=broker.protocol,
                                      client_id="hub-reconnect"))
         hub.start()
-        agent = Agent(AgentSettings(device_id="recon", telemetry_interval_s=60,
+        agent = Agent(AgentSettings(device_id="recon", bundle=EDGE_BUNDLE, telemetry_interval_s=60,
                                     mqtt={"port": broker.port, "protocol": broker.protocol},
                                     results={"flush_interval_s": 0.05}))
         agent.start(wait_connected_s=10)

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edge_agent.engine import Engine
-from fleet.brokers import RunningBroker, mosquitto_path, start_broker
-from fleet.bundle import pack_bundle
-from fleet.cli import EXIT_HALTED, EXIT_REFUSED, EXIT_UNREACHABLE, app
-from fleet.processes import ProcessGroup, free_port
-from fleet.rollout_scenario import RolloutOptions, run_rollouts
-from fleet.sim_fleet import SimFleet
+from fleet.cli.app import EXIT_HALTED, EXIT_REFUSED, EXIT_UNREACHABLE, app
+from fleet.contract.bundle import pack_bundle
+from fleet.inference.engine import Engine
+from fleet.lab.brokers import RunningBroker, mosquitto_path, start_broker
+from fleet.lab.processes import ProcessGroup
+from fleet.lab.rollout_scenario import RolloutOptions, run_rollouts
+from fleet.lab.sim_fleet import SimFleet
+from fleet.transport.ports import free_port
 from models import CLOUD_BUNDLE, STREAMS_FILE
 from tests.conftest import need, wait_until
 from tests.updates import HubServer, UpdateKit, hub_settings

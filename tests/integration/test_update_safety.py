@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.brokers import mosquitto_path
-from fleet.update_safety import SafetyOptions, run_safety
+from fleet.lab.brokers import mosquitto_path
+from fleet.lab.update_safety import SafetyOptions, run_safety
 from tests.conftest import need
 
 

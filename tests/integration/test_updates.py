@@ -14,12 +14,12 @@ import pytest
 from cloud_hub.db import Device
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
-from fleet import protocol as p
-from fleet.assignment import rollback_directive
-from fleet.brokers import RunningBroker
-from fleet.mqtt import MqttConfig, MqttSession
-from fleet.signing import PrivateKey
-from models import STREAMS_FILE
+from fleet.contract import protocol as p
+from fleet.contract.assignment import rollback_directive
+from fleet.contract.signing import PrivateKey
+from fleet.lab.brokers import RunningBroker
+from fleet.transport.mqtt import MqttConfig, MqttSession
+from models import EDGE_BUNDLE, STREAMS_FILE
 from tests.conftest import wait_until
 from tests.updates import HubServer, UpdateKit, hub_settings
 
@@ -39,7 +39,8 @@ def hub(mosquitto: RunningBroker, kit: UpdateKit, tmp_path: Path) -> Iterator[Hu
 
 
 def _agent(broker: RunningBroker, kit: UpdateKit, hub: HubServer, device: str) -> Agent:
-    s = AgentSettings(device_id=device, backend="onnxruntime", telemetry_interval_s=60,
+    s = AgentSettings(device_id=device, bundle=EDGE_BUNDLE, backend="onnxruntime",
+                      telemetry_interval_s=60,
                       mqtt={"port": broker.port}, local_api={"port": -1},
                       update=kit.update_settings(hub.url))
     a = Agent(s)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.engine import Engine
-from fleet.bundle import load_bundle
-from fleet.preprocess import Preprocessor
+from fleet.contract.bundle import load_bundle
+from fleet.inference.engine import Engine
+from fleet.inference.preprocess import Preprocessor
 
 
 @pytest.mark.slow

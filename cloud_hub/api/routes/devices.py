@@ -12,8 +12,8 @@ from cloud_hub.assignments import assign, set_offload
 from cloud_hub.db import DesiredModel, Device
 from cloud_hub.errors import BundleRejected, NotFound, RegistryError, Unavailable
 from cloud_hub.rollouts import matching_devices
-from fleet.assignment import OffloadTarget
-from fleet.selectors import SelectorError, label_problems, parse_selector
+from fleet.contract.assignment import OffloadTarget
+from fleet.contract.selectors import SelectorError, label_problems, parse_selector
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 

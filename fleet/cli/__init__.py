@@ -1,0 +1,1 @@
+"""The `fleet` command line and the hub's HTTP client."""

@@ -1,0 +1,1 @@
+"""The `fleet` command groups, one module each (joined in `fleet/cli/app.py`)."""

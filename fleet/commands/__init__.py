@@ -1,1 +1,0 @@
-"""The `fleet` command groups, one module each (joined in `fleet/cli.py`)."""

@@ -1,0 +1,83 @@
+"""Each deployable's extra installs what its entry point needs, and nothing else is assumed:
+`[agent]`, `[hub]` and `[fleet]` each into an empty virtual environment (from the package
+index, or pip's cache), then their command runs there. The hub must also start and serve."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.request
+import venv
+from pathlib import Path
+
+import pytest
+
+from fleet.lab.brokers import RunningBroker
+from fleet.transport.ports import free_port
+from models import CLOUD_BUNDLE
+from tests.conftest import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+# Building the project and installing an extra's wheels (from pip's cache when warm).
+INSTALL_TIMEOUT_S = 900
+HUB_START_S = 60.0
+
+
+def _install(tmp: Path, extra: str) -> Path:
+    env_dir = tmp / f"venv-{extra}"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{ROOT}[{extra}]"],
+                       capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return env_dir / "bin"
+
+
+def _run(bin_dir: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    # Run from an empty folder: nothing of the source tree may be importable by accident.
+    return subprocess.run([str(bin_dir / argv[0]), *argv[1:]], capture_output=True, text=True,
+                          timeout=120, cwd=bin_dir.parent)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, command", [("agent", "edge-agent"), ("fleet", "fleet")])
+def test_extra_installs_its_entry_point(tmp_path: Path, extra: str, command: str) -> None:
+    bin_dir = _install(tmp_path, extra)
+    r = _run(bin_dir, command, "--help")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "usage" in (r.stdout + r.stderr).lower()
+
+
+@pytest.mark.slow
+@pytest.mark.mosquitto
+def test_hub_extra_installs_a_hub_that_starts(tmp_path: Path, mosquitto: RunningBroker) -> None:
+    bin_dir = _install(tmp_path, "hub")
+    assert _run(bin_dir, "cloud-hub", "--help").returncode == 0
+    port = free_port()
+    env = {**os.environ, "EHI_HUB_CLOUD_BUNDLE": str(CLOUD_BUNDLE),
+           "EHI_HUB_DATABASE_URL": f"sqlite:///{tmp_path / 'hub.db'}",
+           "EHI_HUB_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+           "EHI_HUB_ASSIGNMENT_KEY": str(tmp_path / "hub.key"),
+           "EHI_HUB_MQTT__PORT": str(mosquitto.port)}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.Popen([str(bin_dir / "cloud-hub"), "serve", "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                return True
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        assert wait_until(ready, HUB_START_S) and proc.poll() is None, (
+            proc.stdout.read() if proc.stdout and proc.poll() is not None else "not ready")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
