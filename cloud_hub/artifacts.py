@@ -15,8 +15,10 @@ import threading
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
+from cloud_hub.errors import NotFound
 
-class ArtifactNotFound(KeyError):
+
+class ArtifactNotFound(NotFound):
     """No such bundle or file in the store."""
 
 

@@ -5,8 +5,10 @@
     ├── StoreError       the database refused or failed an operation
     └── RegistryError    a model registry or assignment request cannot be done (HTTP status)
         ├── BundleRejected   an uploaded bundle is malformed, hostile, unsigned or altered (422)
+        ├── Invalid          a request's stages, selector or labels do not parse (422)
         ├── Conflict         the version exists, or a rollback lacks its directive (409)
         ├── NotFound         no such model, version, file or device (404)
+        │   └── ArtifactNotFound  (artifacts.py) no such file in the artifact store
         ├── TooLarge         the upload exceeds the size limit (413)
         └── Unavailable      the hub cannot do it now (no MQTT bridge) (503)
 """
@@ -29,6 +31,10 @@ class RegistryError(HubError):
 
 
 class BundleRejected(RegistryError):
+    status = 422
+
+
+class Invalid(RegistryError):
     status = 422
 
 

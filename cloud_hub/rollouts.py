@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_hub.assignments import assign
 from cloud_hub.db import Device, Lease, Result, RollbackDirective, Rollout, RolloutDevice
-from cloud_hub.errors import BundleRejected, Conflict, NotFound, RegistryError, Unavailable
+from cloud_hub.errors import Conflict, Invalid, NotFound, RegistryError, Unavailable
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.registry import get_model
 from cloud_hub.rollout_gates import Figures, RolloutPolicy, judge_stage
@@ -90,14 +90,14 @@ def parse_stages(spec: Sequence[str | int | float]) -> list[dict[str, float]]:
             else:
                 out.append({"percent": float(s.rstrip("%"))})
         except ValueError:
-            raise BundleRejected(f"stage {raw!r} is neither a percentage (5%) nor a count "
+            raise Invalid(f"stage {raw!r} is neither a percentage (5%) nor a count "
                                  "(#10)") from None
     if not out:
-        raise BundleRejected("a rollout needs at least one stage")
+        raise Invalid("a rollout needs at least one stage")
     for st in out:
         v = st.get("percent", st.get("count", 0))
         if v <= 0 or ("percent" in st and v > 100):
-            raise BundleRejected(f"stage {st} must be above 0 (and at most 100%)")
+            raise Invalid(f"stage {st} must be above 0 (and at most 100%)")
     return out
 
 
@@ -162,14 +162,14 @@ def create_rollout(s: Session, name: str, version: int, selector_text: str,
                    stages: Sequence[str | int | float], policy: RolloutPolicy) -> Rollout:
     """Check and record a rollout (it starts on the controller's next step).
 
-    Raises NotFound (no such model), BundleRejected (bad selector or stages), Conflict
+    Raises NotFound (no such model), Invalid (bad selector or stages), Conflict
     (devices already in an active rollout, or a revert that would need a missing directive).
     """
     get_model(s, name, version)
     try:
         selector = parse_selector(selector_text)
     except SelectorError as exc:
-        raise BundleRejected(str(exc)) from None
+        raise Invalid(str(exc)) from None
     parsed = parse_stages(stages)
     devices = matching_devices(s, selector)
     for other in s.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE))):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent import Agent
-from edge_agent.config import AgentSettings, default_cache_dir
+from edge_agent.config import AgentSettings, default_cache_dir, write_settings
 from edge_agent.local_api import LocalApi
 from edge_agent.outbox_store import EntryKind
 from fleet.inference.engine import Engine
@@ -212,14 +212,12 @@ def cold_start(bundle: Path, backend: str, threads: int = 1,
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "agent.toml"
-        cfg.write_text("\n".join([
-            'device_id = "bench-cold"', f'bundle = "{bundle}"', f'backend = "{backend}"',
-            f"threads = {threads}", f'cache_dir = "{default_cache_dir()}"',
-            "telemetry_interval_s = 10",
-            "[mqtt]", f"port = {free_port()}",  # nothing listens there: no broker
-            "[local_api]", f"port = {port}",
-            "[offload]", f"late_answers = {'true' if late_answers else 'false'}",
-            "[results]", f'outbox_dir = "{Path(tmp) / "outbox"}"', ""]))
+        write_settings(cfg, {
+            "device_id": "bench-cold", "bundle": bundle, "backend": backend,
+            "threads": threads, "cache_dir": default_cache_dir(), "telemetry_interval_s": 10,
+            "mqtt": {"port": free_port()},  # nothing listens there: no broker
+            "local_api": {"port": port}, "offload": {"late_answers": late_answers},
+            "results": {"outbox_dir": Path(tmp) / "outbox"}})
         eng = Engine.open(bundle, backend, threads)
         one = sample_inputs(eng, 1)[0]
         eng.close()

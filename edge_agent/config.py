@@ -6,9 +6,11 @@ See docs/configuration.md for every key.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
+import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -255,3 +257,38 @@ def load_settings(config: Path | None = None, **overrides: object) -> AgentSetti
         raise ConfigError("invalid agent settings:\n" + "\n".join(lines)) from None
     except ValueError as exc:  # TOML syntax errors
         raise ConfigError(f"cannot read agent settings: {exc}") from None
+
+
+TomlValue = str | int | float | bool | Path | list[str]
+
+
+def _toml_value(v: TomlValue) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def settings_toml(values: dict[str, TomlValue | dict[str, TomlValue]]) -> str:
+    """Agent settings as a TOML file's text: top-level keys, then one table per section
+    (`{"mqtt": {"port": 1883}}` becomes `[mqtt]`). The text is checked by loading it, so a
+    misspelt key or a bad value fails here, not in the started daemon."""
+    top = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+              for k, v in values.items() if isinstance(v, dict)]
+    text = "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # a value our writer cannot express
+        raise ConfigError(f"cannot write agent settings as TOML: {exc}") from None
+    return text
+
+
+def write_settings(path: Path, values: dict[str, TomlValue | dict[str, TomlValue]]) -> Path:
+    """Write agent settings to `path` (TOML) and check them as the daemon will read them."""
+    path.write_text(settings_toml(values))
+    load_settings(path)
+    return path

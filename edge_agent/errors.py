@@ -4,6 +4,7 @@ FidelityError among them, are in fleet/inference/errors.py.)
     AgentError
     ├── ConfigError    the settings file or environment is wrong
     ├── AgentBusy      the agent cannot take more work now (a full queue); retry later
+    ├── OutboxFull     (outbox.py) the outbox is full under `reject_new`; the loss is counted
     └── UpdateError    a model update did not happen; `code` says why, the old model runs on
         ├── UpdateRefused  the assignment breaks a rule (signature, version, device, size)
         └── UpdateFailed   download, verification or health check failed

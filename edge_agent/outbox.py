@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edge_agent.errors import AgentError
 from edge_agent.outbox_store import Dropped, Entry, EntryKind, Store
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class SendBatch:
         return len(self.entries)
 
 
-class OutboxFull(Exception):
+class OutboxFull(AgentError):
     """The outbox is full and its policy is `reject_new`."""
 
 

@@ -15,7 +15,7 @@ TOKEN_ENV = "EHI_FLEET_TOKEN"
 TIMEOUT_S = 60.0
 
 
-class HubError(FleetError):
+class HubClientError(FleetError):
     """The hub refused a request (`status` >= 400) or could not be reached (`status` 0)."""
 
     def __init__(self, message: str, status: int) -> None:
@@ -42,20 +42,20 @@ class HubClient:
         self.close()
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
-        """The JSON answer; raises HubError with the hub's own explanation."""
+        """The JSON answer; raises HubClientError with the hub's own explanation."""
         import httpx
 
         try:
             r = self._http.request(method, path, **kw)
         except httpx.HTTPError as exc:
-            raise HubError(f"cannot reach the hub at {self.url}: {exc}", 0) from None
+            raise HubClientError(f"cannot reach the hub at {self.url}: {exc}", 0) from None
         try:
             body = r.json()
         except ValueError:
             body = {"detail": r.text}
         if r.status_code >= 400:
             detail = body.get("detail", body) if isinstance(body, dict) else body
-            raise HubError(f"{detail}", r.status_code)
+            raise HubClientError(f"{detail}", r.status_code)
         return body
 
     def get(self, path: str, **params: Any) -> Any:

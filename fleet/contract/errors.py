@@ -3,7 +3,11 @@
     FleetError
     ├── ProtocolError           a message that cannot be decoded or is not allowed
     │   └── UnsupportedVersion  a message from a protocol version this build does not speak
-    └── BundleError             a model bundle missing, malformed or unlike its manifest
+    ├── BundleError             a model bundle missing, malformed or unlike its manifest
+    │   └── SignatureError      (signing.py) unsigned, unknown key, bad signature
+    ├── SelectorError           (selectors.py) a label selector or label that does not parse
+    └── TransportError          (fleet/transport/mqtt.py) no connection, publish refused
+        HubClientError          (fleet/cli/hub_client.py) the hub refused or cannot be reached
 """
 
 

@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fleet.contract.errors import FleetError
+
 _KEY = r"[A-Za-z0-9_.\-/]{1,64}"
 _VALUE = r"[A-Za-z0-9_.\-/:@]{0,128}"
 _TERM = re.compile(rf"^\s*(?:(?P<neg>!)\s*(?P<nkey>{_KEY})|(?P<key>{_KEY})\s*"
@@ -27,7 +29,7 @@ LABEL_VALUE = re.compile(_VALUE)
 MAX_LABELS = 32
 
 
-class SelectorError(ValueError):
+class SelectorError(FleetError):
     """A selector that does not parse; the message says which term."""
 
 

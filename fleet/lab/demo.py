@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.config import TomlValue, write_settings
 from fleet.contract.errors import FleetError
 from fleet.contract.protocol import Offload
 from fleet.lab.brokers import RunningBroker, start_broker
@@ -79,37 +80,30 @@ def _wait_ready(url: str, proc: ManagedProcess, timeout: float) -> None:
 def _agent_toml(i: int, o: DemoOptions, broker: RunningBroker, n_samples: int,
                 workdir: Path, hub_url: str) -> Path:
     limit = len(range(i, n_samples, o.devices))
-    lines = [
-        f'device_id = "demo-{i}"',
-        f'backend = "{o.backend}"',
-        "telemetry_interval_s = 1.0",
-        f'summary_path = "{workdir / f"agent-{i}.json"}"',
-        f'bundle = "{EDGE_BUNDLE}"',
-    ]
-    if o.policy:
-        lines.append(f'policy = "{o.policy}"')
-    if o.threshold is not None:
-        lines.append(f"threshold = {o.threshold}")
-    lines += [
-        "[mqtt]", f"port = {broker.port}", f'protocol = "{broker.protocol}"',
-        "[offload]", f"deadline_ms = {o.deadline_ms}", f'mode = "{o.offload}"',
-        *([f"target = {o.target}"] if o.target is not None else []),
-        "[local_api]", "port = -1",
+    offload: dict[str, TomlValue] = {"deadline_ms": o.deadline_ms, "mode": o.offload}
+    if o.target is not None:
+        offload["target"] = o.target
+    values: dict[str, TomlValue | dict[str, TomlValue]] = {
+        "device_id": f"demo-{i}", "backend": o.backend, "telemetry_interval_s": 1.0,
+        "summary_path": workdir / f"agent-{i}.json", "bundle": EDGE_BUNDLE,
+        **({"policy": o.policy} if o.policy else {}),
+        **({"threshold": o.threshold} if o.threshold is not None else {}),
+        "mqtt": {"port": broker.port, "protocol": broker.protocol},
+        "offload": offload,
+        "local_api": {"port": -1},
         # Each run's outboxes live in its workdir: an interrupted run leaves nothing behind
         # for the next run's fresh hub.
-        "[results]", f'outbox_dir = "{workdir / f"outbox-{i}"}"',
-        "[replay]", f'file = "{STREAMS_FILE}"', f'stream = "{o.stream}"',
-        f"shard_index = {i}", f"shard_count = {o.devices}", f"rate_hz = {o.rate_hz}",
-        f"limit = {max(limit, 1)}", "exit_when_done = true",
-    ]
+        "results": {"outbox_dir": workdir / f"outbox-{i}"},
+        "replay": {"file": STREAMS_FILE, "stream": o.stream, "shard_index": i,
+                   "shard_count": o.devices, "rate_hz": o.rate_hz, "limit": max(limit, 1),
+                   "exit_when_done": True},
+    }
     if o.update:
-        lines += ["[update]", "enabled = true", f'hub_url = "{hub_url}"',
-                  f'trusted_keys = ["{DEMO_PUBLIC_KEY.read_text().strip()}"]',
-                  f'hub_keys = ["{(workdir / "hub.pub").read_text().strip()}"]',
-                  f'models_dir = "{workdir / f"models-{i}"}"']
-    path = workdir / f"agent-{i}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        values["update"] = {"enabled": True, "hub_url": hub_url,
+                            "trusted_keys": [DEMO_PUBLIC_KEY.read_text().strip()],
+                            "hub_keys": [(workdir / "hub.pub").read_text().strip()],
+                            "models_dir": workdir / f"models-{i}"}
+    return write_settings(workdir / f"agent-{i}.toml", values)
 
 
 def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]:

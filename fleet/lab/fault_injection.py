@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.config import write_settings
 from fleet.contract.errors import FleetError
 from fleet.lab.brokers import RunningBroker, start_broker
 from fleet.lab.processes import (
@@ -70,8 +71,8 @@ class ScenarioOptions:
     backend: str = "onnxruntime"
     # The hub's database; None: a SQLite file in the workdir.
     database_url: str | None = None
-    # Extra agent settings (TOML lines under [results]), e.g. a shorter resend time in tests.
-    results_settings: tuple[str, ...] = ()
+    # Extra agent settings under [results], e.g. a shorter resend time in tests.
+    results_settings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,13 +161,12 @@ class _Fleet:
     def _start_agent(self, i: int) -> ManagedProcess:
         cfg = self.workdir / f"agent-{i}.toml"
         if not cfg.exists():
-            cfg.write_text("\n".join([
-                f'device_id = "faults-{i}"', f'bundle = "{EDGE_BUNDLE}"',
-                f'backend = "{self.o.backend}"', "telemetry_interval_s = 1.0",
-                "[mqtt]", f"port = {self.broker.port}",
-                "[local_api]", f"port = {self.agent_ports[i]}",
-                "[results]", f'outbox_dir = "{self.workdir / f"outbox-{i}"}"',
-                *self.o.results_settings, ""]))
+            write_settings(cfg, {
+                "device_id": f"faults-{i}", "bundle": EDGE_BUNDLE, "backend": self.o.backend,
+                "telemetry_interval_s": 1.0, "mqtt": {"port": self.broker.port},
+                "local_api": {"port": self.agent_ports[i]},
+                "results": {"outbox_dir": self.workdir / f"outbox-{i}",
+                            **self.o.results_settings}})
         n = sum(1 for p in self.group.procs if p.name == f"agent-{i}")
         return self.group.start(f"agent-{i}", [sys.executable, "-m", "edge_agent.cli", "run",
                                                "--config", str(cfg)],

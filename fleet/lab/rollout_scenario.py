@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.cli.hub_client import HubClient, HubError
+from fleet.cli.hub_client import HubClient, HubClientError
 from fleet.contract.assignment import rollback_directive
 from fleet.contract.bundle import load_bundle, pack_bundle
 from fleet.contract.errors import FleetError
@@ -209,7 +209,7 @@ def _scenario(o: RolloutOptions, group: ProcessGroup, workdir: Path,
 def _ready(hub: HubClient) -> bool:
     try:
         return bool(hub.get("/readyz").get("ready"))
-    except HubError:
+    except HubClientError:
         return False
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.config import write_settings
 from fleet.contract import protocol as p
 from fleet.contract.assignment import Assignment, encode_desired
 from fleet.contract.bundle import MANIFEST_NAME, load_bundle, pack_bundle
@@ -199,17 +200,15 @@ class _Rig:
     def start_agent(self) -> ManagedProcess:
         cfg = self.workdir / "agent.toml"
         if not cfg.exists():
-            cfg.write_text("\n".join([
-                f'device_id = "{DEVICE}"', f'bundle = "{EDGE_BUNDLE}"',
-                f'backend = "{self.o.backend}"', "telemetry_interval_s = 5.0",
-                "[mqtt]", f"port = {self.broker.port}",
-                "[local_api]", f"port = {self.agent_port}",
-                "[results]", f'outbox_dir = "{self.workdir / "outbox"}"',
-                "[update]", "enabled = true", f'hub_url = "{self.hub_url}"',
-                f'trusted_keys = ["{self.fleet_pub.to_text()}"]',
-                f'hub_keys = ["{self.hub_key.public.to_text()}"]',
-                f'models_dir = "{self.models_dir}"', f"download_rate = {self.download_rate}",
-                ""]))
+            write_settings(cfg, {
+                "device_id": DEVICE, "bundle": EDGE_BUNDLE, "backend": self.o.backend,
+                "telemetry_interval_s": 5.0, "mqtt": {"port": self.broker.port},
+                "local_api": {"port": self.agent_port},
+                "results": {"outbox_dir": self.workdir / "outbox"},
+                "update": {"enabled": True, "hub_url": self.hub_url,
+                           "trusted_keys": [self.fleet_pub.to_text()],
+                           "hub_keys": [self.hub_key.public.to_text()],
+                           "models_dir": self.models_dir, "download_rate": self.download_rate}})
         n = sum(1 for x in self.group.procs if x.name == "agent")
         a = self.group.start("agent", [sys.executable, "-m", "edge_agent.cli", "run",
                                        "--config", str(cfg)], self.workdir / f"agent-{n}.log")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloud_hub.errors import BundleRejected
+from cloud_hub.errors import Invalid
 from cloud_hub.rollout_gates import Figures, RolloutPolicy, judge_stage, ml_gates, rate_worse
 from cloud_hub.rollouts import parse_stages, stage_targets
 from fleet.contract.selectors import SelectorError, parse_labels, parse_selector
@@ -35,7 +35,7 @@ def test_stages_are_cumulative_and_never_empty_in_total() -> None:
     assert stage_targets(parse_stages(["#5", "#20", "100"]), 12) == [5, 12, 12]
     assert parse_stages([5, 25.5]) == [{"percent": 5.0}, {"percent": 25.5}]
     for bad in (["0%"], ["150%"], ["x"], []):
-        with pytest.raises(BundleRejected):
+        with pytest.raises(Invalid):
             parse_stages(bad)
 
 

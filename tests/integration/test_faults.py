@@ -40,7 +40,7 @@ def test_broker_outage_agent_and_hub_kill_lose_nothing(database_url: str) -> Non
                      hub_kill_at=9.0)
     r = run_scenario(ScenarioOptions(agents=2, results=600, rate_hz=20, plan=plan,
                                      drain_timeout_s=90, database_url=database_url,
-                                     results_settings=("resend_after_s = 1.0",)))
+                                     results_settings={"resend_after_s": 1.0}))
     assert r["results_produced"] == 600
     assert r["lost"] == 0 and r["duplicates_in_db"] == 0, r
     assert r["drain_seconds"] is not None, r

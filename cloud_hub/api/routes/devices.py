@@ -10,7 +10,7 @@ from cloud_hub.api.deps import SessionDep, StateDep
 from cloud_hub.api.routes.models import error_response
 from cloud_hub.assignments import assign, set_offload
 from cloud_hub.db import DesiredModel, Device
-from cloud_hub.errors import BundleRejected, NotFound, RegistryError, Unavailable
+from cloud_hub.errors import Invalid, NotFound, RegistryError, Unavailable
 from cloud_hub.rollouts import matching_devices
 from fleet.contract.assignment import OffloadTarget
 from fleet.contract.selectors import SelectorError, label_problems, parse_selector
@@ -92,7 +92,7 @@ def list_devices(session: SessionDep, selector: str | None = None) -> Any:
         try:
             sel = parse_selector(selector)
         except SelectorError as exc:
-            return error_response(BundleRejected(str(exc)))
+            return error_response(Invalid(str(exc)))
         devices = list(matching_devices(session, sel))
     else:
         devices = list(session.scalars(select(Device).order_by(Device.id)))
@@ -115,7 +115,7 @@ def set_labels(device_id: str, body: LabelsIn, session: SessionDep) -> Any:
             labels[k] = v
     bad = label_problems(body.labels) or label_problems(labels)
     if bad:
-        return error_response(BundleRejected("; ".join(bad)))
+        return error_response(Invalid("; ".join(bad)))
     dev.labels = labels
     session.commit()
     return _out(dev)

@@ -26,12 +26,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable outpu
 @contextmanager
 def hub_client(hub: str, what: str) -> Iterator[Any]:
     """A HubClient whose errors end the command with the right exit code and the hub's words."""
-    from fleet.cli.hub_client import HubClient, HubError
+    from fleet.cli.hub_client import HubClient, HubClientError
 
     client = HubClient(hub)
     try:
         yield client
-    except HubError as exc:
+    except HubClientError as exc:
         if exc.status == 0:
             fail(what, f"{exc} (is the hub running? --hub or $EHI_FLEET_HUB)", EXIT_UNREACHABLE)
         hint = " (set $EHI_FLEET_TOKEN)" if exc.status == 401 else ""

@@ -140,11 +140,11 @@ def devices_label(
     as_json: JsonOption = False,
 ) -> None:
     """Set or remove operator labels (they override the labels a device reports)."""
-    from fleet.contract.selectors import parse_labels
+    from fleet.contract.selectors import SelectorError, parse_labels
 
     try:
         changes = parse_labels(labels)
-    except ValueError as exc:
+    except SelectorError as exc:
         fail("fleet devices label", str(exc))
         return
     with hub_client(hub, "fleet devices label") as c:

@@ -59,7 +59,7 @@ def models_verify(
 def push_bundle(client: Any, bundle: Path, what: str, exist_ok: bool = False) -> dict[str, Any]:
     """Upload a bundle folder; with `exist_ok`, the same signed manifest already in the
     registry counts as pushed."""
-    from fleet.cli.hub_client import HubError
+    from fleet.cli.hub_client import HubClientError
     from fleet.contract.bundle import MANIFEST_NAME, pack_bundle
     from fleet.contract.errors import BundleError
 
@@ -71,7 +71,7 @@ def push_bundle(client: Any, bundle: Path, what: str, exist_ok: bool = False) ->
         raise AssertionError from None
     try:
         return dict(client.post("/v1/models", content=data))
-    except HubError as exc:
+    except HubClientError as exc:
         if exc.status != 409 or not exist_ok:
             raise
         there = client.get(f"/v1/models/{manifest['name']}/{manifest['version']}")
