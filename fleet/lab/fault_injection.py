@@ -86,7 +86,7 @@ class _Driver:
     inputs: np.ndarray
     in_outage: Callable[[float], bool]
     answered: list[tuple[str, bool]] = field(default_factory=list)  # id, degraded
-    refused: int = 0  # agent down: connection refused or dropped, no answer
+    refused: int = 0  # no answer: the agent down (refused, dropped) or a timeout
     errors: list[str] = field(default_factory=list)  # answers other than 200
     outage_submitted: int = 0
     outage_answered: int = 0
@@ -113,12 +113,15 @@ class _Driver:
                     "X-EHI-Input-Ref": f"faults/{self.index}/{k}"})
                 resp = conn.getresponse()
                 body = resp.read()
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as exc:
                 if conn is not None:
                     conn.close()
                 conn = None
                 self.refused += 1
-                if outage:
+                # A refused or reset connection is an agent the scenario killed: nothing reached
+                # it. A timeout reached a running agent that did not answer: that counts.
+                if outage and not isinstance(exc, ConnectionRefusedError | ConnectionResetError
+                                             | http.client.RemoteDisconnected):
                     self.outage_submitted += 1
                 stop.wait(RETRY_S)
                 continue
