@@ -24,13 +24,18 @@ class HubClientError(FleetError):
 
 
 class HubClient:
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = TIMEOUT_S) -> None:
+    """`transport`: an httpx transport to use instead of the network (tests pass an
+    `httpx.MockTransport` where a real hub is not the point)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = TIMEOUT_S,
+                 transport: Any = None) -> None:
         import httpx
 
         self.url = url.rstrip("/")
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers,
+                                  transport=transport)
 
     def close(self) -> None:
         self._http.close()
