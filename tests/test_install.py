@@ -5,6 +5,7 @@ index, or pip's cache), then their command runs there. The hub must also start a
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import urllib.request
 import venv
@@ -23,11 +24,19 @@ INSTALL_TIMEOUT_S = 900
 HUB_START_S = 60.0
 
 
+def _source(tmp: Path) -> Path:
+    """A copy of the project to build from: setuptools writes build/ into the tree it builds."""
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "out"))
+    return src
+
+
 def _install(tmp: Path, extra: str) -> Path:
     env_dir = tmp / f"venv-{extra}"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{ROOT}[{extra}]"],
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{_source(tmp)}[{extra}]"],
                        capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     return env_dir / "bin"
