@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 from cloud_hub.db import Device, HardExample, Result, filter_results
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
+    """The `q`th percentile of `values` to 3 decimals (None for none)."""
     return round(float(np.percentile(values, q)), 3) if values else None
 
 
@@ -87,9 +88,9 @@ def _summary(rows: list[Any]) -> dict[str, Any]:
         "cloud_answered": len(answered),
         "degraded": sum(1 for r in rows if r.degraded),
         "agreement": round(agree / len(answered), 4) if answered else None,
-        "latency_ms": {"p50": _pct(all_lat, 50), "p95": _pct(all_lat, 95),
-                       "p99": _pct(all_lat, 99)},
-        "local_latency_ms": {"p50": _pct(local_lat, 50), "p99": _pct(local_lat, 99)},
-        "offload_latency_ms": {"p50": _pct(off_lat, 50), "p99": _pct(off_lat, 99)},
+        "latency_ms": {"p50": percentile(all_lat, 50), "p95": percentile(all_lat, 95),
+                       "p99": percentile(all_lat, 99)},
+        "local_latency_ms": {"p50": percentile(local_lat, 50), "p99": percentile(local_lat, 99)},
+        "offload_latency_ms": {"p50": percentile(off_lat, 50), "p99": percentile(off_lat, 99)},
         "bytes_offloaded": int(sum(r.offload_bytes for r in rows)),
     }

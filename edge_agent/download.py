@@ -8,7 +8,6 @@ renamed to its name.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import urllib.error
@@ -17,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from edge_agent.errors import UpdateFailed
-from fleet.contract.bundle import FileEntry
+from fleet.contract.bundle import FileEntry, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def fetch_file(url: str, dest: Path, entry: FileEntry, *, rate_bps: float = 0.0,
     Raises UpdateFailed: code "download" (network, resumable), "size" (more than stated) or
     "hash" (the content is not what the manifest says; the partial file is removed).
     """
-    if dest.is_file() and dest.stat().st_size == entry.length and _sha256(dest) == entry.sha256:
+    if dest.is_file() and dest.stat().st_size == entry.length and sha256_file(dest) == entry.sha256:
         return 0  # fetched before a restart
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
@@ -66,7 +65,7 @@ def fetch_file(url: str, dest: Path, entry: FileEntry, *, rate_bps: float = 0.0,
     if size < entry.length:
         raise UpdateFailed("download", f"{entry.path}: got {size} of {entry.length} bytes "
                                        "(will resume)")
-    if _sha256(part) != entry.sha256:
+    if sha256_file(part) != entry.sha256:
         part.unlink()
         raise UpdateFailed("hash", f"{entry.path} does not match the sha256 in the manifest")
     part.replace(dest)
@@ -92,11 +91,3 @@ def _copy(resp: object, out: object, entry: FileEntry, have: int, rate_bps: floa
             ahead = total / rate_bps - (time.monotonic() - t0)
             if ahead > 0:
                 time.sleep(ahead)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

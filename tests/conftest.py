@@ -8,33 +8,20 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet.lab.brokers import RunningBroker, mosquitto_path, start_broker
-from fleet.lab.processes import ProcessGroup
+from fleet.lab.processes import ProcessGroup, wait_until
 from tests.updates import UpdateKit
+
+__all__ = ["need", "wait_until"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("EHI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
-# How often wait_until looks again.
-POLL_S = 0.01
-
-
-def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> bool:
-    """Poll `pred` until it is true or `timeout` passes; returns whether it came true."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(POLL_S)
-    return False
 
 
 def need(condition: bool, why: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from cloud_hub.stats import percentile
 from edge_agent.config import TomlValue, write_settings
 from fleet.contract.errors import FleetError
 from fleet.contract.protocol import Offload
@@ -226,10 +227,6 @@ def _fetch_results(hub_url: str) -> list[dict[str, Any]]:
         cursor = page["next_cursor"]
 
 
-def _pct(v: list[float], q: float) -> float | None:
-    return round(float(np.percentile(v, q)), 3) if v else None
-
-
 def offline_accuracy(x: np.ndarray, y: np.ndarray, bundle: Path, backend: str) -> float:
     """Accuracy of one bundle run over every input of the stream."""
     from fleet.inference.engine import Engine
@@ -287,8 +284,8 @@ def _report(o: DemoOptions, broker: RunningBroker, x: np.ndarray, y: np.ndarray,
         "degraded": sum(1 for r in records if r["degraded"]),
         "bytes_offloaded": int(sum(r["offload_bytes"] for r in records)),
         "bytes_cloud_only": cloud_only_bytes(x, edge_ref, o.deadline_ms),
-        "latency_ms": {"local_p50": _pct(local, 50), "local_p99": _pct(local, 99),
-                       "offload_p50": _pct(offl, 50), "offload_p99": _pct(offl, 99)},
+        "latency_ms": {"local_p50": percentile(local, 50), "local_p99": percentile(local, 99),
+                       "offload_p50": percentile(offl, 50), "offload_p99": percentile(offl, 99)},
         "results_produced": produced,
         "results_at_hub": at_hub,
         "broker": broker.kind,

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,21 @@ def work_folder(path: Path | None, prefix: str, keep: bool = False) -> Iterator[
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# How often wait_until looks again.
+POLL_S = 0.01
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 5.0, poll_s: float = POLL_S) -> bool:
+    """Poll `pred` every `poll_s` until it is true or `timeout` passes; returns whether it came
+    true."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(poll_s)
+    return bool(pred())
 
 
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:

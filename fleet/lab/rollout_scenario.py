@@ -31,7 +31,7 @@ from fleet.contract.signing import PrivateKey, PublicKey, generate_keys
 from fleet.inference.engine import Engine
 from fleet.lab.brokers import start_broker
 from fleet.lab.bundle_copy import break_golden, copy_bundle
-from fleet.lab.processes import ProcessGroup, start_hub, work_folder
+from fleet.lab.processes import ProcessGroup, start_hub, wait_until, work_folder
 from fleet.lab.sim_fleet import SimFleet
 from fleet.transport.ports import free_port
 from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
@@ -59,12 +59,14 @@ class RolloutOptions:
 
 
 def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(POLL_S)
+    found: list[Any] = [None]
+
+    def check() -> Any:
+        found[0] = pred()
+        return found[0]
+
+    if wait_until(check, timeout, POLL_S):
+        return found[0]
     raise FleetError(f"timed out waiting for {what}")
 
 
