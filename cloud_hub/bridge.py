@@ -33,7 +33,7 @@ from fleet.contract import protocol as p
 from fleet.contract.assignment import Reported
 from fleet.contract.errors import ProtocolError, UnsupportedVersion
 from fleet.inference.batcher import DynamicBatcher
-from fleet.inference.engine import Engine
+from fleet.inference.model import Model
 from fleet.transport.mqtt import MqttConfig, MqttSession, Transport
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,12 @@ class _Incoming:
 
 
 class Bridge:
-    def __init__(self, engine: Engine, sessions: sessionmaker, metrics: HubMetrics,
+    def __init__(self, model: Model, sessions: sessionmaker, metrics: HubMetrics,
                  *, batch_max: int, batch_wait_ms: float, offload_queue: int, ingest_queue: int,
                  inline_max_ms: float = 0.0,
                  transport_factory: Callable[..., Transport] | None = None,
                  mqtt: MqttConfig | None = None, shared: bool = True) -> None:
-        self.model = CloudModel(engine)
+        self.model = CloudModel(model)
         self.sessions = sessions
         self.metrics = metrics
         self.offloads = OffloadAnswerer(self.model, metrics, self._answer, batch_max=batch_max,

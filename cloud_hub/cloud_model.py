@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fleet.inference.engine import Engine
 from fleet.inference.errors import InputError
+from fleet.inference.model import Model
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,10 +23,10 @@ class CloudAnswer:
 
 
 class CloudModel:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.ref = engine.manifest.ref
-        self.raw_shape = tuple(engine.manifest.raw_input.shape)
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.ref = model.manifest.ref
+        self.raw_shape = tuple(model.manifest.raw_input.shape)
 
     def fits(self, shape: tuple[int, ...], batched: bool = False) -> str | None:
         """None if an input of `shape` fits the model (also as a batch of one when `batched`),
@@ -48,7 +48,7 @@ class CloudModel:
                 fit.append(i)
         if fit:
             try:
-                probs = self.engine.predict_batch(
+                probs = self.model.predict_batch(
                     np.stack([inputs[i].reshape(self.raw_shape) for i in fit]))
             except InputError as exc:
                 for i in fit:

@@ -28,7 +28,7 @@ from cloud_hub.errors import HubConfigError
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.rollouts import RolloutController
 from fleet.contract.signing import PrivateKey
-from fleet.inference.engine import Engine
+from fleet.inference.model import Model
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
             if settings.cloud_bundle is None:
                 raise HubConfigError("no cloud model: set EHI_HUB_CLOUD_BUNDLE to a bundle "
                                      "directory (this repository's: models/bundles/digits-cloud)")
-            cloud = Engine.open(settings.cloud_bundle, settings.backend, settings.threads)
+            cloud = Model.open(settings.cloud_bundle, settings.backend, settings.threads)
             m = settings.mqtt
             cfg = m.session_config(f"cloud-hub-{settings.replica_id}")
             bridge = Bridge(cloud, app.state.sessions, app.state.metrics,
