@@ -1,3 +1,3 @@
-from tests.edge_agent.drift import drifting
+from tests.fleet.inference.drift import drifting
 
 __all__ = ["drifting"]

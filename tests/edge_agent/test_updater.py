@@ -20,7 +20,7 @@ from fleet.contract.bundle import MANIFEST_NAME, load_bundle
 from fleet.inference.engine import Engine
 from fleet.lab.bundle_copy import break_fidelity, break_golden, copy_bundle
 from models import EDGE_BUNDLE, STREAMS_FILE
-from tests.edge_agent.drift import Drift, swap_top2
+from tests.fleet.inference.drift import Drift, swap_top2
 from tests.updates import HubServer, UpdateKit, hub_settings
 
 PROFILE = DeviceProfile("dev-1", ("x86_64",), ("onnxruntime",), 10 << 20)

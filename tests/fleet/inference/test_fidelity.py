@@ -21,7 +21,7 @@ from fleet.inference.fidelity import check as fidelity_check
 from fleet.inference.policy import HardExamplePolicy
 from fleet.lab.bundle_copy import break_fidelity, copy_bundle
 from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
-from tests.edge_agent.drift import swap_top2
+from tests.fleet.inference.drift import swap_top2
 
 
 @pytest.mark.parametrize("root", [EDGE_BUNDLE, CLOUD_BUNDLE], ids=["edge", "cloud"])

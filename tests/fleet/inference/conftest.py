@@ -1,0 +1,3 @@
+from tests.fleet.inference.drift import drifting
+
+__all__ = ["drifting"]
