@@ -64,8 +64,10 @@ class HubClient:
         return body
 
     def get(self, path: str, **params: Any) -> Any:
-        return self.request("GET", path, params={k: v for k, v in params.items()
-                                                 if v is not None})
+        given = {k: v for k, v in params.items() if v is not None}
+        # An empty params mapping would replace a query written into `path` (httpx merges
+        # only what it is given): pass none at all then.
+        return self.request("GET", path, **({"params": given} if given else {}))
 
     def post(self, path: str, json: Any = None, content: bytes | None = None) -> Any:
         if content is not None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from cloud_hub.stats import percentile
 from edge_agent.config import TomlValue, write_settings
+from fleet.cli.hub_client import HubClient, HubClientError
 from fleet.contract.errors import FleetError
 from fleet.contract.protocol import Offload
 from fleet.lab.brokers import RunningBroker, start_broker
@@ -54,12 +55,8 @@ class DemoOptions:
 Progress = Callable[[int, int], None]
 
 
-def _http_json(url: str, timeout: float = 5.0) -> Any:
-    import httpx
-
-    r = httpx.get(url, timeout=timeout)
-    r.raise_for_status()
-    return r.json()
+# The demo's calls to the hub (results, devices, the update) answer in milliseconds.
+HUB_TIMEOUT_S = 30.0
 
 
 def _wait_ready(url: str, proc: ManagedProcess, timeout: float) -> None:
@@ -133,26 +130,27 @@ def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]
                              "EHI_HUB_TRUSTED_KEYS": json.dumps(
                                  [DEMO_PUBLIC_KEY.read_text().strip()])})
         _wait_ready(hub_url, hub, HUB_START_TIMEOUT_S)
-        update = _Update(hub_url, workdir) if o.update else None
-        agents = [group.start(f"agent-{i}", [sys.executable, "-m", "edge_agent.cli", "run",
-                                             "--config", str(_agent_toml(
-                                                 i, o, broker, n, workdir, hub_url))],
-                              workdir / f"agent-{i}.log") for i in range(o.devices)]
-        at_hub = _follow(hub_url, agents, n, progress, update)
-        summaries = []
-        for i, a in enumerate(agents):
-            if a.proc.returncode != 0:
-                raise FleetError(f"agent {i} failed (exit {a.proc.returncode}):\n{a.tail()}")
-            summaries.append(json.loads((workdir / f"agent-{i}.json").read_text()))
-        produced = sum(s["outbox"]["results_produced"] for s in summaries)
-        deadline = time.monotonic() + RESULTS_SETTLE_TIMEOUT_S
-        while at_hub < produced and time.monotonic() < deadline:
-            time.sleep(POLL_S)
-            at_hub = _http_json(hub_url + "/v1/results/count")["count"]
-        records = _fetch_results(hub_url)
-        report = _report(o, broker, x, y, records, produced, at_hub, summaries)
-        if update is not None:
-            report["update"] = update.summary(records)
+        with HubClient(hub_url, timeout_s=HUB_TIMEOUT_S) as hub_api:
+            update = _Update(hub_api, workdir) if o.update else None
+            agents = [group.start(f"agent-{i}", [sys.executable, "-m", "edge_agent.cli", "run",
+                                                 "--config", str(_agent_toml(
+                                                     i, o, broker, n, workdir, hub_url))],
+                                  workdir / f"agent-{i}.log") for i in range(o.devices)]
+            at_hub = _follow(hub_api, agents, n, progress, update)
+            summaries = []
+            for i, a in enumerate(agents):
+                if a.proc.returncode != 0:
+                    raise FleetError(f"agent {i} failed (exit {a.proc.returncode}):\n{a.tail()}")
+                summaries.append(json.loads((workdir / f"agent-{i}.json").read_text()))
+            produced = sum(s["outbox"]["results_produced"] for s in summaries)
+            deadline = time.monotonic() + RESULTS_SETTLE_TIMEOUT_S
+            while at_hub < produced and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+                at_hub = hub_api.get("/v1/results/count")["count"]
+            records = _fetch_results(hub_api)
+            report = _report(o, broker, x, y, records, produced, at_hub, summaries)
+            if update is not None:
+                report["update"] = update.summary(records)
         report["seconds"] = round(time.monotonic() - t_start, 1)
         report["workdir"] = str(workdir) if o.keep or o.workdir else None
         return report
@@ -162,32 +160,32 @@ class _Update:
     """A new version of the edge model (the same weights, version 2, signed with the demo key),
     pushed to the hub and assigned to each demo device once the hub has heard from it."""
 
-    def __init__(self, hub_url: str, workdir: Path) -> None:
-        import httpx
-
+    def __init__(self, hub: HubClient, workdir: Path) -> None:
         from fleet.contract.bundle import pack_bundle
         from fleet.lab.bundle_copy import copy_bundle
 
-        self.hub_url = hub_url
+        self.hub = hub
         bundle = copy_bundle(EDGE_BUNDLE, workdir / "digits-edge-2", version=2, key=DEMO_KEY)
-        r = httpx.post(f"{hub_url}/v1/models", content=pack_bundle(bundle), timeout=30)
-        if r.status_code != 201:
-            raise FleetError(f"the hub refused the demo's model update: {r.text}")
-        self.ref = f"{r.json()['name']}@{r.json()['version']}"
+        try:
+            r = self.hub.post("/v1/models", content=pack_bundle(bundle))
+        except HubClientError as exc:
+            raise FleetError(f"the hub refused the demo's model update: {exc}") from None
+        self.ref = f"{r['name']}@{r['version']}"
         self.assigned: set[str] = set()
 
     def poll(self) -> None:
-        import httpx
-
-        for d in _http_json(self.hub_url + "/v1/devices"):
+        for d in self.hub.get("/v1/devices"):
             if d["id"].startswith("demo-") and d["id"] not in self.assigned:
-                r = httpx.put(f"{self.hub_url}/v1/devices/{d['id']}/desired",
-                              json={"model": "digits-edge", "version": 2}, timeout=5)
-                if r.status_code == 200:
-                    self.assigned.add(d["id"])
+                try:
+                    self.hub.put(f"/v1/devices/{d['id']}/desired",
+                                 json={"model": "digits-edge", "version": 2})
+                except HubClientError as exc:
+                    log.debug("assignment of %s not taken yet: %s", d["id"], exc)
+                    continue
+                self.assigned.add(d["id"])
 
     def summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        devices = _http_json(self.hub_url + "/v1/devices")
+        devices = self.hub.get("/v1/devices")
         by_model: dict[str, int] = {}
         for r in records:
             by_model[r["model"]] = by_model.get(r["model"], 0) + 1
@@ -196,7 +194,7 @@ class _Update:
                 "results_by_model": dict(sorted(by_model.items()))}
 
 
-def _follow(hub_url: str, agents: list[ManagedProcess], n: int, progress: Progress | None,
+def _follow(hub: HubClient, agents: list[ManagedProcess], n: int, progress: Progress | None,
             update: _Update | None = None) -> int:
     at_hub = 0
     while True:
@@ -206,7 +204,7 @@ def _follow(hub_url: str, agents: list[ManagedProcess], n: int, progress: Progre
             except Exception as exc:  # the hub may be busy; the next poll will tell
                 log.debug("update poll failed: %s", exc)
         try:
-            at_hub = _http_json(hub_url + "/v1/results/count")["count"]
+            at_hub = hub.get("/v1/results/count")["count"]
         except Exception as exc:  # the hub may be busy; the next poll will tell
             log.debug("stats poll failed: %s", exc)
         if progress:
@@ -216,11 +214,11 @@ def _follow(hub_url: str, agents: list[ManagedProcess], n: int, progress: Progre
         time.sleep(POLL_S)
 
 
-def _fetch_results(hub_url: str) -> list[dict[str, Any]]:
+def _fetch_results(hub: HubClient) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     cursor = 0
     while True:
-        page = _http_json(f"{hub_url}/v1/results?limit=1000&cursor={cursor}")
+        page = hub.get("/v1/results", limit=1000, cursor=cursor)
         out.extend(page["items"])
         if page["next_cursor"] is None:
             return out

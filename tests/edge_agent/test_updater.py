@@ -20,6 +20,7 @@ from fleet.contract.bundle import MANIFEST_NAME, load_bundle
 from fleet.inference.engine import Engine
 from fleet.lab.bundle_copy import break_fidelity, break_golden, copy_bundle
 from models import EDGE_BUNDLE, STREAMS_FILE
+from tests.conftest import wait_until
 from tests.fleet.inference.drift import Drift, swap_top2
 from tests.updates import HubServer, UpdateKit, hub_settings
 
@@ -247,6 +248,9 @@ def test_requests_in_flight_finish_on_the_old_model(kit: UpdateKit, hub: HubServ
     try:
         d.assign(2, 1)
         d.assign(3, 2)
+        # On a loaded machine the serving thread may not run between the swap and here: give
+        # it the time to answer on the new model (it normally has, long before).
+        wait_until(lambda: "digits-edge@3" in models, 30.0)
     finally:
         stop.set()
         t.join()

@@ -21,12 +21,17 @@ def test_answers_errors_and_the_token() -> None:
         seen.append(req)
         if req.url.path == "/v1/devices":
             return httpx.Response(200, json=[{"id": "cam-1"}])
+        if req.url.path == "/v1/results":
+            return httpx.Response(200, json=dict(req.url.params))
         if req.url.path == "/v1/models":
             return httpx.Response(422, json={"detail": "not a tar archive"})
         return httpx.Response(500, text="boom")
 
     with _client(handler) as c:
         assert c.get("/v1/devices") == [{"id": "cam-1"}]
+        # A query in the path survives; keyword parameters join it, None ones are left out.
+        assert c.get("/v1/results?limit=5&cursor=3") == {"limit": "5", "cursor": "3"}
+        assert c.get("/v1/results", device="d", since=None) == {"device": "d"}
         with pytest.raises(HubClientError, match="not a tar archive") as e:
             c.post("/v1/models", content=b"x")
         assert e.value.status == 422
