@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from cloud_hub.errors import HubError
+from cloud_hub.errors import HubConfigError, HubError
 from fleet.inference.errors import InferenceError
 from fleet.transport.tuning import tune_gil_switch_interval
 
@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     from cloud_hub.main import create_app
 
     try:
-        app = create_app(HubSettings(**overrides), with_bridge=not args.no_bridge)
+        settings = HubSettings(**overrides)
+        if settings.cloud_bundle is None and not args.no_bridge:
+            # Said before the server starts, not as a traceback from inside its start-up.
+            raise HubConfigError("no cloud model: set EHI_HUB_CLOUD_BUNDLE to a bundle "
+                                 "directory (this repository's: models/bundles/digits-cloud)")
+        app = create_app(settings, with_bridge=not args.no_bridge)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     except (HubError, InferenceError) as exc:
         print(f"cloud-hub: {exc}", file=sys.stderr)
