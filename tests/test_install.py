@@ -90,3 +90,14 @@ def test_hub_extra_installs_a_hub_that_starts(tmp_path: Path, mosquitto: Running
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_demo_extra_runs_the_demo(tmp_path: Path) -> None:
+    """The README's first command, from a regular (not editable) install: everything the demo
+    reads (bundles, streams, the demo key) ships as package data."""
+    bin_dir = _install(tmp_path, "demo")
+    r = subprocess.run([str(bin_dir / "fleet"), "demo", "--samples", "40", "--devices", "2"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "40 / 40" in r.stdout
