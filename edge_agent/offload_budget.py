@@ -30,11 +30,12 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
+from fleet.inference.fidelity import threshold_in_sorted
 
 OffloadMode = Literal["threshold", "budget"]
 
@@ -90,18 +91,6 @@ class BudgetState:
                 "drifting": self.drifting, "max_bytes_per_s": self.max_bytes_per_s}
 
 
-def _rate_threshold(sorted_scores: Sequence[float] | np.ndarray, rate: float) -> float:
-    """The threshold above which `rate` of the (sorted) scores lie."""
-    n = len(sorted_scores)
-    k = min(n, max(0, round(rate * n)))
-    if k == 0:
-        return float(sorted_scores[-1])
-    if k == n:
-        return float(np.nextafter(sorted_scores[0], -np.inf))
-    lo, hi = float(sorted_scores[n - k - 1]), float(sorted_scores[n - k])
-    return math.sqrt(lo * hi) if lo > 0 else lo
-
-
 class OffloadController:
     """Moves a threshold so that the share of scores above it stays at `target`.
 
@@ -126,7 +115,8 @@ class OffloadController:
                if calibration is not None and len(calibration) else None)
         self._cal = cal
         if cal is not None:
-            self.bounds = (_rate_threshold(cal, self._rate_hi), _rate_threshold(cal, self._rate_lo))
+            self.bounds = (threshold_in_sorted(cal, self._rate_hi),
+                           threshold_in_sorted(cal, self._rate_lo))
             # Start from the calibration sample: the first inputs see the calibrated threshold.
             pick = np.linspace(0, len(cal) - 1, min(window, len(cal))).round().astype(int)
             start = cal[pick].tolist()
@@ -173,7 +163,7 @@ class OffloadController:
             lo_rate, hi_rate = target / BOUND_FACTOR, min(1.0, target * BOUND_FACTOR)
             rate = min(hi_rate, max(lo_rate, target + self._debt / self._horizon))
             lo, hi = self.bounds
-            self.threshold = min(hi, max(lo, _rate_threshold(self._sorted, rate)))
+            self.threshold = min(hi, max(lo, threshold_in_sorted(self._sorted, rate)))
             return self.threshold
 
     def _measure_rate(self, nbytes: int) -> None:
@@ -201,7 +191,7 @@ class OffloadController:
         plain = self.threshold
         if self._sorted:
             lo, hi = self.bounds
-            plain = min(hi, max(lo, _rate_threshold(self._sorted, self.effective_target())))
+            plain = min(hi, max(lo, threshold_in_sorted(self._sorted, self.effective_target())))
         n = len(self._cal)
         above = n - int(np.searchsorted(self._cal, plain, side="right"))
         share = max(above, 0.5) / n  # half an input: a finite figure when none is above

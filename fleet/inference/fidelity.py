@@ -16,6 +16,8 @@ without VNNI; docs/benchmarks.md), and one golden input does not show it.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -113,18 +115,22 @@ class FidelitySet:
 
 def threshold_for_rate(scores: np.ndarray, rate: float) -> float:
     """The threshold above which `rate` of `scores` lie (hard means score > threshold)."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    k = round(rate * len(s))  # inputs to offload
-    if k <= 0:
-        return float(s[-1])
-    if k >= len(s):
-        return float(np.nextafter(s[0], -np.inf))
+    return threshold_in_sorted(np.sort(np.asarray(scores, dtype=np.float64)), rate)
+
+
+def threshold_in_sorted(sorted_scores: Sequence[float] | np.ndarray, rate: float) -> float:
+    """`threshold_for_rate` on scores already sorted (the offload controller keeps its window
+    sorted, and calls this on every input)."""
+    n = len(sorted_scores)
+    k = min(n, max(0, round(rate * n)))  # inputs to offload
+    if k == 0:
+        return float(sorted_scores[-1])
+    if k == n:
+        return float(np.nextafter(sorted_scores[0], -np.inf))
     # Halfway between the last kept and the first offloaded score (on a log scale when both
     # are positive: confident models' scores span many decades).
-    lo, hi = float(s[len(s) - k - 1]), float(s[len(s) - k])
-    if lo > 0:
-        return float(np.sqrt(lo * hi))
-    return lo
+    lo, hi = float(sorted_scores[n - k - 1]), float(sorted_scores[n - k])
+    return math.sqrt(lo * hi) if lo > 0 else lo
 
 
 def run_set(backend: InferenceBackend, manifest: Manifest, inputs: np.ndarray) -> np.ndarray:
