@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from fleet.contract.bundle import Bundle, load_bundle
-from fleet.contract.errors import BundleError, ProtocolError
+from fleet.contract.bundle import Bundle
+from fleet.contract.errors import ProtocolError
 from fleet.inference.backends import BackendOptions, InferenceBackend
-from fleet.inference.errors import BackendError, InputError
+from fleet.inference.errors import InputError
 from fleet.inference.fidelity import FidelityMode
-from fleet.inference.model import Model, select_backend
+from fleet.inference.model import Model, read_bundle, select_backend
 from fleet.inference.policy import CONFIDENCE_POLICIES, HardExamplePolicy, softmax
 
 DEFAULT_POLICY = "max_prob"
@@ -60,13 +60,10 @@ class Engine(Model):
         the threshold is the one calibrated on this device for the bundle's offload budget,
         else the manifest's for the policy (the manifest's recommended policy by default).
         """
-        try:
-            manifest = load_bundle(bundle_dir, verify_files=False).manifest
-        except BundleError as exc:
-            raise BackendError(str(exc)) from None
-        he = manifest.hard_example
+        bundle = read_bundle(bundle_dir)
+        he = bundle.manifest.hard_example
         pol = policy or (he.policy if he else DEFAULT_POLICY)
-        opened = select_backend(bundle_dir, backend, threads, options, fidelity,
+        opened = select_backend(bundle, backend, threads, options, fidelity,
                                 HardExamplePolicy(pol, 0.0, seed=seed))
         source = "settings"
         if threshold is None:

@@ -150,15 +150,16 @@ def run_set(backend: InferenceBackend, manifest: Manifest, inputs: np.ndarray) -
     return np.concatenate(out)
 
 
-def check(bundle: Bundle, backend: InferenceBackend, policy: HardExamplePolicy | None = None
-          ) -> tuple[FidelityReport, np.ndarray]:
-    """Run the bundle's fidelity set on `backend`. Returns the report and the hardness scores
-    of the set under `policy` (the manifest's recommended one by default): the calibration
-    sample of the offload controller."""
+def check(bundle: Bundle, backend: InferenceBackend, policy: HardExamplePolicy | None = None,
+          fidelity_set: FidelitySet | None = None) -> tuple[FidelityReport, np.ndarray]:
+    """Run the bundle's fidelity set on `backend` (`fidelity_set`: the set already read, when
+    several backends are checked). Returns the report and the hardness scores of the set under
+    `policy` (the manifest's recommended one by default): the calibration sample of the
+    offload controller."""
     m = bundle.manifest
     spec = m.fidelity
     assert spec is not None
-    fs = FidelitySet.load(bundle)
+    fs = fidelity_set or FidelitySet.load(bundle)
     probs = run_set(backend, m, fs.inputs)
     ref = softmax(fs.reference)
     agreement = float((probs.argmax(1) == ref.argmax(1)).mean())

@@ -14,7 +14,7 @@ from fleet.contract.bundle import Bundle, load_bundle
 from fleet.contract.errors import BundleError, ProtocolError
 from fleet.inference.backends import BackendOptions, InferenceBackend, candidates, choose_fastest
 from fleet.inference.errors import BackendError, FidelityError, InputError
-from fleet.inference.fidelity import FidelityMode, FidelityReport
+from fleet.inference.fidelity import FidelityMode, FidelityReport, FidelitySet
 from fleet.inference.fidelity import check as fidelity_check
 from fleet.inference.policy import HardExamplePolicy, softmax
 from fleet.inference.preprocess import Preprocessor
@@ -39,7 +39,8 @@ class Model:
              fidelity: FidelityMode = "enforce") -> Model:
         """Load and verify a bundle and open it on a backend that passes its fidelity check
         (`auto`: the fastest such; a named one that fails raises FidelityError)."""
-        opened = select_backend(bundle_dir, backend, threads, options, fidelity, None)
+        opened = select_backend(read_bundle(bundle_dir), backend, threads, options, fidelity,
+                                None)
         m = cls(opened.bundle, opened.backend)
         m.refused = opened.refused
         m.fidelity = opened.report
@@ -87,23 +88,30 @@ class Opened:
         self.report, self.scores = report, scores
 
 
-def select_backend(bundle_dir: Path, backend: str, threads: int,
-                   options: BackendOptions | None, fidelity: FidelityMode,
-                   scorer: HardExamplePolicy | None) -> Opened:
-    """Load the bundle and open it on the fastest candidate backend that passes its fidelity
-    check (with `scorer`, the fidelity set's hardness scores come back too: the calibration
-    sample). Raises BackendError, or FidelityError when only the check stood in the way."""
+def read_bundle(bundle_dir: Path) -> Bundle:
+    """Load and verify a bundle (every file's length and sha256) for a backend to open."""
     try:
-        bundle = load_bundle(bundle_dir)
+        return load_bundle(bundle_dir)
     except BundleError as exc:
         raise BackendError(str(exc)) from None
+
+
+def select_backend(bundle: Bundle, backend: str, threads: int,
+                   options: BackendOptions | None, fidelity: FidelityMode,
+                   scorer: HardExamplePolicy | None) -> Opened:
+    """Open a verified bundle on the fastest candidate backend that passes its fidelity
+    check (with `scorer`, the fidelity set's hardness scores come back too: the calibration
+    sample). Raises BackendError, or FidelityError when only the check stood in the way."""
     m = bundle.manifest
     opts = replace(options or BackendOptions(threads=threads),
                    preprocessing=m.preprocessing, raw_dtype=m.raw_input.dtype)
     reports: dict[str, tuple[FidelityReport, np.ndarray]] = {}
+    fidelity_set: list[FidelitySet] = []  # read once, on the first backend checked
 
     def vet(be: InferenceBackend) -> str | None:
-        report, scores = fidelity_check(bundle, be, scorer)
+        if not fidelity_set:
+            fidelity_set.append(FidelitySet.load(bundle))
+        report, scores = fidelity_check(bundle, be, scorer, fidelity_set[0])
         reports[be.name] = (report, scores)
         return None if report.faithful or fidelity == "report" else report.reason()
 
