@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 # After a database error the ingest worker waits this long before it takes the next message,
 # so a database outage is not a busy loop. The device resends what was not acknowledged.
 STORE_RETRY_S = 1.0
+# The hub publishes to itself through the broker every HEARTBEAT_S; hearing nothing at all (no
+# device, not its own heartbeat) for DEAF_AFTER_HEARTBEATS of them while connected, it is deaf:
+# it says so in /readyz and reconnects.
+HEARTBEAT_S = 5.0
+DEAF_AFTER_HEARTBEATS = 3
 LOG_PAYLOAD_BYTES = 48
 
 
@@ -56,7 +62,9 @@ class Bridge:
                  *, batch_max: int, batch_wait_ms: float, offload_queue: int, ingest_queue: int,
                  inline_max_ms: float = 0.0,
                  transport_factory: Callable[..., Transport] | None = None,
-                 mqtt: MqttConfig | None = None, shared: bool = True) -> None:
+                 mqtt: MqttConfig | None = None, shared: bool = True,
+                 share_group: str = p.HUB_SHARE_GROUP, replica: str = "hub-0",
+                 heartbeat_s: float = HEARTBEAT_S) -> None:
         self.model = CloudModel(model)
         self.sessions = sessions
         self.metrics = metrics
@@ -66,9 +74,14 @@ class Bridge:
         self.ingest: DynamicBatcher[_Incoming] = DynamicBatcher(1, 0.0, ingest_queue)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        subs = [(p.hub_filter(c, shared), p.QOS[c]) for c in
+        subs = [(p.hub_filter(c, shared, share_group), p.QOS[c]) for c in
                 (p.Channel.OFFLOAD, p.Channel.RESULTS, p.Channel.TELEMETRY, p.Channel.STATUS,
                  p.Channel.HARD, p.Channel.REPORTED)]
+        self._heartbeat_topic = p.hub_heartbeat_topic(replica)
+        subs.append((self._heartbeat_topic, 0))
+        self.heartbeat_s = heartbeat_s
+        self._heard = self._connected_at = time.monotonic()
+        self.deaf = False
         if transport_factory is not None:
             self.transport = transport_factory(self._on_message, subs, self._on_connect)
         else:
@@ -80,7 +93,8 @@ class Bridge:
     def start(self) -> None:
         self.transport.start()
         for name, fn in (("offload-worker", lambda: self.offloads.loop(self._stop)),
-                         ("ingest-worker", self._ingest_loop)):
+                         ("ingest-worker", self._ingest_loop),
+                         ("broker-heartbeat", self._heartbeat_loop)):
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -95,11 +109,35 @@ class Bridge:
     def connected(self) -> bool:
         return self.transport.connected
 
+    @property
+    def silence_s(self) -> float:
+        """Seconds since the last message from the broker."""
+        return time.monotonic() - self._heard
+
+    def _heartbeat_loop(self) -> None:
+        limit = DEAF_AFTER_HEARTBEATS * self.heartbeat_s
+        while not self._stop.wait(self.heartbeat_s):
+            if not self.transport.connected:
+                continue
+            self.transport.publish(self._heartbeat_topic, b"", qos=0)
+            silence = self.silence_s
+            self.metrics.broker_silence.set(round(silence, 1))
+            if silence > limit and time.monotonic() - self._connected_at > limit:
+                self.deaf = True
+                self.metrics.broker_deaf.inc()
+                log.error("heard nothing from the broker for %.0f s, not even this hub's own "
+                          "heartbeat: reconnecting", silence)
+                self._connected_at = time.monotonic()
+                reconnect = getattr(self.transport, "reconnect", None)
+                if reconnect is not None:
+                    reconnect()
+
     def publish_desired(self, topic: str, payload: bytes) -> bool:
         """Publish a desired-model assignment, retained, so an offline device gets it later."""
         return self.transport.publish(topic, payload, qos=1, retain=True)
 
     def _on_connect(self) -> None:
+        self._connected_at = time.monotonic()
         # Assignments made while the broker was away go out now (on a thread of their own:
         # this one is paho's, and the database may be slow).
         threading.Thread(target=publish_pending, args=(self.sessions, self.publish_desired),
@@ -113,12 +151,23 @@ class Bridge:
                     bytes(payload[:LOG_PAYLOAD_BYTES]))
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        self._heard = time.monotonic()
+        if self.deaf:
+            self.deaf = False
+            log.info("hearing the broker again")
+        if topic == self._heartbeat_topic:
+            return
         try:
             device, channel = p.parse_topic(topic)
         except ProtocolError as exc:
             self._bad("topic", topic, payload, exc)
             return
         self.metrics.messages.labels(channel.value).inc()
+        limit = p.CHANNEL_MAX_BYTES.get(channel, p.MAX_FRAME_BYTES)
+        if len(payload) > limit:
+            self._bad("too_large", topic, payload,
+                      ProtocolError(f"{len(payload)} bytes, at most {limit} on {channel.value}"))
+            return
         if channel is p.Channel.OFFLOAD:
             try:
                 off = p.Offload.decode(payload)

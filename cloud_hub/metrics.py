@@ -56,6 +56,11 @@ class HubMetrics:
         self.uploads = Counter("ehi_hub_model_uploads_total",
                                "Bundle uploads: accepted, or refused with a reason", ["outcome"],
                                registry=r)
+        self.broker_deaf = Counter("ehi_hub_broker_deaf_total",
+                                   "Times the hub heard nothing from the broker, not even its "
+                                   "own heartbeat, for too long, and reconnected", registry=r)
+        self.broker_silence = Gauge("ehi_hub_broker_silence_seconds",
+                                    "Seconds since the hub last received a message", registry=r)
         self.store_errors = Counter("ehi_hub_store_errors_total", "Database operations failed",
                                     registry=r)
         # Rollouts (cloud_hub/rollouts.py): set by the replica that holds the controller's lease.

@@ -1,29 +1,31 @@
-"""The model registry: accepts uploaded bundles (a tar of the bundle folder) after checking
-them, and lists and serves them.
+"""The model registry: accepts uploaded bundles (a tar of the bundle folder, plain or
+compressed) after checking them, and lists and serves them.
 
-An upload is hostile until proven otherwise. It is unpacked by hand, member by member, into a
-fresh staging folder: absolute paths, `..`, links, devices and FIFOs are refused, and so is any
-member whose declared size (or the sum of them) passes the limit, all before a byte of it is
-written. Then the bundle must carry a signature of a trusted fleet key over a manifest that
-lists exactly the files present, with their lengths and hashes. Only then is it stored.
+An upload is hostile until proven otherwise (bundle_archive.py). A first pass over the archive
+judges every member's header (absolute paths, `..`, links, devices and FIFOs are refused, and so
+is any member whose declared size, or the sum of them, passes the limit), counts every byte the
+decompressor gives out, and reads only the manifest. The manifest must carry a signature of a
+trusted fleet key and list exactly the files present with the sizes their headers declare;
+only then does a second pass write those files, checking each one's hash as it is written.
+Then the staged bundle is checked once more as a whole, and stored.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tarfile
 import tempfile
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cloud_hub.artifacts import ArtifactStore
+from cloud_hub.bundle_archive import extract, scan
 from cloud_hub.db import ModelVersion, RollbackDirective
 from cloud_hub.errors import BundleRejected, Conflict, NotFound
 from fleet.contract.assignment import ROLLBACK, check_rollback
@@ -33,92 +35,42 @@ from fleet.contract.signing import PublicKey, SignatureError, verify_bundle, ver
 
 log = logging.getLogger(__name__)
 
-# More members than this is not a model bundle (ours have 2-4 files).
-MAX_MEMBERS = 256
-_COPY_CHUNK = 1 << 20
 
-
-def unpack_bundle(archive: Path, staging: Path, max_bytes: int) -> None:
-    """Unpack a bundle tar (plain or gzip) into the empty folder `staging`.
-
-    Files may sit at the top of the archive or under one top folder. Raises BundleRejected."""
+def unpack_bundle(archive: Path, staging: Path, max_bytes: int,
+                  trusted: list[PublicKey]) -> None:
+    """Unpack a signed bundle archive into the empty folder `staging`: nothing is written
+    before the manifest's signature holds. Raises BundleRejected."""
+    if not trusted:
+        raise BundleRejected("the hub trusts no bundle-signing key: set EHI_HUB_TRUSTED_KEYS "
+                             "(the public keys from `fleet keys generate`)")
+    members, raw = scan(archive, max_bytes, MANIFEST_NAME)
     try:
-        tf = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by the `with` below)
-    except (tarfile.TarError, OSError) as exc:
-        raise BundleRejected(f"not a tar archive: {exc}") from None
-    with tf:
-        files: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
-        total = count = 0
-        while True:
-            # Member by member: each header is judged before the archive is read any further,
-            # so a member declaring a terabyte is refused without skipping over it.
-            try:
-                m = tf.next()
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                raise BundleRejected(f"damaged tar archive: {exc}") from None
-            if m is None:
-                break
-            count += 1
-            if count > MAX_MEMBERS:
-                raise BundleRejected(f"more than {MAX_MEMBERS} members: not a model bundle")
-            rel = PurePosixPath(m.name)
-            if rel.is_absolute() or ".." in rel.parts:
-                raise BundleRejected(f"member {m.name!r} points outside the bundle")
-            if m.issym() or m.islnk():
-                raise BundleRejected(f"member {m.name!r} is a link: links are refused")
-            if m.isdir():
-                continue
-            if not m.isreg():
-                raise BundleRejected(f"member {m.name!r} is not a regular file")
-            if m.size < 0 or m.size > max_bytes or total + m.size > max_bytes:
-                raise BundleRejected(f"member {m.name!r} declares {m.size} bytes: the bundle "
-                                     f"would pass the {max_bytes}-byte limit")
-            total += m.size
-            parts = tuple(x for x in rel.parts if x != ".")
-            if parts:
-                files.append((m, PurePosixPath(*parts)))
-        files = _strip_top_folder(files)
-        for m, rel in files:
-            _extract(tf, m, staging, rel)
-
-
-def _strip_top_folder(files: list[tuple[tarfile.TarInfo, PurePosixPath]],
-                      ) -> list[tuple[tarfile.TarInfo, PurePosixPath]]:
-    if any(rel == PurePosixPath(MANIFEST_NAME) for _, rel in files):
-        return files
-    tops = {rel.parts[0] for _, rel in files if len(rel.parts) > 1}
-    if len(tops) == 1 and all(len(rel.parts) > 1 for _, rel in files):
-        return [(m, PurePosixPath(*rel.parts[1:])) for m, rel in files]
-    raise BundleRejected(f"no {MANIFEST_NAME} at the top of the archive or under one folder")
-
-
-def _extract(tf: tarfile.TarFile, m: tarfile.TarInfo, staging: Path, rel: PurePosixPath) -> None:
-    dest = staging.joinpath(*rel.parts)
-    if staging.resolve() not in dest.resolve().parents:
-        raise BundleRejected(f"member {m.name!r} points outside the bundle")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    src = tf.extractfile(m)
-    if src is None:
-        raise BundleRejected(f"member {m.name!r} has no data")
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleRejected(f"{MANIFEST_NAME} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BundleRejected(f"{MANIFEST_NAME} must be a JSON object")
     try:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    except FileExistsError:
-        raise BundleRejected(f"member {m.name!r} appears twice") from None
-    left = m.size
-    with src, os.fdopen(fd, "wb") as out:
-        while left > 0:
-            chunk = src.read(min(_COPY_CHUNK, left))
-            if not chunk:
-                raise BundleRejected(f"member {m.name!r} is shorter than it declares")
-            out.write(chunk)
-            left -= len(chunk)
+        verify_manifest(doc, trusted)
+        m = Manifest.from_dict(doc)
+    except BundleError as exc:
+        raise BundleRejected(str(exc)) from None
+    listed = {f.path: (f.length, f.sha256) for f in m.files}
+    present = {x.path.as_posix(): x.size for x in members if x.path.as_posix() != MANIFEST_NAME}
+    extra = sorted(set(present) - set(listed))
+    if extra:
+        raise BundleRejected(f"files not listed in the manifest: {', '.join(extra[:5])}")
+    for path, (length, _) in listed.items():
+        if path not in present:
+            raise BundleRejected(f"bundle {m.ref}: file {path} is missing")
+        if present[path] != length:
+            raise BundleRejected(f"bundle {m.ref}: {path} is {present[path]} bytes, the "
+                                 f"manifest says {length}")
+    extract(archive, staging, listed, max_bytes, MANIFEST_NAME, raw)
 
 
 def check_bundle(staging: Path, trusted: list[PublicKey]) -> tuple[Manifest, str]:
     """The manifest and the signing key id of a staged bundle, or BundleRejected."""
-    if not trusted:
-        raise BundleRejected("the hub trusts no bundle-signing key: set EHI_HUB_TRUSTED_KEYS "
-                             "(the public keys from `fleet keys generate`)")
     try:
         keyid = verify_bundle(staging, trusted)
         m = Manifest.from_dict(_manifest_json(staging))
@@ -132,7 +84,7 @@ def check_bundle(staging: Path, trusted: list[PublicKey]) -> tuple[Manifest, str
     return m, keyid
 
 
-def _manifest_json(staging: Path) -> dict[str, object]:
+def _manifest_json(staging: Path) -> dict[str, Any]:
     d = json.loads((staging / MANIFEST_NAME).read_text())
     if not isinstance(d, dict):
         raise BundleError("manifest must be a JSON object")
@@ -145,7 +97,7 @@ def accept_upload(session: Session, store: ArtifactStore, archive: Path, work_di
     work_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="staging-", dir=work_dir))
     try:
-        unpack_bundle(archive, staging, max_bytes)
+        unpack_bundle(archive, staging, max_bytes, trusted)
         m, keyid = check_bundle(staging, trusted)
         if session.scalar(select(ModelVersion.n).where(ModelVersion.name == m.name,
                                                        ModelVersion.version == m.version)):

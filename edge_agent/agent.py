@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -82,7 +83,8 @@ class Counters:
         self._lock = threading.Lock()
         self.values: dict[str, int] = dict.fromkeys(
             ("inputs", "offloaded", "cloud_answers", "fallbacks", "input_errors",
-             "offload_busy", "bad_messages", "hub_errors", "late_queued", "outbox_full"), 0)
+             "offload_busy", "bad_messages", "hub_errors", "late_queued", "outbox_full",
+             "connections_refused"), 0)
 
     def inc(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -290,6 +292,7 @@ class Agent:
         """
         t0 = time.perf_counter()
         engine = self.engine  # a model update swaps self.engine; this request stays on its model
+        deadline_s = self._deadline_s(deadline_ms)
         try:
             local = engine.run(raw)
         except InputError:
@@ -299,7 +302,6 @@ class Agent:
         rid = uuid.uuid4().hex
         if not local.hard:
             return self._finish(engine, rid, raw, local, None, 0, t0, input_ref)
-        deadline_s = self._deadline_s(deadline_ms)
         sent = self._offload_send(engine, rid, raw, local, deadline_s)
         answer = self.pending.wait(rid, deadline_s) if sent else None
         return self._finish(engine, rid, raw, local, answer, sent, t0, input_ref)
@@ -312,6 +314,7 @@ class Agent:
         """
         t0 = time.perf_counter()
         engine = self.engine
+        deadline_s = self._deadline_s(deadline_ms)
         try:
             locals_ = engine.run_batch(raws)
         except InputError:
@@ -320,7 +323,6 @@ class Agent:
         self.counters.inc("inputs", len(locals_))
         refs = input_refs or [None] * len(locals_)
         rids = [uuid.uuid4().hex for _ in locals_]
-        deadline_s = self._deadline_s(deadline_ms)
         sent = [self._offload_send(engine, rid, raws[i], loc, deadline_s) if loc.hard else 0
                 for i, (rid, loc) in enumerate(zip(rids, locals_, strict=True))]
         end = t0 + deadline_s
@@ -339,6 +341,7 @@ class Agent:
         """
         if self._batcher is None:
             return self.infer(raw, input_ref, deadline_ms)
+        self._deadline_s(deadline_ms)  # refused here, not in the batch it would join
         raw = self.engine.preprocess.check_sample(raw)
         req = _Request(raw, input_ref, deadline_ms)
         if not self._batcher.offer(req):
@@ -371,8 +374,17 @@ class Agent:
                 r.done.set()
 
     def _deadline_s(self, deadline_ms: float | None) -> float:
-        ms = deadline_ms if deadline_ms is not None else self.settings.offload.deadline_ms
-        return ms / 1000.0
+        """The deadline in seconds; a caller's must be finite, positive and at most the
+        settings' `max_deadline_ms` (an infinite one would hold an offload slot for ever).
+        Raises InputError."""
+        if deadline_ms is None:
+            return self.settings.offload.deadline_ms / 1000.0
+        top = self.settings.offload.max_deadline_ms
+        if not (isinstance(deadline_ms, int | float) and math.isfinite(deadline_ms)
+                and 0 < deadline_ms <= top):
+            self.counters.inc("input_errors")
+            raise InputError(f"deadline_ms must be a number in (0, {top:g}], got {deadline_ms!r}")
+        return deadline_ms / 1000.0
 
     def _offload_send(self, engine: Engine, rid: str, raw: np.ndarray, local: LocalResult,
                       deadline_s: float) -> int:

@@ -62,8 +62,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent.start()
     api = None
     if settings.local_api.port >= 0:
-        api = LocalApi(agent, settings.local_api.host, settings.local_api.port,
-                       settings.local_api.max_body_bytes)
+        la = settings.local_api
+        api = LocalApi(agent, la.host, la.port, la.max_body_bytes, la.max_connections,
+                       la.idle_timeout_s)
         api.start()
     rp = settings.replay
     replayed = 0

@@ -42,6 +42,8 @@ def default_state_dir() -> Path:
 class OffloadSettings(BaseModel):
     # How long an input may wait for the cloud before the edge answer is final (degraded).
     deadline_ms: float = Field(200.0, gt=0)
+    # The longest deadline an application may ask for (`deadline_ms` of a request).
+    max_deadline_ms: float = Field(60_000.0, gt=0)
     # Offloads waiting for an answer at once; beyond it hard inputs are answered at the edge.
     max_pending: int = Field(256, ge=1)
     # Keep hard inputs whose cloud answer did not come in time (offline, deadline, busy) in the
@@ -119,6 +121,10 @@ class LocalApiSettings(BaseModel):
     # 0 picks a free port; -1 disables the local API.
     port: int = Field(8750, ge=-1, le=65535)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Connections served at once (one thread each); beyond it a connection gets 503 and is
+    # closed. A connection idle (or sending slower than this) for `idle_timeout_s` is closed.
+    max_connections: int = Field(64, ge=1, le=4096)
+    idle_timeout_s: float = Field(30.0, gt=0)
 
 
 class ThroughputSettings(BaseModel):
@@ -259,10 +265,12 @@ def load_settings(config: Path | None = None, **overrides: object) -> AgentSetti
         raise ConfigError(f"cannot read agent settings: {exc}") from None
 
 
-TomlValue = str | int | float | bool | Path | list[str]
+TomlValue = str | int | float | bool | Path | list[str] | dict[str, "TomlValue"]
 
 
 def _toml_value(v: TomlValue) -> str:
+    if isinstance(v, dict):  # a table inside a section: an inline table
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):

@@ -11,13 +11,16 @@
     GET /v1/telemetry  the agent's current telemetry
     GET /metrics       Prometheus text: outbox depth, bytes, age, drops; events; connection
 
-The stdlib server keeps the agent free of a web framework; one thread per connection.
+The stdlib server keeps the agent free of a web framework; one thread per connection, at most
+`max_connections` of them (a connection beyond gets 503 and is closed), each closed after
+`idle_timeout_s` without a byte from its client.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,8 +37,49 @@ from fleet.inference.errors import InputError
 log = logging.getLogger(__name__)
 
 
+_BUSY_BODY = b'{"error": "too many connections to the agent; retry later"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Connection: close\r\nRetry-After: 1\r\nContent-Length: "
+         + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """One thread per connection, at most `max_connections` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, max_connections: int,
+                 on_refused: Any) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._on_refused = on_refused
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._on_refused()
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class LocalApi:
-    def __init__(self, agent: Agent, host: str, port: int, max_body_bytes: int) -> None:
+    def __init__(self, agent: Agent, host: str, port: int, max_body_bytes: int,
+                 max_connections: int = 64, idle_timeout_s: float = 30.0) -> None:
         self.agent = agent
         self.max_body = max_body_bytes
         self.sample_shape = agent.engine.manifest.raw_input.shape
@@ -46,6 +90,14 @@ class LocalApi:
             # Headers and body leave in two writes: with Nagle's algorithm the second waits for
             # the client's delayed ACK (40 ms) on every keep-alive request.
             disable_nagle_algorithm = True
+            # A socket timeout: a client that sends nothing for this long is disconnected.
+            timeout = idle_timeout_s
+
+            def handle_one_request(self) -> None:
+                try:
+                    super().handle_one_request()
+                except TimeoutError:
+                    self.close_connection = True
 
             def log_message(self, fmt: str, *args: Any) -> None:
                 if log.isEnabledFor(logging.DEBUG):
@@ -111,8 +163,8 @@ class LocalApi:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedServer((host, port), Handler, max_connections,
+                                      lambda: agent.counters.inc("connections_refused"))
         self._thread: threading.Thread | None = None
 
     @property
@@ -128,8 +180,8 @@ class LocalApi:
                 raise ProtocolError("X-EHI-Shape must be comma-separated integers") from None
             raw = decode_tensor({"dtype": headers.get("X-EHI-Dtype", "float32"), "shape": shape},
                                 body)
-            d = headers.get("X-EHI-Deadline-Ms")
-            return raw, float(d) if d else None, headers.get("X-EHI-Input-Ref")
+            return raw, _deadline(headers.get("X-EHI-Deadline-Ms")), \
+                headers.get("X-EHI-Input-Ref")
         try:
             obj = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -140,10 +192,11 @@ class LocalApi:
             raw = np.asarray(obj["input"], dtype=np.float32)
         except (TypeError, ValueError):
             raise ProtocolError('"input" must be a rectangular array of numbers') from None
-        deadline = obj.get("deadline_ms")
         ref = obj.get("input_ref")
-        return raw, float(deadline) if deadline is not None else None, \
-            str(ref) if ref is not None else None
+        if ref is not None and (not isinstance(ref, str) or len(ref) > MAX_INPUT_REF):
+            raise ProtocolError(f'"input_ref" must be a string of at most {MAX_INPUT_REF} '
+                                "characters")
+        return raw, _deadline(obj.get("deadline_ms")), ref
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._server.serve_forever, name="local-api",
@@ -154,3 +207,22 @@ class LocalApi:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+# An application's reference for an input: stored with its result.
+MAX_INPUT_REF = 256
+
+
+def _deadline(value: Any) -> float | None:
+    """A request's deadline in ms: None, or a finite number (the agent bounds its range)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ProtocolError("deadline_ms must be a number")
+    try:
+        ms = float(value)
+    except ValueError:
+        raise ProtocolError(f"deadline_ms must be a number, got {value!r}") from None
+    if not math.isfinite(ms):
+        raise ProtocolError(f"deadline_ms must be finite, got {value!r}")
+    return ms

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet.contract.errors import BundleError
+from fleet.contract.protocol import HUB_SHARE_GROUP
 from fleet.contract.signing import PublicKey
 from fleet.transport.mqtt import BrokerSettings
 
@@ -16,6 +17,11 @@ from fleet.transport.mqtt import BrokerSettings
 class HubMqtt(BrokerSettings):
     # Subscribe through `$share/hub/...` so that N replicas split the work.
     shared: bool = True
+    # The shared subscription's group. Mosquitto's access rules cannot refuse a subscription,
+    # only deliveries: a device that joined the hubs' group would take its turn at the
+    # deliveries and have them refused, so the hubs' offloads would be lost. On a confined
+    # broker the group is a secret only hubs know (`fleet pki init` writes one).
+    share_group: str = Field(HUB_SHARE_GROUP, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class HubSettings(BaseSettings):
@@ -28,7 +34,8 @@ class HubSettings(BaseSettings):
     cloud_bundle: Path | None = None
     backend: Literal["auto", "onnxruntime", "openvino"] = "onnxruntime"
     threads: int = Field(1, ge=1, le=64)
-    replica_id: str = "hub-0"
+    # This replica's name: its MQTT client id, its heartbeat topic, its metrics label.
+    replica_id: str = Field("hub-0", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     mqtt: HubMqtt = HubMqtt()
     # Dynamic batching of offloads: up to `batch_max` inputs, waiting at most `batch_wait_ms` for
     # a batch to fill. 0 ms takes only what is already queued (lowest latency).

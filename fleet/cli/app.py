@@ -3,7 +3,9 @@
     fleet demo [--devices N ...]                         the whole loop on one machine
     fleet keys generate --out DIR [--name fleet]
     fleet models sign|verify|push|list|show|rollback     bundles and the hub's registry
-    fleet devices list|show|label|assign                 devices, labels, desired models
+    fleet devices list|show|label|assign|offload         devices, labels, desired models
+    fleet devices enroll|revoke ID --pki DIR             device identities on the broker
+    fleet pki init|broker|list --pki DIR                 the fleet's CA, the broker's config
     fleet rollout start|status|list|pause|resume|abort|rollback
     fleet simulate --devices N --trusted-key fleet.pub --factory BUNDLE   try rollouts by hand
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import typer
 
-from fleet.cli.commands import demo, devices, keys, models, rollout, simulate
+from fleet.cli.commands import demo, devices, keys, models, pki, rollout, simulate
 from fleet.cli.commands.common import EXIT_HALTED, EXIT_REFUSED, EXIT_UNREACHABLE
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -26,6 +28,7 @@ app.registered_commands += demo.app.registered_commands + simulate.app.registere
 app.add_typer(keys.app, name="keys")
 app.add_typer(models.app, name="models")
 app.add_typer(devices.app, name="devices")
+app.add_typer(pki.app, name="pki")
 app.add_typer(rollout.app, name="rollout")
 
 __all__ = ["EXIT_HALTED", "EXIT_REFUSED", "EXIT_UNREACHABLE", "app", "main"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,12 @@ from fleet.contract.errors import BundleError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
+# A bundle's name is a folder name in every store and a topic-safe word in every message: no
+# "/", no "." or ".." and nothing that normalises to another bundle's name.
+BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FILE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+# Versions are stored as 64-bit integers; beyond this a number is not a version.
+MAX_VERSION = (1 << 53) - 1
 # dtypes a bundle may declare for its tensors; anything else is refused at parse time.
 TENSOR_DTYPES = frozenset({"float32", "float16", "uint8", "int8", "int32", "int64"})
 _HASH_CHUNK = 1 << 20
@@ -174,9 +181,13 @@ class Manifest:
         if schema != SCHEMA_VERSION:
             raise BundleError(f"manifest schema {schema!r} is not supported "
                               f"(want {SCHEMA_VERSION})")
+        name = _req(d, "name", str)
+        if not BUNDLE_NAME.match(name):
+            raise BundleError(f"bundle name {name!r} is not a plain name: 1-64 letters, digits, "
+                              "'.', '_' or '-', starting with a letter or digit")
         version = _req(d, "version", int)
-        if version < 1:
-            raise BundleError("manifest version must be a positive integer")
+        if not 1 <= version <= MAX_VERSION:
+            raise BundleError(f"manifest version must be an integer in 1..{MAX_VERSION}")
         he = d.get("hard_example")
         hard = None
         if he is not None:
@@ -194,8 +205,10 @@ class Manifest:
             if length < 0 or len(digest) != 64:
                 raise BundleError(f"file entry {path!r} needs a length >= 0 and a sha256 "
                                   "hex digest")
-            if Path(path).is_absolute() or ".." in Path(path).parts:
-                raise BundleError(f"file path {path!r} must stay inside the bundle")
+            if not all(FILE_PART.match(part) for part in path.split("/")):
+                raise BundleError(f"file path {path!r} must be a plain relative path inside the "
+                                  "bundle: parts of letters, digits, '.', '_' or '-', none "
+                                  "starting with '.'")
             files.append(FileEntry(path=path, length=length, sha256=digest,
                                    role=str(f.get("role", "model")),
                                    precision=str(f.get("precision", ""))))
@@ -218,7 +231,7 @@ class Manifest:
                  "preprocessing", "hard_example", "runtimes", "files", "expires", "metrics",
                  "hardware", "health", "fidelity"}
         return cls(
-            name=_req(d, "name", str),
+            name=name,
             version=version,
             task=_req(d, "task", str),
             labels=tuple(str(x) for x in _req(d, "labels", list)),

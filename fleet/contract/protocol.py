@@ -39,6 +39,9 @@ MAGIC = b"EH"
 _PREFIX = struct.Struct(">2sBBI")
 TOPIC_ROOT = "ehi/v1"
 HUB_SHARE_GROUP = "hub"
+# A hub replica's own topics (`ehi/hub/{replica}/heartbeat`): outside the devices' tree, so no
+# device filter matches them.
+HUB_TOPIC_ROOT = "ehi/hub"
 # A frame larger than this is refused before parsing: it bounds what one message can cost.
 MAX_FRAME_BYTES = 4 << 20
 MAX_HEADER_BYTES = 1 << 20
@@ -47,7 +50,8 @@ WIRE_DTYPES = frozenset({"float32", "float16", "float64", "uint8", "int8", "int1
                          "int64"})
 # JSON string quoting in C, for the hand-written encoders of the hot paths.
 _json_str = json.encoder.encode_basestring_ascii
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Starts with a letter or digit: never "." or "..", which a path or a store might resolve.
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class Kind(IntEnum):
@@ -83,9 +87,24 @@ QOS: dict[Channel, int] = {
 }
 
 
+# Smaller limits than MAX_FRAME_BYTES for the channels that carry no tensors: what one device can
+# make the hub store per message (telemetry and reports are kept per device).
+CHANNEL_MAX_BYTES: dict[Channel, int] = {
+    Channel.TELEMETRY: 64 << 10, Channel.STATUS: 4 << 10, Channel.REPORTED: 256 << 10,
+    Channel.ACK: 1 << 20,
+}
+
+# Who publishes on each channel: a device on its own topics, the hub on the others. The broker's
+# access rules (fleet/identity/broker_config.py) are generated from these two sets.
+FROM_DEVICE = frozenset({Channel.OFFLOAD, Channel.RESULTS, Channel.TELEMETRY, Channel.STATUS,
+                         Channel.HARD, Channel.REPORTED})
+TO_DEVICE = frozenset({Channel.ANSWER, Channel.ACK, Channel.DESIRED})
+
+
 def check_device_id(device: str) -> str:
     if not _DEVICE_ID.match(device):
-        raise ProtocolError(f"device id {device!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        raise ProtocolError(f"device id {device!r} must be 1-64 characters of A-Z a-z 0-9 _ . -, "
+                            "starting with a letter or digit")
     return device
 
 
@@ -93,10 +112,16 @@ def topic(device: str, channel: Channel) -> str:
     return f"{TOPIC_ROOT}/{check_device_id(device)}/{channel.value}"
 
 
-def hub_filter(channel: Channel, shared: bool = True) -> str:
-    """The hub's subscription for a channel of every device, shared among hub replicas."""
+def hub_heartbeat_topic(replica: str) -> str:
+    """Where a hub replica publishes to itself through the broker, to know it still hears it."""
+    return f"{HUB_TOPIC_ROOT}/{check_device_id(replica)}/heartbeat"
+
+
+def hub_filter(channel: Channel, shared: bool = True, group: str = HUB_SHARE_GROUP) -> str:
+    """The hub's subscription for a channel of every device, shared among hub replicas in
+    `group` (on a confined broker a secret: docs/security.md)."""
     base = f"{TOPIC_ROOT}/+/{channel.value}"
-    return f"$share/{HUB_SHARE_GROUP}/{base}" if shared else base
+    return f"$share/{group}/{base}" if shared else base
 
 
 def parse_topic(t: str) -> tuple[str, Channel]:

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Literal
 
 from fleet.contract.errors import FleetError
+from fleet.identity.broker_config import BrokerMode
+from fleet.identity.pki import Pki
 from fleet.lab.processes import ManagedProcess, ProcessGroup, wait_for_port
 from fleet.transport.ports import free_port
 
@@ -72,3 +74,22 @@ def start_broker(group: ProcessGroup, workdir: Path, kind: str = "auto",
     if not wait_for_port(port, BROKER_START_TIMEOUT_S, proc.proc):
         raise FleetError(f"the {k} broker did not start on port {port}:\n{proc.tail()}")
     return RunningBroker(k, port, proc)
+
+
+def start_confined_broker(group: ProcessGroup, pki: Pki, mode: BrokerMode,
+                          port: int | None = None) -> RunningBroker:
+    """Mosquitto with the configuration `fleet pki` generates (TLS, identities, access rules),
+    on a free loopback port. Reload it after enrolling or revoking with `proc.reload()`."""
+    import getpass
+
+    if not mosquitto_path():
+        raise FleetError("a confined broker needs Mosquitto (apt-get install mosquitto)")
+    port = port or free_port()
+    # Started by root, Mosquitto would become the user `mosquitto`, who cannot read the
+    # identity folder's files: it stays the user who runs the lab.
+    conf = pki.write_broker(mode=mode, port=port, host="127.0.0.1", run_as=getpass.getuser())
+    proc = group.start("broker-confined", [mosquitto_path() or "mosquitto", "-c", str(conf)],
+                       pki.root / f"broker-{port}.log")
+    if not wait_for_port(port, BROKER_START_TIMEOUT_S, proc.proc):
+        raise FleetError(f"the confined broker did not start on port {port}:\n{proc.tail()}")
+    return RunningBroker("mosquitto", port, proc)

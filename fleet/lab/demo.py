@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,10 @@ class DemoOptions:
     # Push a new version of the edge model to the hub's registry while the agents run, and
     # assign it to each device as it comes online: they switch models mid-stream.
     update: bool = True
+    # The same loop on a confined broker: a fleet CA, every agent and the hub with an identity
+    # of their own (client certificates over TLS, "mtls", or passwords over TLS, "password"),
+    # the broker's access rules, and a token on the hub's API. None: an open local broker.
+    secure: str | None = None
 
 
 Progress = Callable[[int, int], None]
@@ -76,7 +81,7 @@ def _wait_ready(url: str, proc: ManagedProcess, timeout: float) -> None:
 
 
 def _agent_toml(i: int, o: DemoOptions, broker: RunningBroker, n_samples: int,
-                workdir: Path, hub_url: str) -> Path:
+                workdir: Path, hub_url: str, secure: dict[str, TomlValue] | None = None) -> Path:
     limit = len(range(i, n_samples, o.devices))
     offload: dict[str, TomlValue] = {"deadline_ms": o.deadline_ms, "mode": o.offload}
     if o.target is not None:
@@ -86,7 +91,8 @@ def _agent_toml(i: int, o: DemoOptions, broker: RunningBroker, n_samples: int,
         "summary_path": workdir / f"agent-{i}.json", "bundle": EDGE_BUNDLE,
         **({"policy": o.policy} if o.policy else {}),
         **({"threshold": o.threshold} if o.threshold is not None else {}),
-        "mqtt": {"port": broker.port, "protocol": broker.protocol},
+        "mqtt": ({"port": broker.port, "protocol": broker.protocol} if secure is None
+                 else {**secure, "protocol": broker.protocol}),
         "offload": offload,
         "local_api": {"port": -1},
         # Each run's outboxes live in its workdir: an interrupted run leaves nothing behind
@@ -121,20 +127,27 @@ def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]
     x, y = x_all[:n], y_all[:n]
     t_start = time.monotonic()
     with work_folder(o.workdir, "ehi-demo-", o.keep) as workdir, ProcessGroup() as group:
-        broker = start_broker(group, workdir, o.broker)
+        hub_env = {"EHI_HUB_TRUSTED_KEYS": json.dumps([DEMO_PUBLIC_KEY.read_text().strip()])}
+        agent_mqtt: list[dict[str, TomlValue] | None] = [None] * o.devices
+        token = None
+        if o.secure is None:
+            broker = start_broker(group, workdir, o.broker)
+        else:
+            broker, hub_env_secure, agent_mqtt = _secure_fleet(group, workdir, o)
+            token = secrets.token_urlsafe(32)
+            hub_env |= hub_env_secure | {"EHI_HUB_API_TOKEN": token}
+        hub_env["EHI_HUB_MQTT__PROTOCOL"] = broker.protocol
         hub_port = free_port()
         hub_url = f"http://127.0.0.1:{hub_port}"
         hub = start_hub(group, workdir, port=hub_port, broker_port=broker.port,
-                        log_path=workdir / "hub.log",
-                        env={"EHI_HUB_MQTT__PROTOCOL": broker.protocol,
-                             "EHI_HUB_TRUSTED_KEYS": json.dumps(
-                                 [DEMO_PUBLIC_KEY.read_text().strip()])})
+                        log_path=workdir / "hub.log", env=hub_env)
         _wait_ready(hub_url, hub, HUB_START_TIMEOUT_S)
-        with HubClient(hub_url, timeout_s=HUB_TIMEOUT_S) as hub_api:
+        with HubClient(hub_url, token=token, timeout_s=HUB_TIMEOUT_S) as hub_api:
             update = _Update(hub_api, workdir) if o.update else None
             agents = [group.start(f"agent-{i}", [sys.executable, "-m", "edge_agent.cli", "run",
                                                  "--config", str(_agent_toml(
-                                                     i, o, broker, n, workdir, hub_url))],
+                                                     i, o, broker, n, workdir, hub_url,
+                                                     agent_mqtt[i]))],
                                   workdir / f"agent-{i}.log") for i in range(o.devices)]
             at_hub = _follow(hub_api, agents, n, progress, update)
             summaries = []
@@ -149,11 +162,38 @@ def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]
                 at_hub = hub_api.get("/v1/results/count")["count"]
             records = _fetch_results(hub_api)
             report = _report(o, broker, x, y, records, produced, at_hub, summaries)
+            if o.secure is not None:
+                report["broker"] = f"mosquitto, confined ({o.secure}, TLS)"
             if update is not None:
                 report["update"] = update.summary(records)
         report["seconds"] = round(time.monotonic() - t_start, 1)
         report["workdir"] = str(workdir) if o.keep or o.workdir else None
         return report
+
+
+def _secure_fleet(group: ProcessGroup, workdir: Path, o: DemoOptions
+                  ) -> tuple[RunningBroker, dict[str, str], list[dict[str, TomlValue] | None]]:
+    """A fleet CA and identities in workdir/pki, the confined broker, the hub's settings and
+    each agent's [mqtt] table, as `fleet pki init` and `fleet devices enroll` write them."""
+    import tomllib
+
+    from fleet.identity.pki import Pki
+    from fleet.lab.brokers import mosquitto_path, start_confined_broker
+
+    if o.secure not in ("mtls", "password"):
+        raise FleetError(f"--secure {o.secure!r}: choose mtls or password")
+    if not mosquitto_path():
+        raise FleetError("--secure needs Mosquitto (apt-get install mosquitto): the embedded "
+                         "broker has no TLS or access rules")
+    pki = Pki.init(workdir / "pki")
+    for i in range(o.devices):
+        pki.enroll(f"demo-{i}")
+    broker = start_confined_broker(group, pki, o.secure)  # type: ignore[arg-type]
+    env = dict(line.split("=", 1) for line in
+               (pki.root / "hubs" / "hub-0" / "hub.env").read_text().splitlines() if line)
+    mqtt = [tomllib.loads((pki.root / "devices" / f"demo-{i}" / "agent-mqtt.toml")
+                          .read_text())["mqtt"] for i in range(o.devices)]
+    return broker, env, mqtt
 
 
 class _Update:

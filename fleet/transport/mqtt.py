@@ -20,12 +20,14 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from paho.mqtt.client import topic_matches_sub
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from fleet.contract.errors import FleetError
+from fleet.transport.tls import SecretFileError, TlsConfig, TlsSettings, read_secret
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class MqttConfig:
     reconnect_min_s: float = RECONNECT_MIN_S
     reconnect_max_s: float = RECONNECT_MAX_S
     will: Will | None = None
+    tls: TlsConfig | None = None
 
 
 class BrokerSettings(BaseModel):
@@ -79,12 +82,30 @@ class BrokerSettings(BaseModel):
     protocol: Literal["3.1.1", "5"] = "5"
     username: str | None = None
     password: str | None = None
+    # The password in a file readable by its owner only (what `fleet devices enroll` writes),
+    # instead of `password`.
+    password_file: Path | None = None
     keepalive_s: int = Field(KEEPALIVE_S, ge=5)
+    tls: TlsSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_password(self) -> BrokerSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        return self
 
     def session_config(self, client_id: str, will: Will | None = None) -> MqttConfig:
+        """The session's configuration; reads the password file and checks the TLS files.
+        Raises TransportError naming the file at fault."""
+        try:
+            password = (read_secret(self.password_file) if self.password_file is not None
+                        else self.password)
+            tls = self.tls.config() if self.tls is not None else None
+        except SecretFileError as exc:
+            raise TransportError(str(exc)) from None
         return MqttConfig(host=self.host, port=self.port, protocol=self.protocol,
-                          client_id=client_id, username=self.username, password=self.password,
-                          keepalive_s=self.keepalive_s, will=will)
+                          client_id=client_id, username=self.username, password=password,
+                          keepalive_s=self.keepalive_s, will=will, tls=tls)
 
 
 class Transport(Protocol):
@@ -128,6 +149,18 @@ class MqttSession:
         c.enable_logger(logging.getLogger(__name__ + ".paho"))
         if cfg.username:
             c.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls is not None:
+            import ssl
+
+            t = cfg.tls
+            try:
+                # PROTOCOL_TLS_CLIENT checks the broker's certificate and its host name.
+                c.tls_set(ca_certs=str(t.ca_file),
+                          certfile=str(t.cert_file) if t.cert_file else None,
+                          keyfile=str(t.key_file) if t.key_file else None,
+                          cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                raise TransportError(f"TLS settings for the broker: {exc}") from None
         if cfg.will:
             c.will_set(cfg.will.topic, cfg.will.payload, cfg.will.qos, cfg.will.retain)
         # paho types the delays as int but sleeps on them as numbers: 0.5 s stays 0.5 s.
@@ -226,6 +259,14 @@ class MqttSession:
         self._client.loop_stop()
         self._connected.clear()
 
+
+    def reconnect(self) -> None:
+        """Drop the connection so that paho's loop reconnects (a session that hears nothing
+        any more: its heartbeats do not come back)."""
+        sock: Any = self._client.socket()  # a socket.socket or an ssl.SSLSocket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT and stop, as a crash or a cut cable would:

@@ -175,7 +175,11 @@ def test_bridge_survives_bad_messages(bridge_on_bus) -> None:
     bus.publish("ehi/v1/dev-1/telemetry", b"EH\x01\x05\x00\x00\x00\x01[")
     wrong = p.Offload("o2", "m", np.zeros((3, 3), np.float32), 100, 0, 0, 0).encode()
     bus.publish("ehi/v1/dev-1/offload", wrong)
-    assert wait_until(lambda: _bad(bridge, "malformed") == 3 and _bad(bridge, "version") == 1)
+    # Telemetry a device could use to fill the hub's database: refused before it is parsed.
+    bus.publish("ehi/v1/dev-1/telemetry", p.encode_frame(p.Kind.TELEMETRY,
+                                                         {"pad": "x" * (100 << 10)}))
+    assert wait_until(lambda: _bad(bridge, "malformed") == 3 and _bad(bridge, "version") == 1
+                      and _bad(bridge, "too_large") == 1)
     assert wait_until(lambda: len(inbox) == 1)
     err = p.Answer.decode(inbox[0][1])
     assert err.id == "o2" and err.label == -1 and "does not fit" in (err.error or "")

@@ -54,20 +54,21 @@ HOSTILE: dict[str, list[tuple[tarfile.TarInfo, bytes | None]]] = {
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_archives_are_refused_before_writing_outside_staging(name: str,
+def test_hostile_archives_are_refused_before_writing_outside_staging(name: str, kit: UpdateKit,
                                                                      tmp_path: Path) -> None:
     archive = tmp_path / "up.tar"
     archive.write_bytes(_tar(HOSTILE[name]))
     staging = tmp_path / "work" / "staging"
     staging.mkdir(parents=True)
     with pytest.raises(BundleRejected):
-        unpack_bundle(archive, staging, 1 << 20)
+        unpack_bundle(archive, staging, 1 << 20, [kit.pub])
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "work" / "escape.txt")\
         .exists()
     assert list(staging.iterdir()) == []  # refused before any member was written
 
 
-def test_a_huge_declared_size_is_refused_without_reading_it(tmp_path: Path) -> None:
+def test_a_huge_declared_size_is_refused_without_reading_it(kit: UpdateKit,
+                                                             tmp_path: Path) -> None:
     info = tarfile.TarInfo("model.onnx")
     info.size = 1 << 40  # a tar header claiming a terabyte; the archive itself is tiny
     header = info.tobuf(format=tarfile.GNU_FORMAT)
@@ -76,11 +77,11 @@ def test_a_huge_declared_size_is_refused_without_reading_it(tmp_path: Path) -> N
     staging = tmp_path / "staging"
     staging.mkdir()
     with pytest.raises(BundleRejected, match="declares"):
-        unpack_bundle(archive, staging, 1 << 20)
+        unpack_bundle(archive, staging, 1 << 20, [kit.pub])
     assert list(staging.iterdir()) == []
     archive.write_bytes(b"this is no tar")
     with pytest.raises(BundleRejected, match="tar"):
-        unpack_bundle(archive, staging, 1 << 20)
+        unpack_bundle(archive, staging, 1 << 20, [kit.pub])
 
 
 def test_a_folder_archive_unpacks_without_its_top_folder(kit: UpdateKit, tmp_path: Path) -> None:
@@ -90,7 +91,7 @@ def test_a_folder_archive_unpacks_without_its_top_folder(kit: UpdateKit, tmp_pat
         tf.add(src, arcname="digits-edge-2")
     (tmp_path / "up.tar").write_bytes(buf.getvalue())
     (tmp_path / "s").mkdir()
-    unpack_bundle(tmp_path / "up.tar", tmp_path / "s", 1 << 20)
+    unpack_bundle(tmp_path / "up.tar", tmp_path / "s", 1 << 20, [kit.pub])
     assert (tmp_path / "s" / "manifest.json").is_file()
 
 

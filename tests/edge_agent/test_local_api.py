@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -77,6 +78,19 @@ def test_json_and_raw_inputs_get_answers(api: tuple[str, Agent]) -> None:
     (b"\x00" * 256, {"Content-Type": "application/octet-stream", "X-EHI-Shape": "8,8",
                      "X-EHI-Dtype": "complex64"}, 400, "dtype"),
     (b"0" * 5000, {"Content-Type": "application/json"}, 413, "exceeds"),
+    # Deadlines that would hold an offload slot for ever, or make no sense.
+    (b'{"input": [[0]], "deadline_ms": Infinity}', {"Content-Type": "application/json"}, 400,
+     "finite"),
+    (b'{"input": [[0]], "deadline_ms": NaN}', {"Content-Type": "application/json"}, 400,
+     "finite"),
+    (b'{"input": [[0]], "deadline_ms": [1]}', {"Content-Type": "application/json"}, 400,
+     "a number"),
+    (b'{"input": [[0]], "input_ref": {"a": 1}}', {"Content-Type": "application/json"}, 400,
+     "input_ref"),
+    (b"\x00" * 256, {"Content-Type": "application/octet-stream", "X-EHI-Shape": "8,8",
+                     "X-EHI-Deadline-Ms": "inf"}, 400, "finite"),
+    (b"\x00" * 256, {"Content-Type": "application/octet-stream", "X-EHI-Shape": "8,8",
+                     "X-EHI-Deadline-Ms": "soon"}, 400, "a number"),
 ])
 def test_bad_requests_get_clear_errors(api: tuple[str, Agent], body: bytes,
                                        headers: dict[str, str], code: int, message: str) -> None:
@@ -88,6 +102,48 @@ def test_bad_requests_get_clear_errors(api: tuple[str, Agent], body: bytes,
     # The agent keeps serving.
     ok, _ = post_json(base + "/v1/infer", json.dumps({"input": [[0] * 8] * 8}).encode())
     assert ok == 200
+
+
+@pytest.mark.parametrize("deadline", [0, -5, 1e12])
+def test_deadlines_out_of_range_are_refused_before_any_work(api: tuple[str, Agent],
+                                                            deadline: float) -> None:
+    base, agent = api
+    code, ans = post_json(base + "/v1/infer", json.dumps(
+        {"input": [[0] * 8] * 8, "deadline_ms": deadline}).encode())
+    assert code == 400 and "deadline_ms must be a number in (0, 60000]" in ans["error"]
+    snap = agent.counters.snapshot()
+    assert (snap["input_errors"], snap["inputs"]) == (1, 0)
+
+
+def test_connections_are_capped_and_idle_ones_closed() -> None:
+    bus = MemoryBus()
+    settings = AgentSettings(device_id="api-cap", bundle=EDGE_BUNDLE, telemetry_interval_s=60)
+    agent = Agent(settings, transport_factory=lambda on_msg, subs, on_conn, _will:
+                  MemorySession(bus, on_msg, subs, on_conn))
+    agent.start()
+    server = LocalApi(agent, "127.0.0.1", 0, 4096, max_connections=4, idle_timeout_s=1.0)
+    server.start()
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
+    try:
+        # Four silent clients take every slot: the fifth is told so at once, not queued.
+        # (the server accepts in order: the four before the fifth)
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        reply = extra.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 503") and b"too many connections" in reply
+        assert agent.counters.snapshot()["connections_refused"] >= 1
+        extra.close()
+        # Idle past the timeout, the held connections are closed by the agent ...
+        for s in held:
+            assert s.recv(1) == b""
+        # ... and their slots serve again.
+        body = json.dumps({"input": [[0] * 8] * 8}).encode()
+        code, _ = post_json(f"http://127.0.0.1:{server.port}/v1/infer", body)
+        assert code == 200
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
+        agent.stop()
 
 
 def test_health_and_telemetry(api: tuple[str, Agent]) -> None:

@@ -3,9 +3,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from cloud_hub.api.bounds import DeviceId
 from cloud_hub.api.deps import SessionDep, StateDep
 from cloud_hub.api.routes.models import error_response
 from cloud_hub.assignments import assign, set_offload
@@ -13,6 +14,7 @@ from cloud_hub.db import DesiredModel, Device
 from cloud_hub.errors import Invalid, NotFound, RegistryError, Unavailable
 from cloud_hub.rollouts import matching_devices
 from fleet.contract.assignment import OffloadTarget
+from fleet.contract.bundle import MAX_VERSION
 from fleet.contract.selectors import SelectorError, label_problems, parse_selector
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
@@ -49,13 +51,17 @@ class DeviceOut(BaseModel):
 
 
 class LabelsIn(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     # A value of null removes the label.
     labels: dict[str, str | None]
 
 
 class DesiredIn(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     model: str
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
 
 
 class DesiredOut(BaseModel):
@@ -68,6 +74,8 @@ class DesiredOut(BaseModel):
 
 
 class OffloadIn(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     mode: Literal["threshold", "budget"]
     # The share of inputs to offload in budget mode; null: the bundle's offload budget.
     target: float | None = Field(None, gt=0, lt=1)
@@ -102,7 +110,7 @@ def list_devices(session: SessionDep, selector: str | None = None) -> Any:
 
 
 @router.put("/{device_id}/labels", response_model=DeviceOut, responses={404: {}, 422: {}})
-def set_labels(device_id: str, body: LabelsIn, session: SessionDep) -> Any:
+def set_labels(device_id: DeviceId, body: LabelsIn, session: SessionDep) -> Any:
     """Set (or, with null, remove) operator labels; they override what the device reports."""
     dev = session.get(Device, device_id)
     if dev is None:
@@ -123,7 +131,7 @@ def set_labels(device_id: str, body: LabelsIn, session: SessionDep) -> Any:
 
 @router.put("/{device_id}/desired", response_model=DesiredOut,
             responses={404: {}, 409: {}, 503: {}})
-def set_desired(device_id: str, body: DesiredIn, session: SessionDep, state: StateDep) -> Any:
+def set_desired(device_id: DeviceId, body: DesiredIn, session: SessionDep, state: StateDep) -> Any:
     """Assign a registry bundle to a device: the hub signs the assignment and publishes it,
     retained, on the device's `desired` topic (an offline device gets it when it returns)."""
     if state.bridge is None:
@@ -139,7 +147,7 @@ def set_desired(device_id: str, body: DesiredIn, session: SessionDep, state: Sta
 
 
 @router.get("/{device_id}/desired", response_model=DesiredOut, responses={404: {}})
-def get_desired(device_id: str, session: SessionDep) -> Any:
+def get_desired(device_id: DeviceId, session: SessionDep) -> Any:
     d = session.get(DesiredModel, device_id)
     if d is None:
         return error_response(NotFound(f"no model assigned to {device_id!r}"))
@@ -149,7 +157,7 @@ def get_desired(device_id: str, session: SessionDep) -> Any:
 
 @router.put("/{device_id}/offload", response_model=DesiredOut,
             responses={404: {}, 409: {}, 503: {}})
-def put_offload(device_id: str, body: OffloadIn, session: SessionDep, state: StateDep) -> Any:
+def put_offload(device_id: DeviceId, body: OffloadIn, session: SessionDep, state: StateDep) -> Any:
     """Set how a device offloads: `{"mode": "budget", "target": 0.15}` makes its controller keep
     15% of its inputs offloaded (`target` null: the bundle's budget; `max_bytes_per_s` caps the
     bytes); `{"mode": "threshold"}` a fixed threshold. Travels in the device's signed
@@ -160,12 +168,12 @@ def put_offload(device_id: str, body: OffloadIn, session: SessionDep, state: Sta
 
 @router.delete("/{device_id}/offload", response_model=DesiredOut,
                responses={404: {}, 409: {}, 503: {}})
-def delete_offload(device_id: str, session: SessionDep, state: StateDep) -> Any:
+def delete_offload(device_id: DeviceId, session: SessionDep, state: StateDep) -> Any:
     """Give the device back its own offload settings."""
     return _put_offload(device_id, None, session, state)
 
 
-def _put_offload(device_id: str, target: OffloadTarget | None, session: SessionDep,
+def _put_offload(device_id: DeviceId, target: OffloadTarget | None, session: SessionDep,
                  state: StateDep) -> Any:
     if state.bridge is None:
         return error_response(Unavailable("this hub runs without its MQTT bridge: it cannot "
@@ -179,7 +187,7 @@ def _put_offload(device_id: str, target: OffloadTarget | None, session: SessionD
 
 
 @router.get("/{device_id}", response_model=DeviceOut)
-def get_device(device_id: str, session: SessionDep) -> Any:
+def get_device(device_id: DeviceId, session: SessionDep) -> Any:
     """One device: its model, update state, labels, telemetry, the fidelity figures of its
     model on its backend, and its offloading (mode, target, threshold, drift)."""
     dev = session.get(Device, device_id)

@@ -3,12 +3,13 @@ material for statistics and for retraining the edge model."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
+from cloud_hub.api.bounds import Cursor, DeviceFilter, Limit
 from cloud_hub.api.deps import SessionDep, SettingsDep
 from cloud_hub.db import HardExample
 
@@ -24,7 +25,7 @@ class HardExamplesPage(BaseModel):
 
 
 @router.get("/count")
-def count_hard_examples(session: SessionDep, device: str | None = None) -> dict[str, int]:
+def count_hard_examples(session: SessionDep, device: DeviceFilter = None) -> dict[str, int]:
     q = select(func.count()).select_from(HardExample)
     if device:
         q = q.where(HardExample.device == device)
@@ -32,9 +33,9 @@ def count_hard_examples(session: SessionDep, device: str | None = None) -> dict[
 
 
 @router.get("", response_model=HardExamplesPage)
-def list_hard_examples(session: SessionDep, settings: SettingsDep, device: str | None = None,
-                       cursor: Annotated[int, Query(ge=0)] = 0,
-                       limit: Annotated[int, Query(ge=1)] = 100) -> HardExamplesPage:
+def list_hard_examples(session: SessionDep, settings: SettingsDep, device: DeviceFilter = None,
+                       cursor: Cursor = 0,
+                       limit: Limit = 100) -> HardExamplesPage:
     """Hard examples in arrival order (without their input tensors), paged by cursor."""
     limit = min(limit, settings.max_page)
     q = select(HardExample).where(HardExample.n > cursor)

@@ -17,14 +17,18 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(state: StateDep, response: Response) -> dict[str, object]:
-    """Ready to serve: the database answers and, if the bridge runs, it is connected."""
+    """Ready to serve: the database answers and, if the bridge runs, it is connected and hears
+    the broker (its own heartbeat comes back)."""
     db_ok = ping(state.engine)
     bridge = state.bridge
-    mqtt_ok = bridge.connected if bridge is not None else None
+    mqtt_ok = bridge.connected and not bridge.deaf if bridge is not None else None
     ready = db_ok and mqtt_ok is not False
     if not ready:
         response.status_code = 503
-    return {"ready": ready, "database": db_ok, "mqtt": mqtt_ok}
+    body: dict[str, object] = {"ready": ready, "database": db_ok, "mqtt": mqtt_ok}
+    if bridge is not None:
+        body["broker_silence_s"] = round(bridge.silence_s, 1)
+    return body
 
 
 @router.get("/metrics")

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from cloud_hub.api.bounds import BundleName, NameFilter, Version
 from cloud_hub.api.deps import SessionDep, SettingsDep, StateDep
 from cloud_hub.artifacts import ArtifactNotFound
 from cloud_hub.db import ModelVersion
@@ -100,7 +101,7 @@ async def upload_model(request: Request, settings: SettingsDep, state: StateDep)
 
 
 @router.get("", response_model=list[ModelOut])
-def list_models(session: SessionDep, name: str | None = None) -> list[dict[str, Any]]:
+def list_models(session: SessionDep, name: NameFilter = None) -> list[dict[str, Any]]:
     """Every bundle version in the registry, newest first within a name."""
     q = select(ModelVersion).order_by(ModelVersion.name, ModelVersion.version.desc())
     if name:
@@ -109,7 +110,7 @@ def list_models(session: SessionDep, name: str | None = None) -> list[dict[str, 
 
 
 @router.get("/{name}/{version}", response_model=ModelDetail, responses={404: {}})
-def show_model(name: str, version: int, session: SessionDep) -> Any:
+def show_model(name: BundleName, version: Version, session: SessionDep) -> Any:
     try:
         return _out(get_model(session, name, version), detail=True)
     except NotFound as exc:
@@ -117,8 +118,8 @@ def show_model(name: str, version: int, session: SessionDep) -> Any:
 
 
 @router.get("/{name}/{version}/files/{path:path}", responses={206: {}, 404: {}, 416: {}})
-def download_file(name: str, version: int, path: str, request: Request, session: SessionDep,
-                  state: StateDep) -> Response:
+def download_file(name: BundleName, version: Version, path: str, request: Request,
+                  session: SessionDep, state: StateDep) -> Response:
     """One file of a bundle. Honours a single `Range: bytes=a-b` (206), so a device resumes
     an interrupted download; the manifest's sha256 is sent as the ETag."""
     try:
@@ -169,7 +170,7 @@ def download_file(name: str, version: int, path: str, request: Request, session:
 
 
 @router.post("/{name}/rollbacks", status_code=201, responses={404: {}, 422: {}})
-def upload_rollback(name: str, directive: dict[str, Any], session: SessionDep,
+def upload_rollback(name: BundleName, directive: dict[str, Any], session: SessionDep,
                     settings: SettingsDep) -> Any:
     """Store a rollback directive (signed offline with a fleet key, `fleet models rollback`):
     it lets the hub assign `to_version` to devices running `from_version`."""

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
+from cloud_hub.api.bounds import Cursor, DeviceFilter, Epoch, Limit
 from cloud_hub.api.deps import SessionDep, SettingsDep
 from cloud_hub.db import RESULT_FIELDS, Result, filter_results
 
@@ -19,8 +20,8 @@ class ResultsPage(BaseModel):
 
 
 @router.get("/count")
-def count_results(session: SessionDep, device: str | None = None, since: float | None = None,
-                  until: float | None = None, offloaded: bool | None = None) -> dict[str, int]:
+def count_results(session: SessionDep, device: DeviceFilter = None, since: Epoch = None,
+                  until: Epoch = None, offloaded: bool | None = None) -> dict[str, int]:
     """How many result records match (cheap: for progress and monitoring)."""
     q = filter_results(select(func.count()).select_from(Result), device, since, until)
     if offloaded is not None:
@@ -30,12 +31,12 @@ def count_results(session: SessionDep, device: str | None = None, since: float |
 
 @router.get("", response_model=ResultsPage)
 def list_results(session: SessionDep, settings: SettingsDep,
-                 device: str | None = None,
-                 since: Annotated[float | None, Query(description="ts >= since (epoch s)")] = None,
-                 until: Annotated[float | None, Query(description="ts < until (epoch s)")] = None,
+                 device: DeviceFilter = None,
+                 since: Epoch = None,  # ts >= since (epoch s)
+                 until: Epoch = None,  # ts < until (epoch s)
                  offloaded: bool | None = None,
-                 cursor: Annotated[int, Query(ge=0)] = 0,
-                 limit: Annotated[int, Query(ge=1)] = 100) -> ResultsPage:
+                 cursor: Cursor = 0,
+                 limit: Limit = 100) -> ResultsPage:
     """Result records in arrival order, paged by cursor."""
     limit = min(limit, settings.max_page)
     q = filter_results(select(Result).where(Result.n > cursor), device, since, until)

@@ -6,15 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from cloud_hub.api.bounds import RowId
 from cloud_hub.api.deps import SessionDep, StateDep
 from cloud_hub.api.routes.models import error_response
 from cloud_hub.db import Rollout, RolloutDevice
 from cloud_hub.errors import RegistryError
 from cloud_hub.rollout_gates import RolloutPolicy
 from cloud_hub.rollouts import create_rollout, get_rollout, stage_report, transition
+from fleet.contract.bundle import MAX_VERSION
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 
@@ -26,15 +28,17 @@ def _default_stages() -> list[str | float]:
 
 
 class RolloutIn(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     model: str
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     selector: str = ""
     stages: list[str | float] = Field(default_factory=_default_stages,
                                       min_length=1, max_length=20)
     max_failure: float = Field(_DEFAULTS.max_failure, ge=0, le=1)
     min_reporting: float = Field(_DEFAULTS.min_reporting, gt=0, le=1)
     bake_s: float = Field(_DEFAULTS.bake_s, ge=0)
-    min_results: int = Field(_DEFAULTS.min_results, ge=0)
+    min_results: int = Field(_DEFAULTS.min_results, ge=0, le=10**9)
     max_offload_increase: float = Field(_DEFAULTS.max_offload_increase, ge=0)
     max_disagreement_increase: float = Field(_DEFAULTS.max_disagreement_increase, ge=0)
     max_p95_increase: float = Field(_DEFAULTS.max_p95_increase, ge=0)
@@ -81,14 +85,14 @@ def list_rollouts(session: SessionDep, state: str | None = None) -> list[dict[st
 
 
 @router.get("/{rollout_id}", responses={404: {}})
-def show_rollout(rollout_id: int, session: SessionDep, devices: bool = False) -> Any:
+def show_rollout(rollout_id: RowId, session: SessionDep, devices: bool = False) -> Any:
     try:
         return rollout_out(session, get_rollout(session, rollout_id), devices)
     except RegistryError as exc:
         return error_response(exc)
 
 
-def _act(action: str, rollout_id: int, session: Any, state: Any) -> Any:
+def _act(action: str, rollout_id: RowId, session: Any, state: Any) -> Any:
     bridge = state.bridge
     try:
         r = transition(session, rollout_id, action, state.hub_key,
@@ -101,22 +105,22 @@ def _act(action: str, rollout_id: int, session: Any, state: Any) -> Any:
 
 
 @router.post("/{rollout_id}/pause", responses={404: {}, 409: {}})
-def pause(rollout_id: int, session: SessionDep, state: StateDep) -> Any:
+def pause(rollout_id: RowId, session: SessionDep, state: StateDep) -> Any:
     return _act("pause", rollout_id, session, state)
 
 
 @router.post("/{rollout_id}/resume", responses={404: {}, 409: {}})
-def resume(rollout_id: int, session: SessionDep, state: StateDep) -> Any:
+def resume(rollout_id: RowId, session: SessionDep, state: StateDep) -> Any:
     return _act("resume", rollout_id, session, state)
 
 
 @router.post("/{rollout_id}/abort", responses={404: {}, 409: {}})
-def abort(rollout_id: int, session: SessionDep, state: StateDep) -> Any:
+def abort(rollout_id: RowId, session: SessionDep, state: StateDep) -> Any:
     """Stop assigning; devices keep what they run."""
     return _act("abort", rollout_id, session, state)
 
 
 @router.post("/{rollout_id}/rollback", responses={404: {}, 409: {}, 503: {}})
-def rollback(rollout_id: int, session: SessionDep, state: StateDep) -> Any:
+def rollback(rollout_id: RowId, session: SessionDep, state: StateDep) -> Any:
     """Stop, and send every device of the rollout back to the version it ran before."""
     return _act("rollback", rollout_id, session, state)

@@ -36,6 +36,10 @@ def demo(
     keep: Annotated[bool, typer.Option(help="keep the work folder (logs, database)")] = False,
     update: Annotated[bool, typer.Option(help="push version 2 of the edge model while the "
                                               "agents run; they switch mid-stream")] = True,
+    secure: Annotated[str | None, typer.Option(
+        help="mtls or password: the same loop on a confined Mosquitto (a fleet CA, an "
+             "identity per agent and hub, TLS, access rules) with a token on the hub's API")]
+    = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run the whole loop on one machine: broker, hub, and agents replaying a stream."""
@@ -50,7 +54,8 @@ def demo(
     console = Console()
     opts = DemoOptions(devices=devices, stream=stream, samples=samples, policy=policy,
                        threshold=threshold, backend=backend, broker=broker, rate_hz=rate,
-                       keep=keep, update=update, offload=offload, target=target)
+                       keep=keep, update=update, offload=offload, target=target,
+                       secure=secure)
     try:
         with Progress("[progress.description]{task.description}", BarColumn(),
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console,

@@ -15,6 +15,7 @@ from fleet.cli.commands.common import (
     fail,
     hub_client,
 )
+from fleet.cli.commands.pki import DEFAULT_PKI, PkiOption, ReloadOption, open_pki, reload_broker
 
 app = typer.Typer(no_args_is_help=True,
                   help="Devices: list, show, label, assign a model, set offloading.")
@@ -171,3 +172,44 @@ def devices_assign(
         return
     note = "" if body.get("published") else " (the hub publishes it when its broker is back)"
     typer.echo(f"{device}: desired {body['model']}@{body['version']}, seq {body['seq']}{note}")
+
+
+@app.command("enroll")
+def devices_enroll(
+    device_id: Annotated[str, typer.Argument(help="the device's id (its MQTT username)")],
+    pki: PkiOption = DEFAULT_PKI,
+    reload: ReloadOption = None,
+) -> None:
+    """Issue a device its key, client certificate and password, and let it on the broker.
+    Copy PKI/devices/ID/ to the device; its agent-mqtt.toml is the [mqtt] table to use."""
+    from fleet.identity.ca import IdentityError
+
+    p = open_pki(pki, "fleet devices enroll")
+    try:
+        e = p.enroll(device_id)
+    except IdentityError as exc:
+        fail("fleet devices enroll", str(exc))
+        return
+    typer.echo(f"enrolled {device_id}: certificate serial {e.serial:x}; credentials in "
+               f"{e.folder} (client.key, client.crt, ca.crt, password, agent-mqtt.toml)")
+    reload_broker(reload, "fleet devices enroll")
+
+
+@app.command("revoke")
+def devices_revoke(
+    device_id: Annotated[str, typer.Argument(help="the device to shut out")],
+    pki: PkiOption = DEFAULT_PKI,
+    reload: ReloadOption = None,
+) -> None:
+    """Revoke a device: its certificate goes on the CRL, its password and its access rules
+    leave the broker. Takes effect when the broker reloads (--reload PIDFILE)."""
+    from fleet.identity.ca import IdentityError
+
+    p = open_pki(pki, "fleet devices revoke")
+    try:
+        serial = p.revoke(device_id)
+    except IdentityError as exc:
+        fail("fleet devices revoke", str(exc))
+        return
+    typer.echo(f"revoked {device_id} (certificate serial {serial:x})")
+    reload_broker(reload, "fleet devices revoke")

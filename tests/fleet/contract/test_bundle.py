@@ -76,10 +76,22 @@ def test_expired_bundle_is_refused(bundle_copy: Path) -> None:
 
 @pytest.mark.parametrize("change, message", [
     ({"schema": 99}, "schema"),
-    ({"version": 0}, "positive"),
+    ({"version": 0}, "version must be an integer in"),
+    ({"version": 1 << 64}, "version must be an integer in"),
     ({"version": "2"}, "wrong type"),
-    ({"files": [{"path": "../etc/passwd", "length": 1, "sha256": "0" * 64}]}, "inside the bundle"),
+    ({"files": [{"path": "../etc/passwd", "length": 1, "sha256": "0" * 64}]}, "plain relative"),
+    ({"files": [{"path": "./model.onnx", "length": 1, "sha256": "0" * 64}]}, "plain relative"),
+    ({"files": [{"path": "a//b", "length": 1, "sha256": "0" * 64}]}, "plain relative"),
+    ({"files": [{"path": "/etc/passwd", "length": 1, "sha256": "0" * 64}]}, "plain relative"),
+    ({"files": [{"path": ".hidden", "length": 1, "sha256": "0" * 64}]}, "plain relative"),
     ({"raw_input": {"dtype": "complex64", "shape": [8, 8]}}, "dtype"),
+    # Names that a store or a path would resolve to another bundle's folder.
+    ({"name": "./digits-edge"}, "not a plain name"),
+    ({"name": "digits-edge/."}, "not a plain name"),
+    ({"name": ".."}, "not a plain name"),
+    ({"name": "a/b"}, "not a plain name"),
+    ({"name": ""}, "not a plain name"),
+    ({"name": "x" * 65}, "not a plain name"),
 ])
 def test_malformed_manifests(bundle_copy: Path, change: dict, message: str) -> None:
     _edit(bundle_copy, **change)

@@ -181,3 +181,10 @@ def test_a_record_with_a_non_finite_number_is_refused_by_id() -> None:
     good, bad = p.ResultBatch.decode_lenient(p.ResultBatch(["r1"], [p.encode_record(**fields)])
                                              .encode())
     assert good == [] and "score" in bad["r1"]
+
+
+@pytest.mark.parametrize("device", [".", "..", "-x", ".hidden", "a/b", "a+b", "#", "", "x" * 65])
+def test_device_ids_that_a_path_or_a_topic_could_misread_are_refused(device: str) -> None:
+    with pytest.raises(ProtocolError, match="device id"):
+        p.topic(device, p.Channel.RESULTS)
+    assert p.topic("cam-1.front_2", p.Channel.RESULTS) == "ehi/v1/cam-1.front_2/results"

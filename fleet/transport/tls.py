@@ -1,0 +1,66 @@
+"""TLS to the broker: the CA that signs the broker's certificate, and optionally the client's own
+certificate and key (mutual TLS). The broker's certificate must name the host connected to."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, model_validator
+
+from fleet.contract.errors import FleetError
+
+
+class SecretFileError(FleetError):
+    """A secret file that cannot be read, or that others may read."""
+
+
+def check_private(path: Path) -> None:
+    """Refuse a secret that others may read (as ssh does): its mode must be 0600 or stricter."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise SecretFileError(f"cannot read {path}: {exc}") from None
+    if mode & 0o077:
+        raise SecretFileError(f"{path} is readable by others (mode {mode & 0o777:o}): "
+                              f"chmod 600 {path}")
+
+
+def read_secret(path: Path) -> str:
+    """The first line of a secret file (a password or a token), checked like a key."""
+    check_private(path)
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretFileError(f"cannot read {path}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class TlsSettings(BaseModel):
+    """`[mqtt.tls]` of the agent's settings, `EHI_HUB_MQTT__TLS__*` of the hub's."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS) or not at all")
+        return self
+
+    def config(self) -> TlsConfig:
+        """Checked: the files exist and the key is readable by its owner only."""
+        for f in (self.ca_file, self.cert_file):
+            if f is not None and not f.is_file():
+                raise SecretFileError(f"TLS file {f} does not exist")
+        if self.key_file is not None:
+            check_private(self.key_file)
+        return TlsConfig(self.ca_file, self.cert_file, self.key_file)
