@@ -54,7 +54,7 @@ class ArchiveTooLarge(BundleRejected):
 class BudgetReader:
     """A read-only stream that refuses to give out more than `budget` bytes in all."""
 
-    def __init__(self, raw: IO[bytes], budget: int) -> None:
+    def __init__(self, raw: IO[bytes] | gzip.GzipFile, budget: int) -> None:
         self.raw, self.budget, self.count = raw, budget, 0
 
     def read(self, n: int = -1) -> bytes:
