@@ -191,6 +191,9 @@ def bombs(api: httpx.Client, work: Path, key: Path) -> dict[str, Any]:
         "pax-1GiB-xz": lzma.compress(_pax_bomb(1 << 30)),
         "pax-2GiB-bzip2": bz2.compress(_pax_bomb(2 << 30)),
         "gzip-400MB-unsigned": _zero_member(400 << 20),
+        # under the upload limit once expanded: read to its end, refused for its signature,
+        # nothing written
+        "gzip-15MB-unsigned": _zero_member(15 << 20),
     }
     signed = copy_bundle(EDGE_BUNDLE, work / "signed", version=7, key=key)
     buf = io.BytesIO()
