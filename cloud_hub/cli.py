@@ -1,4 +1,5 @@
-"""`cloud-hub serve`: the hub's web API and MQTT bridge in one process."""
+"""`cloud-hub serve`: the hub's web API and MQTT bridge in one process; `cloud-hub migrate`;
+`cloud-hub token`: an API token signed with the hub's secret (on the hub's host)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     mp = sub.add_parser("migrate", help="bring the database schema to the newest version "
                                         "(serve does this too at start)")
     mp.add_argument("--database-url", help="overrides EHI_HUB_DATABASE_URL")
+    tp = sub.add_parser("token", help="issue an API token signed with this hub's secret "
+                                      "(EHI_HUB_AUTH__MODE=jwt; EHI_HUB_AUTH__SECRET_FILE)")
+    tp.add_argument("--subject", required=True, help="who the token is for")
+    tp.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    tp.add_argument("--ttl-hours", type=float, default=8.0)
     args = ap.parse_args(argv)
     tune_gil_switch_interval()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -33,6 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     from cloud_hub.core.config import HubSettings
 
     overrides = {"database_url": args.database_url} if args.database_url else {}
+    if args.cmd == "token":
+        from cloud_hub.auth import Authenticator
+
+        try:
+            settings = HubSettings(**overrides)
+            print(Authenticator(settings.auth).issue(args.subject, args.role,
+                                                     args.ttl_hours * 3600))
+        except HubError as exc:
+            print(f"cloud-hub: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.cmd == "migrate":
         from cloud_hub.db import init_db, make_engine
 

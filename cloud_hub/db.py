@@ -212,6 +212,22 @@ class Lease(Base):
     expires_at: Mapped[float] = mapped_column(Float)
 
 
+class AuditEntry(Base):
+    """A change made through the API, or a refused attempt at one: who, what, the outcome."""
+
+    __tablename__ = "audit_log"
+
+    n: Mapped[int] = mapped_column(_Serial, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    subject: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    via: Mapped[str] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    status: Mapped[int] = mapped_column(Integer)
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
 _Q = TypeVar("_Q", bound=Select)
 
 

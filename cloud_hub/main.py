@@ -7,10 +7,11 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
-from cloud_hub.api.deps import require_token
+from cloud_hub.api import guard
 from cloud_hub.api.routes import (
+    access,
     devices,
     hard_examples,
     health,
@@ -42,7 +43,6 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
         init_db(engine)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
-        app.state.metrics = HubMetrics()
         app.state.artifacts = LocalArtifactStore(settings.artifacts_dir)
         app.state.hub_key = PrivateKey.read_or_generate(settings.assignment_key)
         app.state.bridge = None
@@ -80,10 +80,11 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
             engine.dispose()
 
     app = FastAPI(title="cloud-hub", version="0.1.0", lifespan=lifespan,
-                  dependencies=[Depends(require_token)],
                   description="Edge-cloud hybrid inference hub: devices, results, statistics.")
     app.state.settings = settings
-    for r in (health.router, devices.router, results.router, hard_examples.router,
+    app.state.metrics = HubMetrics()
+    guard.install(app, settings)
+    for r in (access.router, health.router, devices.router, results.router, hard_examples.router,
               stats.router, models.router, keys.router, rollouts.router):
         app.include_router(r)
     return app

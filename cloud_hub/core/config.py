@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cloud_hub.auth import AuthSettings
 from fleet.contract.errors import BundleError
 from fleet.contract.protocol import HUB_SHARE_GROUP
 from fleet.contract.signing import PublicKey
@@ -61,9 +62,12 @@ class HubSettings(BaseSettings):
     assignment_key: Path = Path("hub-assignment.key")
     # How often the rollout controller steps every running rollout.
     rollout_tick_s: float = Field(1.0, gt=0)
-    # When set, requests that change anything (POST, PUT) need `Authorization: Bearer TOKEN`
-    # (the fleet CLI sends $EHI_FLEET_TOKEN). Reads stay open; devices need none.
+    # A static bearer token with the admin role. With auth.mode "open" it guards every change
+    # (reads stay open): the behaviour before roles. With "jwt" it is a break-glass admin
+    # token beside the JWTs. The fleet CLI sends $EHI_FLEET_TOKEN.
     api_token: SecretStr | None = None
+    # Tokens, roles, rate limits, body limits (cloud_hub/auth.py, docs/security.md).
+    auth: AuthSettings = AuthSettings()
 
     def trusted(self) -> list[PublicKey]:
         return [PublicKey.from_text(k) for k in self.trusted_keys]

@@ -1,6 +1,7 @@
 """`fleet`: the command line of the fleet.
 
     fleet demo [--devices N ...]                         the whole loop on one machine
+    fleet login --hub URL --token TOKEN                   keep a token for a hub; fleet logout
     fleet keys generate --out DIR [--name fleet]
     fleet models sign|verify|push|list|show|rollback     bundles and the hub's registry
     fleet devices list|show|label|assign|offload         devices, labels, desired models
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import typer
 
-from fleet.cli.commands import demo, devices, keys, models, pki, rollout, simulate
+from fleet.cli.commands import demo, devices, keys, login, models, pki, rollout, simulate
 from fleet.cli.commands.common import EXIT_HALTED, EXIT_REFUSED, EXIT_UNREACHABLE
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Edge-cloud hybrid inference: fleet tools.")
-app.registered_commands += demo.app.registered_commands + simulate.app.registered_commands
+app.registered_commands += (demo.app.registered_commands + simulate.app.registered_commands
+                            + login.app.registered_commands)
 app.add_typer(keys.app, name="keys")
 app.add_typer(models.app, name="models")
 app.add_typer(devices.app, name="devices")

@@ -1,11 +1,14 @@
 """The hub's REST API as the fleet tools use it: one small client, errors with their status.
 
-The token (for hubs with `EHI_HUB_API_TOKEN`) comes from `$EHI_FLEET_TOKEN` unless given.
+The bearer token comes from the caller, else `$EHI_FLEET_TOKEN`, else what `fleet login` saved
+for this hub (`$XDG_CONFIG_HOME/edge-hybrid-inference/tokens.json`, mode 0600).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from fleet.contract.errors import FleetError
@@ -13,6 +16,36 @@ from fleet.contract.errors import FleetError
 TOKEN_ENV = "EHI_FLEET_TOKEN"
 # An upload of a large bundle to a busy hub may take this long.
 TIMEOUT_S = 60.0
+
+
+def tokens_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "edge-hybrid-inference" / "tokens.json"
+
+
+def saved_tokens() -> dict[str, str]:
+    try:
+        d = json.loads(tokens_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in d.items()} if isinstance(d, dict) else {}
+
+
+def save_token(url: str, token: str | None) -> Path:
+    """Remember (or, with None, forget) the token for hub `url`; the file is mode 0600."""
+    tokens = saved_tokens()
+    if token is None:
+        tokens.pop(url.rstrip("/"), None)
+    else:
+        tokens[url.rstrip("/")] = token
+    path = tokens_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(tokens, fh, indent=2)
+    tmp.replace(path)
+    return path
 
 
 class HubClientError(FleetError):
@@ -32,7 +65,8 @@ class HubClient:
         import httpx
 
         self.url = url.rstrip("/")
-        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or saved_tokens().get(self.url)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers,
                                   transport=transport)

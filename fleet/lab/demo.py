@@ -53,7 +53,8 @@ class DemoOptions:
     update: bool = True
     # The same loop on a confined broker: a fleet CA, every agent and the hub with an identity
     # of their own (client certificates over TLS, "mtls", or passwords over TLS, "password"),
-    # the broker's access rules, and a token on the hub's API. None: an open local broker.
+    # the broker's access rules, and the API with roles (every call with an operator's JWT).
+    # None: an open local broker and API.
     secure: str | None = None
 
 
@@ -134,14 +135,22 @@ def run_demo(o: DemoOptions, progress: Progress | None = None) -> dict[str, Any]
             broker = start_broker(group, workdir, o.broker)
         else:
             broker, hub_env_secure, agent_mqtt = _secure_fleet(group, workdir, o)
+            # The API with roles: a bootstrap admin token, from which the demo takes an
+            # operator's token for its own calls (every read needs one too).
             token = secrets.token_urlsafe(32)
-            hub_env |= hub_env_secure | {"EHI_HUB_API_TOKEN": token}
+            hub_env |= hub_env_secure | {"EHI_HUB_API_TOKEN": token,
+                                         "EHI_HUB_AUTH__MODE": "jwt",
+                                         "EHI_HUB_AUTH__SECRET_FILE": str(workdir / "jwt.secret")}
         hub_env["EHI_HUB_MQTT__PROTOCOL"] = broker.protocol
         hub_port = free_port()
         hub_url = f"http://127.0.0.1:{hub_port}"
         hub = start_hub(group, workdir, port=hub_port, broker_port=broker.port,
                         log_path=workdir / "hub.log", env=hub_env)
         _wait_ready(hub_url, hub, HUB_START_TIMEOUT_S)
+        if token is not None:
+            with HubClient(hub_url, token=token) as admin:
+                token = admin.post("/v1/tokens", json={"subject": "fleet-demo",
+                                                       "role": "operator"})["token"]
         with HubClient(hub_url, token=token, timeout_s=HUB_TIMEOUT_S) as hub_api:
             update = _Update(hub_api, workdir) if o.update else None
             agents = [group.start(f"agent-{i}", [sys.executable, "-m", "edge_agent.cli", "run",

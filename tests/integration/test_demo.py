@@ -45,8 +45,27 @@ def test_demo_json(broker: str, tmp_path: Path) -> None:
     assert set(u["results_by_model"]) <= {"digits-edge@1", "digits-edge@2"}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["mtls", "password"])
+def test_demo_secure(mode: str, tmp_path: Path) -> None:
+    """The same loop on a confined broker over TLS, the API with roles: nothing lost."""
+    need(mosquitto_path() is not None, "mosquitto is not installed")
+    out = tmp_path / "demo.json"
+    result = CliRunner().invoke(app, ["demo", "--devices", "2", "--samples", "120", "--rate",
+                                      "200", "--secure", mode, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["broker"] == f"mosquitto, confined ({mode}, TLS)"
+    assert r["results_at_hub"] == r["results_produced"] == 120
+    assert r["hybrid_accuracy"] >= r["edge_accuracy"] and r["offload_rate"] > 0
+    # The update was uploaded with the operator's token (a refused upload fails the demo).
+    assert r["update"]["to"] == "digits-edge@2"
+
+
 def test_demo_refuses_bad_options() -> None:
     r = CliRunner().invoke(app, ["demo", "--stream", "nope", "--samples", "10"])
     assert r.exit_code == 1 and "unknown stream" in r.output
     r = CliRunner().invoke(app, ["demo", "--devices", "5", "--samples", "3"])
     assert r.exit_code == 1 and "fewer than" in r.output
+    r = CliRunner().invoke(app, ["demo", "--secure", "plaintext", "--samples", "10"])
+    assert r.exit_code == 1 and "choose mtls or password" in r.output

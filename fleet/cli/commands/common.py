@@ -34,7 +34,8 @@ def hub_client(hub: str, what: str) -> Iterator[Any]:
     except HubClientError as exc:
         if exc.status == 0:
             fail(what, f"{exc} (is the hub running? --hub or $EHI_FLEET_HUB)", EXIT_UNREACHABLE)
-        hint = " (set $EHI_FLEET_TOKEN)" if exc.status == 401 else ""
+        hint = (" (fleet login --hub URL --token TOKEN, or set $EHI_FLEET_TOKEN)"
+                if exc.status == 401 else "")
         fail(what, f"refused ({exc.status}): {exc}{hint}", EXIT_REFUSED)
     finally:
         client.close()

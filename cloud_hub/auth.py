@@ -1,0 +1,232 @@
+"""Who may call the hub's API: bearer tokens (JWT) with a role, a rate limit per caller, and
+the rule that says which role each route needs.
+
+Roles, each including the ones before it:
+- viewer: every read (devices, results, statistics, models, rollouts);
+- operator: every change (labels, assignments, offload settings, uploads, rollouts) and the raw
+  inputs of hard examples (device data);
+- admin: the audit log and issuing tokens.
+
+Tokens are JWTs: issued by the hub itself (HS256 with its secret, `cloud-hub token`), or by an
+OpenID Connect issuer whose public keys (a JWKS file) the hub is given. The claims used: `sub`
+(who), `role` or `roles` (the highest counts), `exp` (required), `aud` (the hub's audience),
+`iss` when an issuer is configured.
+
+Open without a token, whatever the mode: `/healthz`, `/readyz`, `/metrics` (probes and
+scrapers run inside the cluster; NetworkPolicies keep them there), the OpenAPI docs, and, with
+`open_downloads` (the default), what devices fetch: `GET /v1/keys` and bundle files (bundles
+are signed and checked on the device; their bytes are not the secret here).
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from cloud_hub.errors import HubError
+
+ROLES = ("viewer", "operator", "admin")
+RANK = {r: i for i, r in enumerate(ROLES)}
+Role = Literal["viewer", "operator", "admin"]
+ALGORITHMS_EXTERNAL = ["RS256", "ES256", "PS256", "EdDSA"]
+
+
+class AuthError(HubError):
+    """A request without the credentials its route needs (401) or the role (403)."""
+
+    def __init__(self, message: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthSettings(BaseModel):
+    """`EHI_HUB_AUTH__*`."""
+
+    # "open": reads need nothing; writes need `api_token` if it is set (the behaviour before
+    # roles). "jwt": every route but the open ones needs a token with the role it names.
+    mode: Literal["open", "jwt"] = "open"
+    # The hub's own signing secret for the tokens it issues; made on first start (mode 0600).
+    secret_file: Path = Path("hub-jwt.secret")
+    # An OpenID Connect issuer's public keys (JWKS JSON) and its `iss`; tokens it signs are
+    # accepted beside the hub's own.
+    jwks_file: Path | None = None
+    issuer: str | None = None
+    audience: str = "ehi-hub"
+    # Devices download bundle files and the hub's key without a token.
+    open_downloads: bool = True
+    # Requests per second per caller (its token's subject, or its address), with bursts of
+    # `burst`; beyond it 429 with Retry-After. 0: no limit.
+    rate_per_s: float = Field(50.0, ge=0)
+    burst: int = Field(200, ge=1)
+    # A request body larger than this is refused (413); bundle uploads have their own limit.
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    subject: str
+    role: Role | None   # None: anonymous
+    via: str             # "jwt", "oidc", "token", "none"
+
+    def allows(self, need: Role | None) -> bool:
+        return need is None or (self.role is not None and RANK[self.role] >= RANK[need])
+
+
+ANONYMOUS = Principal("anonymous", None, "none")
+
+
+def required_role(method: str, path: str, open_downloads: bool) -> Role | None:
+    """The role a request needs (None: open)."""
+    if path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc") \
+            or path.startswith("/docs/"):
+        return None
+    read = method in ("GET", "HEAD", "OPTIONS")
+    if read and open_downloads and (path == "/v1/keys" or (
+            path.startswith("/v1/models/") and "/files/" in path)):
+        return None
+    if path.startswith("/v1/audit") or path.startswith("/v1/tokens"):
+        return "admin"
+    if read and path.startswith("/v1/hard-examples/") and path.endswith("/input"):
+        return "operator"
+    return "viewer" if read else "operator"
+
+
+def _jwt() -> Any:
+    try:
+        import jwt
+    except ImportError:  # pragma: no cover - part of [hub]
+        raise AuthError("tokens need PyJWT: pip install 'edge-hybrid-inference[hub]'",
+                        500) from None
+    return jwt
+
+
+class Authenticator:
+    def __init__(self, settings: AuthSettings, legacy_token: str | None = None) -> None:
+        self.settings = settings
+        self.legacy_token = legacy_token
+        self.secret = _read_or_make_secret(settings.secret_file) if settings.mode == "jwt" \
+            else None
+        self.jwks: Any = None
+        if settings.jwks_file is not None:
+            self.jwks = _jwt().PyJWKSet.from_json(settings.jwks_file.read_text())
+
+    def issue(self, subject: str, role: Role, ttl_s: float) -> str:
+        if self.secret is None:
+            raise AuthError("this hub issues tokens only with EHI_HUB_AUTH__MODE=jwt", 409)
+        now = int(time.time())
+        claims = {"sub": subject, "role": role, "iat": now, "exp": now + int(ttl_s),
+                  "aud": self.settings.audience, "iss": "cloud-hub",
+                  "jti": secrets.token_hex(8)}
+        return str(_jwt().encode(claims, self.secret, algorithm="HS256"))
+
+    def principal(self, authorization: str | None) -> Principal:
+        """Who the Authorization header says the caller is; raises AuthError (401) for a
+        token that does not hold."""
+        if not authorization:
+            return ANONYMOUS
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise AuthError("Authorization must be 'Bearer <token>'")
+        if self.legacy_token is not None and hmac.compare_digest(token.encode(),
+                                                                 self.legacy_token.encode()):
+            return Principal("api-token", "admin", "token")
+        if self.settings.mode != "jwt":
+            raise AuthError("this token is not the hub's API token")
+        return self._verify(token)
+
+    def _verify(self, token: str) -> Principal:
+        jwt = _jwt()
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"not a JWT: {exc}") from None
+        opts = {"require": ["exp", "sub"]}
+        try:
+            if header.get("alg") == "HS256":
+                claims = jwt.decode(token, self.secret, algorithms=["HS256"],
+                                    audience=self.settings.audience, issuer="cloud-hub",
+                                    options=opts)
+                via = "jwt"
+            elif self.jwks is not None:
+                key = self.jwks[header.get("kid", "")] if header.get("kid") else \
+                    self.jwks.keys[0]
+                claims = jwt.decode(token, key, algorithms=ALGORITHMS_EXTERNAL,
+                                    audience=self.settings.audience,
+                                    issuer=self.settings.issuer, options=opts)
+                via = "oidc"
+            else:
+                raise AuthError(f"a token signed with {header.get('alg')!r} and no issuer keys "
+                                "configured (EHI_HUB_AUTH__JWKS_FILE)")
+        except (jwt.PyJWTError, KeyError) as exc:
+            raise AuthError(f"token refused: {exc}") from None
+        roles = claims.get("roles", claims.get("role", []))
+        roles = [roles] if isinstance(roles, str) else roles
+        known = [r for r in roles if r in RANK] if isinstance(roles, list) else []
+        role = max(known, key=RANK.__getitem__) if known else None
+        return Principal(str(claims["sub"])[:128], role, via)
+
+
+def _read_or_make_secret(path: Path) -> bytes:
+    from fleet.transport.tls import SecretFileError, check_private
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(48) + "\n")
+    try:
+        check_private(path)
+    except SecretFileError as exc:
+        raise AuthError(str(exc), 500) from None
+    return path.read_text().strip().encode()
+
+
+class RateLimiter:
+    """A token bucket per caller."""
+
+    def __init__(self, rate_per_s: float, burst: int, max_callers: int = 100_000) -> None:
+        self.rate, self.burst, self.max_callers = rate_per_s, burst, max_callers
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, caller: str) -> float:
+        """0 if the request may go, else the seconds until it may."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(caller, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[caller] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[caller] = (tokens, now)
+            if len(self._buckets) > self.max_callers:  # forget the idle ones
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
+            return (1.0 - tokens) / self.rate
+
+
+def retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+def audit_record(principal: Principal, method: str, path: str, status: int,
+                 client: str | None) -> dict[str, Any]:
+    return {"ts": time.time(), "subject": principal.subject, "role": principal.role,
+            "via": principal.via, "method": method, "path": path[:512], "status": status,
+            "client": client}
+
+
