@@ -10,6 +10,7 @@ commit. A malformed message or an unknown protocol version is counted and logged
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from cloud_hub.ingest import (
 )
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.offloads import OffloadAnswerer
+from cloud_hub.rate_limit import RateLimiter
 from fleet.contract import protocol as p
 from fleet.contract.assignment import Reported
 from fleet.contract.errors import ProtocolError, UnsupportedVersion
@@ -47,6 +49,8 @@ STORE_RETRY_S = 1.0
 # it says so in /readyz and reconnects.
 HEARTBEAT_S = 5.0
 DEAF_AFTER_HEARTBEATS = 3
+# A device over its quota is logged at most this often (every drop is counted).
+QUOTA_WARN_EVERY_S = 60.0
 LOG_PAYLOAD_BYTES = 48
 
 
@@ -64,7 +68,8 @@ class Bridge:
                  transport_factory: Callable[..., Transport] | None = None,
                  mqtt: MqttConfig | None = None, shared: bool = True,
                  share_group: str = p.HUB_SHARE_GROUP, replica: str = "hub-0",
-                 heartbeat_s: float = HEARTBEAT_S) -> None:
+                 heartbeat_s: float = HEARTBEAT_S,
+                 quotas: dict[p.Channel, tuple[float, int]] | None = None) -> None:
         self.model = CloudModel(model)
         self.sessions = sessions
         self.metrics = metrics
@@ -82,6 +87,10 @@ class Bridge:
         self.heartbeat_s = heartbeat_s
         self._heard = self._connected_at = time.monotonic()
         self.deaf = False
+        # Per device and channel (config.DeviceQuota); None: no quotas (unit tests).
+        self._quotas = {c: RateLimiter(rate, burst) for c, (rate, burst) in
+                        (quotas or {}).items()}
+        self._quota_warned: dict[str, float] = {}
         if transport_factory is not None:
             self.transport = transport_factory(self._on_message, subs, self._on_connect)
         else:
@@ -163,6 +172,10 @@ class Bridge:
             self._bad("topic", topic, payload, exc)
             return
         self.metrics.messages.labels(channel.value).inc()
+        quota = self._quotas.get(channel)
+        if quota is not None and quota.take(device) > 0:
+            self._over_quota(device, channel)
+            return
         limit = p.CHANNEL_MAX_BYTES.get(channel, p.MAX_FRAME_BYTES)
         if len(payload) > limit:
             self._bad("too_large", topic, payload,
@@ -184,6 +197,15 @@ class Bridge:
                       "unacknowledged results)", channel.value, device)
         self.metrics.queue_depth.labels("offload").set(len(self.offloads.queue))
         self.metrics.queue_depth.labels("ingest").set(len(self.ingest))
+
+    def _over_quota(self, device: str, channel: p.Channel) -> None:
+        self.metrics.bad_messages.labels("quota").inc()
+        now = time.monotonic()
+        if now - self._quota_warned.get(device, -math.inf) > QUOTA_WARN_EVERY_S:
+            self._quota_warned[device] = now
+            log.warning("device %s sends more %s messages than its quota: dropping them "
+                        "(counted in ehi_hub_bad_messages_total{reason=\"quota\"})", device,
+                        channel.value)
 
     def _answer(self, device: str, answer: p.Answer) -> None:
         self.transport.publish(p.topic(device, p.Channel.ANSWER), answer.encode(), qos=1)

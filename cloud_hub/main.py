@@ -59,7 +59,8 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
                             offload_queue=settings.offload_queue,
                             ingest_queue=settings.ingest_queue,
                             inline_max_ms=settings.inline_max_ms, mqtt=cfg, shared=m.shared,
-                            share_group=m.share_group, replica=settings.replica_id)
+                            share_group=m.share_group, replica=settings.replica_id,
+                            quotas=settings.device_quota.buckets())
             bridge.start()
             app.state.bridge = bridge
             controller = RolloutController(app.state.sessions, app.state.hub_key,

@@ -16,13 +16,12 @@ from cloud_hub.auth import (
     Authenticator,
     AuthError,
     Principal,
-    RateLimiter,
     audit_record,
     required_role,
-    retry_after,
 )
 from cloud_hub.core.config import HubSettings
 from cloud_hub.db import AuditEntry
+from cloud_hub.rate_limit import RateLimiter, retry_after
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("cloud_hub.audit")

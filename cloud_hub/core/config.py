@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cloud_hub.auth import AuthSettings
 from fleet.contract.errors import BundleError
-from fleet.contract.protocol import HUB_SHARE_GROUP
+from fleet.contract.protocol import HUB_SHARE_GROUP, Channel
 from fleet.contract.signing import PublicKey
 from fleet.transport.mqtt import BrokerSettings
 
@@ -23,6 +23,31 @@ class HubMqtt(BrokerSettings):
     # deliveries and have them refused, so the hubs' offloads would be lost. On a confined
     # broker the group is a secret only hubs know (`fleet pki init` writes one).
     share_group: str = Field(HUB_SHARE_GROUP, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class DeviceQuota(BaseModel):
+    """Messages per second one device may send on each channel, with bursts of `burst_s`
+    seconds' worth; beyond, they are dropped and counted (`ehi_hub_bad_messages_total
+    {reason="quota"}`). Results and hard examples the device sends again until they are
+    acknowledged; a dropped offload is answered at the edge when its deadline passes. 0: no
+    limit on that channel."""
+
+    offload_per_s: float = Field(500.0, ge=0)
+    results_per_s: float = Field(100.0, ge=0)
+    hard_per_s: float = Field(50.0, ge=0)
+    telemetry_per_s: float = Field(2.0, ge=0)
+    status_per_s: float = Field(1.0, ge=0)
+    reported_per_s: float = Field(1.0, ge=0)
+    burst_s: float = Field(10.0, gt=0)
+
+    def buckets(self) -> dict[Channel, tuple[float, int]]:
+        out: dict[Channel, tuple[float, int]] = {}
+        for c in (Channel.OFFLOAD, Channel.RESULTS, Channel.HARD, Channel.TELEMETRY,
+                  Channel.STATUS, Channel.REPORTED):
+            rate = float(getattr(self, f"{c.value}_per_s"))
+            if rate > 0:
+                out[c] = (rate, max(5, round(rate * self.burst_s)))
+        return out
 
 
 class HubSettings(BaseSettings):
@@ -48,6 +73,7 @@ class HubSettings(BaseSettings):
     # Bounded queues between the MQTT thread and the workers; beyond them messages are refused.
     offload_queue: int = Field(10_000, ge=1)
     ingest_queue: int = Field(10_000, ge=1)
+    device_quota: DeviceQuota = DeviceQuota()
     # Paging limit of /v1/results.
     max_page: int = Field(1000, ge=1)
     # Model registry: bundle files live here (local filesystem store).

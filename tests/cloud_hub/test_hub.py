@@ -303,3 +303,38 @@ def test_api_lists_hard_examples_and_serves_their_inputs(client: TestClient) -> 
     np.testing.assert_array_equal(np.frombuffer(r.content, np.float32).reshape(8, 8), x)
     assert client.get("/v1/hard-examples/nope/input").status_code == 404
     assert client.get("/v1/stats").json()["late_answers"]["count"] == 3
+
+
+def test_a_device_over_its_quota_is_cut_off_and_the_others_are_not(database_url: str) -> None:
+    bus = MemoryBus()
+    eng = make_engine(database_url)
+    init_db(eng)
+    bridge = Bridge(Engine.open(CLOUD_BUNDLE, "onnxruntime"), session_factory(eng), HubMetrics(),
+                    batch_max=16, batch_wait_ms=0, offload_queue=100, ingest_queue=100,
+                    transport_factory=functools.partial(MemorySession, bus),
+                    quotas={p.Channel.TELEMETRY: (0.5, 3), p.Channel.OFFLOAD: (0.5, 2)})
+    answers: list[tuple[str, bytes]] = []
+    bus.subscribe("ehi/v1/+/answer", lambda t, b: answers.append((t, b)))
+    bridge.start()
+    try:
+        telemetry = p.encode_json(p.Kind.TELEMETRY, {"model": "digits-edge@1"})
+        for _ in range(10):
+            bus.publish("ehi/v1/noisy/telemetry", telemetry)
+        bus.publish("ehi/v1/quiet/telemetry", telemetry)
+        offload = p.Offload("o", "digits-edge@1", np.zeros((8, 8), np.float32), 100,
+                            time.time(), 0, 0.5).encode()
+        for _ in range(5):
+            bus.publish("ehi/v1/noisy/offload", offload)
+        bus.publish("ehi/v1/quiet/offload", offload)
+        assert wait_until(lambda: _bad(bridge, "quota") == 7 + 3)
+        assert wait_until(lambda: len(answers) == 2 + 1)
+        assert sum(1 for t, _ in answers if t == "ehi/v1/quiet/answer") == 1
+        from cloud_hub.db import Device
+
+        def both_stored() -> bool:
+            with bridge.sessions() as s:
+                return s.get(Device, "quiet") is not None and s.get(Device, "noisy") is not None
+        assert wait_until(both_stored)
+    finally:
+        bridge.stop()
+        eng.dispose()
