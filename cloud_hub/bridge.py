@@ -51,6 +51,10 @@ HEARTBEAT_S = 5.0
 DEAF_AFTER_HEARTBEATS = 3
 # A device over its quota is logged at most this often (every drop is counted).
 QUOTA_WARN_EVERY_S = 60.0
+# State messages over quota are kept (the newest) and stored at the next tick, not dropped:
+# they are not sent again, and a rollout waits on them.
+DEFERRED_CHANNELS = frozenset({p.Channel.STATUS, p.Channel.REPORTED})
+TICK_S = 1.0
 LOG_PAYLOAD_BYTES = 48
 
 
@@ -91,6 +95,11 @@ class Bridge:
         self._quotas = {c: RateLimiter(rate, burst) for c, (rate, burst) in
                         (quotas or {}).items()}
         self._quota_warned: dict[str, float] = {}
+        # A device's state (status, reported) over its quota is not dropped but kept, the
+        # newest per device and channel, and stored at the next tick: the final state of a
+        # burst always arrives, at most one write per tick per device.
+        self._deferred: dict[tuple[str, p.Channel], bytes] = {}
+        self._deferred_lock = threading.Lock()
         if transport_factory is not None:
             self.transport = transport_factory(self._on_message, subs, self._on_connect)
         else:
@@ -123,11 +132,22 @@ class Bridge:
         """Seconds since the last message from the broker."""
         return time.monotonic() - self._heard
 
+    def _flush_deferred(self) -> None:
+        with self._deferred_lock:
+            items, self._deferred = self._deferred, {}
+        for (device, channel), payload in items.items():
+            if not self.ingest.offer(_Incoming(device, channel, payload)):
+                with self._deferred_lock:  # try again at the next tick
+                    self._deferred.setdefault((device, channel), payload)
+
     def _heartbeat_loop(self) -> None:
         limit = DEAF_AFTER_HEARTBEATS * self.heartbeat_s
-        while not self._stop.wait(self.heartbeat_s):
-            if not self.transport.connected:
+        next_beat = time.monotonic() + self.heartbeat_s
+        while not self._stop.wait(min(TICK_S, self.heartbeat_s)):
+            self._flush_deferred()
+            if not self.transport.connected or time.monotonic() < next_beat:
                 continue
+            next_beat = time.monotonic() + self.heartbeat_s
             self.transport.publish(self._heartbeat_topic, b"", qos=0)
             silence = self.silence_s
             self.metrics.broker_silence.set(round(silence, 1))
@@ -174,6 +194,9 @@ class Bridge:
         self.metrics.messages.labels(channel.value).inc()
         quota = self._quotas.get(channel)
         if quota is not None and quota.take(device) > 0:
+            if channel in DEFERRED_CHANNELS and len(payload) <= p.CHANNEL_MAX_BYTES[channel]:
+                with self._deferred_lock:
+                    self._deferred[(device, channel)] = payload
             self._over_quota(device, channel)
             return
         limit = p.CHANNEL_MAX_BYTES.get(channel, p.MAX_FRAME_BYTES)

@@ -27,17 +27,18 @@ class HubMqtt(BrokerSettings):
 
 class DeviceQuota(BaseModel):
     """Messages per second one device may send on each channel, with bursts of `burst_s`
-    seconds' worth; beyond, they are dropped and counted (`ehi_hub_bad_messages_total
-    {reason="quota"}`). Results and hard examples the device sends again until they are
-    acknowledged; a dropped offload is answered at the edge when its deadline passes. 0: no
+    seconds' worth; beyond, they are counted (`ehi_hub_bad_messages_total{reason="quota"}`) and
+    dropped: results and hard examples the device sends again until they are acknowledged, a
+    dropped offload is answered at the edge when its deadline passes, telemetry comes again.
+    Status and reports are not dropped but the newest is kept and stored a second later. 0: no
     limit on that channel."""
 
     offload_per_s: float = Field(500.0, ge=0)
     results_per_s: float = Field(100.0, ge=0)
     hard_per_s: float = Field(50.0, ge=0)
     telemetry_per_s: float = Field(2.0, ge=0)
-    status_per_s: float = Field(1.0, ge=0)
-    reported_per_s: float = Field(1.0, ge=0)
+    status_per_s: float = Field(2.0, ge=0)
+    reported_per_s: float = Field(2.0, ge=0)
     burst_s: float = Field(10.0, gt=0)
 
     def buckets(self) -> dict[Channel, tuple[float, int]]:

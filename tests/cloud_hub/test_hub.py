@@ -312,7 +312,8 @@ def test_a_device_over_its_quota_is_cut_off_and_the_others_are_not(database_url:
     bridge = Bridge(Engine.open(CLOUD_BUNDLE, "onnxruntime"), session_factory(eng), HubMetrics(),
                     batch_max=16, batch_wait_ms=0, offload_queue=100, ingest_queue=100,
                     transport_factory=functools.partial(MemorySession, bus),
-                    quotas={p.Channel.TELEMETRY: (0.5, 3), p.Channel.OFFLOAD: (0.5, 2)})
+                    quotas={p.Channel.TELEMETRY: (0.5, 3), p.Channel.OFFLOAD: (0.5, 2),
+                            p.Channel.STATUS: (0.5, 2)})
     answers: list[tuple[str, bytes]] = []
     bus.subscribe("ehi/v1/+/answer", lambda t, b: answers.append((t, b)))
     bridge.start()
@@ -335,6 +336,16 @@ def test_a_device_over_its_quota_is_cut_off_and_the_others_are_not(database_url:
             with bridge.sessions() as s:
                 return s.get(Device, "quiet") is not None and s.get(Device, "noisy") is not None
         assert wait_until(both_stored)
+        # State over quota is not lost: the newest is stored a tick later.
+        # (the first two pass; "offline" arrives only through the deferral)
+        for state in ("online", "online", "online", "online", "offline"):
+            bus.publish("ehi/v1/noisy/status", p.status_payload(state, "noisy"))
+
+        def offline() -> bool:
+            with bridge.sessions() as s:
+                d = s.get(Device, "noisy")
+                return d is not None and d.online is False
+        assert wait_until(offline, 10)
     finally:
         bridge.stop()
         eng.dispose()
