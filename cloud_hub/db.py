@@ -293,6 +293,24 @@ def init_db(engine: Engine) -> None:
         raise StoreError(f"cannot migrate the hub's database: {exc}") from None
 
 
+def check_schema(engine: Engine) -> None:
+    """Refuse a database whose schema is not the newest this hub knows (for replicas that do
+    not migrate at start: a migration Job runs `cloud-hub migrate` once per release)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+            head = ScriptDirectory.from_config(alembic_config(conn)).get_current_head()
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot read the hub's database schema: {exc}") from None
+    if current != head:
+        raise HubConfigError(f"the database schema is at {current or 'nothing'}, this hub needs "
+                             f"{head}: run `cloud-hub migrate` (the migration Job), or set "
+                             "EHI_HUB_MIGRATE_ON_START=true")
+
+
 def ping(engine: Engine) -> bool:
     try:
         with engine.connect() as c:

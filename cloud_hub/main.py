@@ -24,7 +24,7 @@ from cloud_hub.api.routes import (
 from cloud_hub.artifacts import LocalArtifactStore
 from cloud_hub.bridge import Bridge
 from cloud_hub.core.config import HubSettings
-from cloud_hub.db import init_db, make_engine, session_factory
+from cloud_hub.db import check_schema, init_db, make_engine, session_factory
 from cloud_hub.errors import HubConfigError
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.rollouts import RolloutController
@@ -40,7 +40,10 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
-        init_db(engine)
+        if settings.migrate_on_start:
+            init_db(engine)
+        else:
+            check_schema(engine)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.artifacts = LocalArtifactStore(settings.artifacts_dir)

@@ -56,6 +56,9 @@ class HubSettings(BaseSettings):
                                       extra="forbid")
 
     database_url: str = "sqlite:///hub.db"
+    # Bring the schema to the newest migration at start (one process). Replicas set it false
+    # and a Job runs `cloud-hub migrate` once per release; they refuse an older schema.
+    migrate_on_start: bool = True
     # The cloud model's bundle (a directory with manifest.json). Required to answer offloads;
     # the repository's is models/bundles/digits-cloud (`fleet demo` and the lab pass it).
     cloud_bundle: Path | None = None

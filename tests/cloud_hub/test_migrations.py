@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
@@ -43,3 +46,24 @@ def test_upgrade_from_0001_keeps_devices(database_url: str) -> None:
         assert tuple(row) == ("old-1", 0, None)
     finally:
         eng.dispose()
+
+
+def test_a_replica_that_does_not_migrate_refuses_an_old_schema(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from cloud_hub.core.config import HubSettings
+    from cloud_hub.errors import HubConfigError
+    from cloud_hub.main import create_app
+    from models import CLOUD_BUNDLE
+
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    settings = HubSettings(cloud_bundle=CLOUD_BUNDLE, database_url=url, migrate_on_start=False,
+                           artifacts_dir=tmp_path / "a", assignment_key=tmp_path / "hub.key")
+    with (pytest.raises(HubConfigError, match="cloud-hub migrate"),
+          TestClient(create_app(settings, with_bridge=False))):
+        pass
+    eng = make_engine(url)
+    init_db(eng)  # what the migration Job does
+    eng.dispose()
+    with TestClient(create_app(settings, with_bridge=False)) as c:
+        assert c.get("/readyz").status_code == 200
