@@ -176,7 +176,8 @@ class Pki:
     # ------------------------------------------------------------------ the broker
 
     def write_broker(self, mode: BrokerMode | None = None, port: int | None = None,
-                     host: str | None = None, run_as: str | None = None) -> Path:
+                     host: str | None = None, run_as: str | None = None,
+                     mount_dir: str | None = None, data_dir: str | None = None) -> Path:
         """(Re)write broker/: the CRL, the password file and the access rules of every active
         identity, and mosquitto.conf (mode, port and host are remembered from the last call).
         Returns broker/mosquitto.conf."""
@@ -184,7 +185,8 @@ class Pki:
         b = self.root / "broker"
         settings = d.setdefault("broker", {"mode": "mtls", "port": 8883, "host": "0.0.0.0",
                                            "run_as": None})
-        for key, value in (("mode", mode), ("port", port), ("host", host), ("run_as", run_as)):
+        for key, value in (("mode", mode), ("port", port), ("host", host), ("run_as", run_as),
+                           ("mount_dir", mount_dir), ("data_dir", data_dir)):
             if value is not None:
                 settings[key] = value
         self._save(d)
@@ -199,7 +201,9 @@ class Pki:
         _write_secret(b / "acl", acl_text(devices, hubs))
         conf = b / "mosquitto.conf"
         conf.write_text(mosquitto_conf(b, settings["mode"], settings["port"], settings["host"],
-                                       run_as=settings.get("run_as")))
+                                       run_as=settings.get("run_as"),
+                                       mount_dir=settings.get("mount_dir"),
+                                       data_dir=settings.get("data_dir")))
         if mode is not None or port is not None:  # the identities' settings name both
             for n, r in active.items():
                 self.rewrite_settings(n, r["kind"])

@@ -17,12 +17,16 @@ class SecretFileError(FleetError):
 
 
 def check_private(path: Path) -> None:
-    """Refuse a secret that others may read (as ssh does): its mode must be 0600 or stricter."""
+    """Refuse a secret that others may read (as ssh does): no permission for other users, and
+    none for its group either unless that group is this process's own (a Kubernetes Secret
+    mounted with `fsGroup` is group-readable by the pod's group, mode 0440)."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError as exc:
         raise SecretFileError(f"cannot read {path}: {exc}") from None
-    if mode & 0o077:
+    mode = st.st_mode
+    ours = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+    if mode & 0o007 or (mode & 0o070 and not (ours and not mode & 0o030)):
         raise SecretFileError(f"{path} is readable by others (mode {mode & 0o777:o}): "
                               f"chmod 600 {path}")
 

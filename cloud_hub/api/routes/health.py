@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from cloud_hub.api.deps import StateDep
-from cloud_hub.db import ping
+from cloud_hub.db import Device, ping
 
 router = APIRouter(tags=["health"])
 
@@ -34,4 +36,12 @@ def readyz(state: StateDep, response: Response) -> dict[str, object]:
 @router.get("/metrics")
 def metrics(state: StateDep) -> Response:
     """Prometheus metrics."""
+    try:
+        with state.sessions() as s:
+            rows = dict(s.execute(select(Device.online, func.count()).group_by(Device.online))
+                        .all())
+        state.metrics.devices.labels("online").set(rows.get(True, 0))
+        state.metrics.devices.labels("offline").set(rows.get(False, 0))
+    except SQLAlchemyError:
+        pass  # the database's own health is /readyz's; the other metrics still answer
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -88,16 +88,24 @@ def pki_broker(
     mode: Annotated[str | None, typer.Option(help="mtls or password")] = None,
     port: Annotated[int | None, typer.Option(help="the TLS port")] = None,
     host: Annotated[str | None, typer.Option(help="the address to listen on")] = None,
+    mount_dir: Annotated[str | None, typer.Option(
+        help="where the broker will find these files (on Kubernetes: /mosquitto/config)")]
+    = None,
+    data_dir: Annotated[str | None, typer.Option(
+        help="keep retained messages and sessions here (on Kubernetes: /mosquitto/data)")]
+    = None,
     reload: ReloadOption = None,
 ) -> None:
-    """Rewrite the broker's configuration (after changing its mode, port or address)."""
+    """Rewrite the broker's configuration (after changing its mode, port, address, or where
+    it runs)."""
     from fleet.identity.ca import IdentityError
 
     p = open_pki(pki, "fleet pki broker")
     if mode is not None and mode not in ("mtls", "password"):
         fail("fleet pki broker", f"--mode is mtls or password, not {mode!r}")
     try:
-        conf = p.write_broker(mode=_mode(mode) if mode else None, port=port, host=host)
+        conf = p.write_broker(mode=_mode(mode) if mode else None, port=port, host=host,
+                              mount_dir=mount_dir, data_dir=data_dir)
     except IdentityError as exc:
         fail("fleet pki broker", str(exc))
         return
