@@ -117,7 +117,21 @@ class Bridge:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop. With `drain_s`, first take no new messages and give the workers that long to
+        answer and store what they hold (a replica on SIGTERM): what is still unacknowledged
+        after that, devices send again (results, hard examples) or answer at the edge
+        (offloads past their deadline)."""
+        if drain_s > 0:
+            unsubscribe = getattr(self.transport, "unsubscribe_all", None)
+            if unsubscribe is not None:
+                unsubscribe()
+            held = len(self.ingest) + len(self.offloads.queue)
+            log.info("stopping: no new messages; finishing the %d held", held)
+            end = time.monotonic() + drain_s
+            while len(self.ingest) + len(self.offloads.queue) and time.monotonic() < end:
+                time.sleep(0.02)
+            self.metrics.queue_depth.labels("ingest").set(len(self.ingest))
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)

@@ -212,6 +212,29 @@ class Lease(Base):
     expires_at: Mapped[float] = mapped_column(Float)
 
 
+class ArtifactFile(Base):
+    """A file of a stored bundle (the database artifact store)."""
+
+    __tablename__ = "artifact_files"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    path: Mapped[str] = mapped_column(String(256), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
+class ArtifactChunk(Base):
+    """One chunk (1 MiB) of a stored bundle file, in order."""
+
+    __tablename__ = "artifact_chunks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    path: Mapped[str] = mapped_column(String(256), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class AuditEntry(Base):
     """A change made through the API, or a refused attempt at one: who, what, the outcome."""
 

@@ -21,7 +21,7 @@ from cloud_hub.api.routes import (
     rollouts,
     stats,
 )
-from cloud_hub.artifacts import LocalArtifactStore
+from cloud_hub.artifacts import DatabaseArtifactStore, LocalArtifactStore
 from cloud_hub.bridge import Bridge
 from cloud_hub.core.config import HubSettings
 from cloud_hub.db import check_schema, init_db, make_engine, session_factory
@@ -46,7 +46,9 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
             check_schema(engine)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
-        app.state.artifacts = LocalArtifactStore(settings.artifacts_dir)
+        app.state.artifacts = (DatabaseArtifactStore(app.state.sessions)
+                               if settings.artifact_store == "database"
+                               else LocalArtifactStore(settings.artifacts_dir))
         app.state.hub_key = PrivateKey.read_or_generate(settings.assignment_key)
         app.state.bridge = None
         app.state.rollouts = None
@@ -80,13 +82,14 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
             if app.state.rollouts is not None:
                 app.state.rollouts.stop()
             if app.state.bridge is not None:
-                app.state.bridge.stop()
+                app.state.bridge.stop(settings.shutdown_drain_s)
             engine.dispose()
 
     app = FastAPI(title="cloud-hub", version="0.1.0", lifespan=lifespan,
                   description="Edge-cloud hybrid inference hub: devices, results, statistics.")
     app.state.settings = settings
     app.state.metrics = HubMetrics()
+    app.state.metrics.replica.labels(settings.replica_id).set(1)
     guard.install(app, settings)
     for r in (access.router, health.router, devices.router, results.router, hard_examples.router,
               stats.router, models.router, keys.router, rollouts.router):

@@ -63,6 +63,10 @@ class HubMetrics:
                                     "Seconds since the hub last received a message", registry=r)
         self.rate_limited = Counter("ehi_hub_api_rate_limited_total",
                                     "API requests refused with 429", registry=r)
+        # Which replica these figures are of (Prometheus adds `instance`; this names the
+        # replica as the hub does, for joins and dashboards).
+        self.replica = Gauge("ehi_hub_replica_info", "This hub replica", ["replica"],
+                             registry=r)
         self.devices = Gauge("ehi_hub_devices", "Devices the hub knows, online or not (counted "
                              "in the database when scraped)", ["state"], registry=r)
         self.store_errors = Counter("ehi_hub_store_errors_total", "Database operations failed",

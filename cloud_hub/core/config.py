@@ -78,9 +78,15 @@ class HubSettings(BaseSettings):
     offload_queue: int = Field(10_000, ge=1)
     ingest_queue: int = Field(10_000, ge=1)
     device_quota: DeviceQuota = DeviceQuota()
+    # On SIGTERM: take no new messages and finish the held ones for at most this long (keep it
+    # below the pod's termination grace period, 30 s in deploy/k3s).
+    shutdown_drain_s: float = Field(10.0, ge=0)
     # Paging limit of /v1/results.
     max_page: int = Field(1000, ge=1)
-    # Model registry: bundle files live here (local filesystem store).
+    # Model registry: where bundle files live. "local": in `artifacts_dir` (one replica);
+    # "database": in the hub's database, so every replica serves what any of them stored.
+    artifact_store: Literal["local", "database"] = "local"
+    # Uploads are staged here in both cases (and the local store keeps its files here).
     artifacts_dir: Path = Path("hub-artifacts")
     # An upload (the bundle's tar) larger than this is refused while it streams in.
     max_bundle_bytes: int = Field(512 << 20, ge=1 << 10)

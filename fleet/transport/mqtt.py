@@ -260,6 +260,14 @@ class MqttSession:
         self._connected.clear()
 
 
+    def unsubscribe_all(self) -> None:
+        """Take no more messages (a replica going away): unsubscribe, and do not subscribe
+        again on a reconnect. Publishing still works."""
+        topics = [t for t, _ in self._subs]
+        self._subs = []
+        if topics and self._connected.is_set():
+            self._client.unsubscribe(topics)
+
     def reconnect(self) -> None:
         """Drop the connection so that paho's loop reconnects (a session that hears nothing
         any more: its heartbeats do not come back)."""

@@ -8,11 +8,18 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from cloud_hub.artifacts import ArtifactNotFound, LocalArtifactStore, MemoryArtifactStore
+from cloud_hub.artifacts import (
+    ArtifactNotFound,
+    DatabaseArtifactStore,
+    LocalArtifactStore,
+    MemoryArtifactStore,
+)
+from cloud_hub.db import init_db, make_engine, session_factory
 from cloud_hub.errors import BundleRejected
 from cloud_hub.main import create_app
 from cloud_hub.registry import unpack_bundle
@@ -95,15 +102,27 @@ def test_a_folder_archive_unpacks_without_its_top_folder(kit: UpdateKit, tmp_pat
     assert (tmp_path / "s" / "manifest.json").is_file()
 
 
-@pytest.mark.parametrize("store_kind", ["local", "memory"])
+@pytest.mark.parametrize("store_kind", ["local", "memory", "database"])
 def test_artifact_stores_keep_files_and_refuse_escapes(store_kind: str, kit: UpdateKit,
-                                                       tmp_path: Path) -> None:
-    store = LocalArtifactStore(tmp_path / "a") if store_kind == "local" else MemoryArtifactStore()
+                                                       tmp_path: Path, database_url: str,
+                                                       request: pytest.FixtureRequest) -> None:
+    store: Any
+    eng = make_engine(database_url)
+    request.addfinalizer(eng.dispose)
+    if store_kind == "database":
+        init_db(eng)
+        store = DatabaseArtifactStore(session_factory(eng))
+    else:
+        store = (LocalArtifactStore(tmp_path / "a") if store_kind == "local"
+                 else MemoryArtifactStore())
     store.put("digits-edge", 2, kit.version(2))
     data = (kit.version(2) / "model.onnx").read_bytes()
     assert store.size("digits-edge", 2, "model.onnx") == len(data)
     with store.open("digits-edge", 2, "model.onnx") as fh:
         assert fh.read() == data
+    with store.open("digits-edge", 2, "model.onnx") as fh:  # ranged reads seek
+        fh.seek(1000)
+        assert fh.read(300) == data[1000:1300]
     for bad in ("../../etc/passwd", "/etc/passwd", "nope.onnx"):
         with pytest.raises(ArtifactNotFound):
             store.size("digits-edge", 2, bad)
@@ -112,10 +131,12 @@ def test_artifact_stores_keep_files_and_refuse_escapes(store_kind: str, kit: Upd
         store.size("digits-edge", 2, "model.onnx")
 
 
-@pytest.fixture
-def api(database_url: str, kit: UpdateKit, tmp_path: Path) -> Iterator[TestClient]:
+@pytest.fixture(params=["local", "database"])
+def api(database_url: str, kit: UpdateKit, tmp_path: Path,
+        request: pytest.FixtureRequest) -> Iterator[TestClient]:
     app = create_app(hub_settings(tmp_path, kit, database_url=database_url,
-                                  max_bundle_bytes=200_000), with_bridge=False)
+                                  max_bundle_bytes=200_000, artifact_store=request.param),
+                     with_bridge=False)
     with TestClient(app) as c:
         yield c
 
