@@ -66,7 +66,8 @@ def _containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def test_what_the_manifests_tell_the_daemons_is_what_they_accept(tmp_path: Path) -> None:
+def test_what_the_manifests_tell_the_daemons_is_what_they_accept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hub's and the agent's environment (ConfigMaps resolved, Secrets and downward-API
     values given stand-ins) loads as settings, and their arguments parse as commands."""
     from cloud_hub.cli import main as hub_main  # noqa: F401  (the entry point exists)
@@ -75,6 +76,12 @@ def test_what_the_manifests_tell_the_daemons_is_what_they_accept(tmp_path: Path)
 
     docs = _render("overlays/prod")
     configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    # The operator's step (deploy/README.md): the fleet's public keys in place of the empty lists.
+    from fleet.contract.signing import generate_keys
+
+    pub = json.dumps([generate_keys(tmp_path / "f.key", tmp_path / "f.pub").to_text()])
+    assert set(configmaps["fleet-keys"].values()) == {"[]"}
+    configmaps["fleet-keys"] = {k: pub for k in configmaps["fleet-keys"]}
     checked = set()
     for owner, c in _containers(docs):
         image = c["image"].split(":")[0]
@@ -89,26 +96,25 @@ def test_what_the_manifests_tell_the_daemons_is_what_they_accept(tmp_path: Path)
                 value = f"sqlite:///{tmp_path / 'x.db'}"
             env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m, known=env: known.get(m[1], "x"),
                                     value)
-        ours = {k: v for k, v in env.items() if k.startswith(("EHI_HUB_", "EHI_AGENT_"))}
+        mine = "EHI_HUB_" if image == "cloud-hub" else "EHI_AGENT_"
+        ours = {k: v for k, v in env.items() if k.startswith(mine)}
         args = c.get("args") or c.get("command", [])[1:]
-        if image == "cloud-hub":
-            settings = {k[len("EHI_HUB_"):].lower(): v for k, v in ours.items()
-                        if "__" not in k}
-            HubSettings.model_validate({k: v for k, v in settings.items()
-                                        if k != "api_token"} | {"api_token": "x"})
-            nested = {k for k in ours if "__" in k}
-            fields = HubSettings.model_fields
-            for k in nested:
-                top = k[len("EHI_HUB_"):].split("__")[0].lower()
-                assert top in fields, f"{owner}: {k} names no setting"
-            assert args[0] in ("serve", "migrate"), args
-        else:
-            if c["name"] == "state-owner":
-                continue
-            for k in ours:
-                top = k[len("EHI_AGENT_"):].split("__")[0].lower()
-                assert top in AgentSettings.model_fields, f"{owner}: {k} names no setting"
-            assert args == ["run"], args
+        if image == "edge-agent" and c["name"] == "state-owner":
+            continue
+        prefix, cls = (("EHI_HUB_", HubSettings) if image == "cloud-hub"
+                       else ("EHI_AGENT_", AgentSettings))
+        for k in ours:  # every variable names a setting (the daemons would ignore a typo)
+            top = k[len(prefix):].split("__")[0].lower()
+            assert top in cls.model_fields, f"{owner}: {k} names no setting"
+        with monkeypatch.context() as m:  # loaded from the environment, as the daemon does
+            for k in [k for k in __import__("os").environ if k.startswith(prefix)]:
+                m.delenv(k)
+            for k, v in ours.items():
+                m.setenv(k, v)
+            if image == "edge-agent":
+                m.setenv("EHI_AGENT_BUNDLE", "models/bundles/digits-edge")  # the image's ENV
+            cls()
+        assert args[0] in (("serve", "migrate") if image == "cloud-hub" else ("run",)), args
         checked.add(owner)
     assert checked == {"cloud-hub", "cloud-hub-migrate", "edge-agent"}
 
