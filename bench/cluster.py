@@ -25,6 +25,7 @@ import argparse
 import functools
 import http.client
 import json
+import logging
 import os
 import platform
 import re
@@ -48,8 +49,11 @@ from fleet.contract.assignment import rollback_directive
 from fleet.contract.bundle import pack_bundle
 from fleet.contract.signing import PrivateKey, generate_keys
 from fleet.identity.pki import Pki
+from fleet.inference.model import Model
 from fleet.lab.bundle_copy import copy_bundle
 from fleet.lab.processes import ManagedProcess, ProcessGroup, wait_for_port, wait_until, work_folder
+from fleet.lab.sim_fleet import SimFleet
+from fleet.transport.mqtt import BrokerSettings, MqttConfig
 from fleet.transport.ports import free_port
 from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
 
@@ -140,9 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--rate", type=float, default=20.0, help="inputs per second per agent")
+    ap.add_argument("--devices", type=int, default=200,
+                    help="simulated devices, each with its own identity and connection")
+    ap.add_argument("--sim-rate", type=float, default=1.0,
+                    help="results per second per simulated device")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
+    # paho 2.2 logs an error per simulated session as the fleet disconnects at the end
+    logging.getLogger("fleet.transport.mqtt.paho").setLevel(logging.CRITICAL)
     docs = render()
     hub_set = find(docs, "StatefulSet", "cloud-hub")
     replicas = int(hub_set["spec"]["replicas"])
@@ -159,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         pki = Pki.init(work / "pki", hubs=tuple(hubs))
         for n in nodes:
             pki.enroll(n)
+        sims = [f"sim-{i:04d}" for i in range(args.devices)]
+        for d in sims:
+            pki.enroll(d)
         broker_port = free_port()
         pki.write_broker(mode="mtls", port=broker_port, host="127.0.0.1",
                          run_as=__import__("getpass").getuser())
@@ -266,8 +279,27 @@ def main(argv: list[str] | None = None) -> int:
         for n in nodes:
             assert wait_for_port(agent_ports[n], 60), f"agent {n} did not start"
 
-        # -- traffic, and the faults
+        # -- the simulated fleet: each device its own identity and connection
         x = np.load(STREAMS_FILE)["mixed_x"].astype(np.float32)
+        sim = None
+        if sims:
+            cloud = Model.open(CLOUD_BUNDLE, "onnxruntime")
+            cloud_labels = cloud.predict_batch(x).argmax(axis=1)
+            cloud.close()
+
+            def mqtt_for(device: str) -> MqttConfig:
+                folder = pki.root / "devices" / device
+                return BrokerSettings(port=broker_port, tls={
+                    "ca_file": pki.root / "ca.crt", "cert_file": folder / "client.crt",
+                    "key_file": folder / "client.key"}).session_config(device)
+
+            sim = SimFleet(broker_port=broker_port, hub_url=url(hubs[-1]), hub_keys=[hub_pub],
+                           trusted=[fleet_pub], factory=EDGE_BUNDLE, stream_x=x,
+                           cloud_labels=cloud_labels, workdir=work / "sim",
+                           devices=len(sims), rate_hz=args.sim_rate, mqtt_for=mqtt_for)
+            sim.start(connect_timeout_s=60)
+
+        # -- traffic, and the faults
         answers: dict[str, int] = dict.fromkeys(nodes, 0)
         errors = {"count": 0}
         stop = threading.Event()
@@ -326,20 +358,24 @@ def main(argv: list[str] | None = None) -> int:
                            headers={"Authorization": f"Bearer {token}"})
         settle = time.monotonic() + 60
         at_hub = 0
-        while time.monotonic() < settle:
-            at_hub = api.get("/v1/results/count").json()["count"]
+        while time.monotonic() < settle:  # the agents' outboxes drain to the hub
+            at_hub = sum(api.get("/v1/results/count", params={"device": n}).json()["count"]
+                         for n in nodes)
             if at_hub >= produced:
                 break
             time.sleep(0.5)
         # Duplicates: the database keys results by (device, id); count distinct refs as well.
         refs: set[str] = set()
-        rows = 0
+        rows = sim_rows = 0
         cursor = 0
         while True:
             page = api.get("/v1/results", params={"cursor": cursor, "limit": 1000}).json()
             for rec in page["items"]:
-                refs.add(str(rec.get("input_ref")))
-                rows += 1
+                if rec["device"].startswith("node-"):  # the real agents' results
+                    refs.add(str(rec.get("input_ref")))
+                    rows += 1
+                else:
+                    sim_rows += 1
             if page["next_cursor"] is None:
                 break
             cursor = page["next_cursor"]
@@ -374,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
                     out["rollout_state"] = state
                     break
                 time.sleep(0.5)
+        if sim is not None:
+            out["simulated_devices_on_v2"] = sim.models().get("digits-edge@2", 0)
+            sim.stop()
         out |= {
+            "simulated_devices": len(sims), "sim_results_at_hub": sim_rows,
             "seconds": args.seconds, "results_produced": produced, "results_at_hub": at_hub,
             "lost": max(0, produced - len(refs)), "duplicates_in_db": rows - len(refs),
             "answers_not_200": errors["count"],
@@ -407,7 +447,10 @@ def _ready(u: str) -> bool:
 
 def table(r: dict[str, Any]) -> str:
     rows = [
-        ("hub replicas / agents", f"{r['replicas']} / {r['agents']}"),
+        ("hub replicas / agents / simulated devices", f"{r['replicas']} / {r['agents']} / "
+                                                      f"{r['simulated_devices']}"),
+        ("simulated results at the hub (sent once: no outbox)", f"{r['sim_results_at_hub']:,}"),
+        ("simulated devices on the new version", str(r.get("simulated_devices_on_v2", "-"))),
         ("results produced / at the hub", f"{r['results_produced']:,} / {r['results_at_hub']:,}"),
         ("lost / duplicates in the database", f"{r['lost']} / {r['duplicates_in_db']}"),
         ("answers other than 200", str(r["answers_not_200"])),

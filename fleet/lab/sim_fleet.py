@@ -1,8 +1,9 @@
 """Many simulated devices in one process, speaking the real protocol with the agent's own code.
 
 Each device has an id, labels, the bundle it runs, and the agent's update rules and trust state.
-All of them share one MQTT connection (a device's topics are only a naming convention; broker
-ACLs are not in play here). Through it they send what agents send: status, telemetry with their
+All of them share one MQTT connection (a device's topics are only a naming convention), or, with
+`mqtt_for`, each has its own connection with its own identity: a confined broker lets a device
+publish only on its own topics. Through it they send what agents send: status, telemetry with their
 labels, retained reports, and batches of result records encoded by
 `fleet.contract.protocol`; they take desired-model assignments decoded and checked by
 `fleet.contract.assignment` and `edge_agent.update_rules`, exactly as an agent does.
@@ -92,7 +93,8 @@ class SimFleet:
                  trusted: list[PublicKey], factory: Path, stream_x: np.ndarray,
                  cloud_labels: np.ndarray, workdir: Path, devices: int,
                  labels: Callable[[int], dict[str, str]] | None = None, prefix: str = "sim",
-                 rate_hz: float = 3.0, seed: int = 0, protocol: str = "5") -> None:
+                 rate_hz: float = 3.0, seed: int = 0, protocol: str = "5",
+                 mqtt_for: Callable[[str], MqttConfig] | None = None) -> None:
         self.hub_url = hub_url
         self.hub_keys = hub_keys
         self.trusted = trusted
@@ -114,17 +116,29 @@ class SimFleet:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.results_sent = 0
-        self.mqtt = MqttSession(
-            MqttConfig(port=broker_port, protocol=protocol,  # type: ignore[arg-type]
-                       client_id=f"{prefix}-fleet-{uuid.uuid4().hex[:6]}"),
-            self._on_message, [(f"{p.TOPIC_ROOT}/+/{p.Channel.DESIRED.value}", 1)])
+        # One shared session, or one per device (its own identity).
+        self._sessions: dict[str, MqttSession] = {}
+        if mqtt_for is None:
+            shared = MqttSession(
+                MqttConfig(port=broker_port, protocol=protocol,  # type: ignore[arg-type]
+                           client_id=f"{prefix}-fleet-{uuid.uuid4().hex[:6]}"),
+                self._on_message, [(f"{p.TOPIC_ROOT}/+/{p.Channel.DESIRED.value}", 1)])
+            self._sessions = dict.fromkeys(self.devices, shared)
+        else:
+            self._sessions = {d: MqttSession(mqtt_for(d), self._on_message,
+                                             [(p.topic(d, p.Channel.DESIRED), 1)])
+                              for d in self.devices}
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, connect_timeout_s: float = 10.0) -> None:
-        self.mqtt.start()
-        if not self.mqtt.wait_connected(connect_timeout_s):
-            raise AgentError("the simulated fleet could not reach the broker")
+        sessions = list({id(s): s for s in self._sessions.values()}.values())
+        for s in sessions:
+            s.start()
+        end = time.monotonic() + connect_timeout_s
+        for s in sessions:
+            if not s.wait_connected(max(0.1, end - time.monotonic())):
+                raise AgentError("the simulated fleet could not reach the broker")
         for d in self.devices.values():
             self._publish(d, p.Channel.STATUS, p.status_payload("online", d.id), retain=True)
             self._telemetry(d)
@@ -138,7 +152,8 @@ class SimFleet:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=10)
-        self.mqtt.stop()
+        for s in {id(s): s for s in self._sessions.values()}.values():
+            s.stop()
 
     def models(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -158,7 +173,8 @@ class SimFleet:
 
     def _publish(self, d: SimDevice, channel: p.Channel, payload: bytes,
                  retain: bool = False) -> None:
-        self.mqtt.publish(p.topic(d.id, channel), payload, qos=p.QOS[channel], retain=retain)
+        self._sessions[d.id].publish(p.topic(d.id, channel), payload, qos=p.QOS[channel],
+                                     retain=retain)
 
     def _report(self, d: SimDevice) -> None:
         self._publish(d, p.Channel.REPORTED, Reported(d.id, d.running.ref, d.state, d.target,
