@@ -126,8 +126,6 @@ def _members(tf: tarfile.TarFile, max_bytes: int) -> Iterator[tuple[tarfile.TarI
     while True:
         try:
             m = tf.next()
-        except BundleRejected:
-            raise
         except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
             raise BundleRejected(f"damaged tar archive: {exc}") from None
         if m is None:
@@ -167,9 +165,11 @@ def _strip(path: PurePosixPath, top: str | None) -> PurePosixPath:
     return PurePosixPath(*path.parts[1:]) if top is not None else path
 
 
-def scan(archive: Path, max_bytes: int, manifest_name: str) -> tuple[list[Member], bytes]:
-    """First pass: the archive's files (sizes from their headers) and the manifest's bytes.
-    Nothing is written. Raises BundleRejected."""
+def scan(archive: Path, max_bytes: int, manifest_name: str
+         ) -> tuple[list[Member], bytes, str | None]:
+    """First pass: the archive's files (sizes from their headers), the manifest's bytes, and
+    the one folder they sit under (None: at the top). Nothing is written. Raises
+    BundleRejected."""
     found: list[tuple[PurePosixPath, int]] = []
     manifests: dict[PurePosixPath, bytes] = {}
     with _open(archive, expansion_budget(max_bytes)) as tf:
@@ -190,7 +190,7 @@ def scan(archive: Path, max_bytes: int, manifest_name: str) -> tuple[list[Member
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
         raise BundleRejected(f"member {dup.as_posix()!r} appears twice")
-    return members, manifest
+    return members, manifest, top
 
 
 def _join(top: str | None, name: str) -> PurePosixPath:
@@ -198,7 +198,7 @@ def _join(top: str | None, name: str) -> PurePosixPath:
 
 
 def extract(archive: Path, staging: Path, files: dict[str, tuple[int, str]],
-            max_bytes: int, manifest_name: str, manifest: bytes) -> None:
+            max_bytes: int, manifest_name: str, manifest: bytes, top: str | None) -> None:
     """Second pass: write the files named in `files` (path -> (length, sha256), from a signed
     manifest) into the empty folder `staging`, checking each one's length and hash as it is
     written, and the manifest's bytes as read in the first pass. Raises BundleRejected."""
@@ -207,7 +207,11 @@ def extract(archive: Path, staging: Path, files: dict[str, tuple[int, str]],
     # The signed manifest says how many bytes there are: the budget of this pass.
     max_bytes = min(max_bytes, len(manifest) + sum(n for n, _ in files.values()))
     with _open(archive, expansion_budget(max_bytes)) as tf:
-        for m, rel in _members_with_top(tf, max_bytes, manifest_name):
+        for m, path in _members(tf, max_bytes):
+            if top is not None and (len(path.parts) < 2 or path.parts[0] != top):
+                raise BundleRejected(f"member {path.as_posix()!r} is outside the bundle's "
+                                     "folder")
+            rel = _strip(path, top)
             key = rel.as_posix()
             if key == manifest_name:
                 src = tf.extractfile(m)
@@ -226,20 +230,6 @@ def extract(archive: Path, staging: Path, files: dict[str, tuple[int, str]],
     if missing:
         raise BundleRejected(f"files listed in the manifest are missing: "
                              f"{', '.join(missing[:5])}")
-
-
-def _members_with_top(tf: tarfile.TarFile, max_bytes: int, manifest_name: str
-                      ) -> Iterator[tuple[tarfile.TarInfo, PurePosixPath]]:
-    """Members with the top folder stripped. In a stream a member's data can be read only while
-    it is the current one, so the top folder is guessed from the first member's path and
-    checked on every other."""
-    top: str | bool | None = False  # False: not known yet
-    for m, rel in _members(tf, max_bytes):
-        if top is False:
-            top = None if len(rel.parts) == 1 else rel.parts[0]
-        if top is not None and (len(rel.parts) < 2 or rel.parts[0] != top):
-            raise BundleRejected(f"member {rel.as_posix()!r} is outside the bundle's folder")
-        yield m, _strip(rel, top if isinstance(top, str) else None)
 
 
 def _write(tf: tarfile.TarFile, m: tarfile.TarInfo, root: Path, rel: PurePosixPath,

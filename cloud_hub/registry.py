@@ -7,7 +7,7 @@ is any member whose declared size, or the sum of them, passes the limit), counts
 decompressor gives out, and reads only the manifest. The manifest must carry a signature of a
 trusted fleet key and list exactly the files present with the sizes their headers declare;
 only then does a second pass write those files, checking each one's hash as it is written.
-Then the staged bundle is checked once more as a whole, and stored.
+Then the staged bundle is stored.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +33,28 @@ from cloud_hub.errors import BundleRejected, Conflict, NotFound
 from fleet.contract.assignment import ROLLBACK, check_rollback
 from fleet.contract.bundle import MANIFEST_NAME, Manifest
 from fleet.contract.errors import BundleError
-from fleet.contract.signing import PublicKey, SignatureError, verify_bundle, verify_manifest
+from fleet.contract.signing import PublicKey, SignatureError, verify_manifest
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Unpacked:
+    manifest: Manifest
+    document: dict[str, Any]  # the manifest as signed, stored in the registry's row
+    keyid: str                # the trusted key that signed it
+
+
 def unpack_bundle(archive: Path, staging: Path, max_bytes: int,
-                  trusted: list[PublicKey]) -> None:
+                  trusted: list[PublicKey]) -> Unpacked:
     """Unpack a signed bundle archive into the empty folder `staging`: nothing is written
-    before the manifest's signature holds. Raises BundleRejected."""
+    before the manifest's signature holds, and each file is checked against its signed length
+    and sha256 as it is written (so the staged bundle needs no second check). Raises
+    BundleRejected."""
     if not trusted:
         raise BundleRejected("the hub trusts no bundle-signing key: set EHI_HUB_TRUSTED_KEYS "
                              "(the public keys from `fleet keys generate`)")
-    members, raw = scan(archive, max_bytes, MANIFEST_NAME)
+    members, raw, top = scan(archive, max_bytes, MANIFEST_NAME)
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -51,10 +62,12 @@ def unpack_bundle(archive: Path, staging: Path, max_bytes: int,
     if not isinstance(doc, dict):
         raise BundleRejected(f"{MANIFEST_NAME} must be a JSON object")
     try:
-        verify_manifest(doc, trusted)
+        keyid = verify_manifest(doc, trusted)
         m = Manifest.from_dict(doc)
     except BundleError as exc:
         raise BundleRejected(str(exc)) from None
+    if m.expires is not None and m.expires <= datetime.now(UTC):
+        raise BundleRejected(f"bundle {m.ref} expired at {m.expires.isoformat()}")
     listed = {f.path: (f.length, f.sha256) for f in m.files}
     present = {x.path.as_posix(): x.size for x in members if x.path.as_posix() != MANIFEST_NAME}
     extra = sorted(set(present) - set(listed))
@@ -66,29 +79,8 @@ def unpack_bundle(archive: Path, staging: Path, max_bytes: int,
         if present[path] != length:
             raise BundleRejected(f"bundle {m.ref}: {path} is {present[path]} bytes, the "
                                  f"manifest says {length}")
-    extract(archive, staging, listed, max_bytes, MANIFEST_NAME, raw)
-
-
-def check_bundle(staging: Path, trusted: list[PublicKey]) -> tuple[Manifest, str]:
-    """The manifest and the signing key id of a staged bundle, or BundleRejected."""
-    try:
-        keyid = verify_bundle(staging, trusted)
-        m = Manifest.from_dict(_manifest_json(staging))
-    except BundleError as exc:
-        raise BundleRejected(str(exc)) from None
-    listed = {MANIFEST_NAME, *(f.path for f in m.files)}
-    extra = sorted(f.relative_to(staging).as_posix() for f in staging.rglob("*")
-                   if f.is_file() and f.relative_to(staging).as_posix() not in listed)
-    if extra:
-        raise BundleRejected(f"files not listed in the manifest: {', '.join(extra[:5])}")
-    return m, keyid
-
-
-def _manifest_json(staging: Path) -> dict[str, Any]:
-    d = json.loads((staging / MANIFEST_NAME).read_text())
-    if not isinstance(d, dict):
-        raise BundleError("manifest must be a JSON object")
-    return d
+    extract(archive, staging, listed, max_bytes, MANIFEST_NAME, raw, top)
+    return Unpacked(m, doc, keyid)
 
 
 def accept_upload(session: Session, store: ArtifactStore, archive: Path, work_dir: Path,
@@ -97,22 +89,22 @@ def accept_upload(session: Session, store: ArtifactStore, archive: Path, work_di
     work_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="staging-", dir=work_dir))
     try:
-        unpack_bundle(archive, staging, max_bytes, trusted)
-        m, keyid = check_bundle(staging, trusted)
+        u = unpack_bundle(archive, staging, max_bytes, trusted)
+        m = u.manifest
         if session.scalar(select(ModelVersion.n).where(ModelVersion.name == m.name,
                                                        ModelVersion.version == m.version)):
             raise Conflict(f"{m.ref} is already in the registry: versions are immutable, "
                            "build and sign a new version")
         store.put(m.name, m.version, staging)
-        row = ModelVersion(name=m.name, version=m.version, manifest=_manifest_json(staging),
-                           total_bytes=m.total_bytes, keyid=keyid, uploaded_at=time.time())
+        row = ModelVersion(name=m.name, version=m.version, manifest=u.document,
+                           total_bytes=m.total_bytes, keyid=u.keyid, uploaded_at=time.time())
         session.add(row)
         try:
             session.commit()
         except IntegrityError:
             session.rollback()
             raise Conflict(f"{m.ref} is already in the registry") from None
-        log.info("registry: accepted %s (%d bytes, key %s)", m.ref, m.total_bytes, keyid)
+        log.info("registry: accepted %s (%d bytes, key %s)", m.ref, m.total_bytes, u.keyid)
         return row
     finally:
         shutil.rmtree(staging, ignore_errors=True)
