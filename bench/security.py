@@ -40,7 +40,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -269,9 +268,8 @@ def main(argv: list[str] | None = None) -> int:
 
         key = work / "fleet.key"
         pub = generate_keys(key, work / "fleet.pub")
-        env_lines = (pki.root / "hubs" / "hub-0" / "hub.env").read_text().splitlines()
         token = "bench-token"
-        env = dict(line.split("=", 1) for line in env_lines if line) | {
+        env = pki.hub_env() | {
             "EHI_HUB_TRUSTED_KEYS": json.dumps([pub.to_text()]), "EHI_HUB_API_TOKEN": token,
             "EHI_HUB_MAX_BUNDLE_BYTES": str(16 << 20), "EHI_HUB_AUTH__MODE": "jwt",
             "EHI_HUB_AUTH__SECRET_FILE": str(work / "jwt.secret")}
@@ -347,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             result["api_not_covered"] = []
 
             # Fuzz while a real agent answers inputs and sends its results.
-            mqtt = tomllib.loads((pki.root / "devices" / "agent-1" / "agent-mqtt.toml")
-                                 .read_text())["mqtt"]
+            mqtt = pki.device_mqtt("agent-1")
             agent = Agent(AgentSettings(device_id="agent-1", bundle=EDGE_BUNDLE,
                                         telemetry_interval_s=1, mqtt=mqtt,
                                         results={"flush_interval_s": 0.05,

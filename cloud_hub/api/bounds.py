@@ -9,11 +9,12 @@ from typing import Annotated
 from fastapi import Path, Query
 
 from fleet.contract.bundle import MAX_VERSION
+from fleet.contract.protocol import NAME_PATTERN
 
 MAX_DB_INT = (1 << 63) - 1
 # 1970 to 2286: any timestamp a device or a query can mean.
 MAX_EPOCH_S = 1e10
-_WORD = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_WORD = NAME_PATTERN
 
 DeviceId = Annotated[str, Path(pattern=_WORD, max_length=64, description="a device id")]
 BundleName = Annotated[str, Path(pattern=_WORD, max_length=64, description="a bundle name")]

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cloud_hub.auth import AuthSettings
 from fleet.contract.errors import BundleError
-from fleet.contract.protocol import HUB_SHARE_GROUP, Channel
+from fleet.contract.protocol import HUB_SHARE_GROUP, NAME_PATTERN, Channel
 from fleet.contract.signing import PublicKey
 from fleet.transport.mqtt import BrokerSettings
 
@@ -65,7 +65,7 @@ class HubSettings(BaseSettings):
     backend: Literal["auto", "onnxruntime", "openvino"] = "onnxruntime"
     threads: int = Field(1, ge=1, le=64)
     # This replica's name: its MQTT client id, its heartbeat topic, its metrics label.
-    replica_id: str = Field("hub-0", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    replica_id: str = Field("hub-0", pattern=NAME_PATTERN)
     mqtt: HubMqtt = HubMqtt()
     # Dynamic batching of offloads: up to `batch_max` inputs, waiting at most `batch_wait_ms` for
     # a batch to fill. 0 ms takes only what is already queued (lowest latency).

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from fleet.contract.errors import BundleError
+from fleet.contract.protocol import NAME_PATTERN
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 # A bundle's name is a folder name in every store and a topic-safe word in every message: no
 # "/", no "." or ".." and nothing that normalises to another bundle's name.
-BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+BUNDLE_NAME = re.compile(NAME_PATTERN)
 FILE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 # Versions are stored as 64-bit integers; beyond this a number is not a version.
 MAX_VERSION = (1 << 53) - 1

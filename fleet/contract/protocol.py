@@ -50,8 +50,11 @@ WIRE_DTYPES = frozenset({"float32", "float16", "float64", "uint8", "int8", "int1
                          "int64"})
 # JSON string quoting in C, for the hand-written encoders of the hot paths.
 _json_str = json.encoder.encode_basestring_ascii
-# Starts with a letter or digit: never "." or "..", which a path or a store might resolve.
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A name in the fleet: a device id, a hub replica, a bundle. It is a topic level, a folder and a
+# URL segment, so: 1-64 of these characters, starting with a letter or digit (never "." or
+# "..", which a path or a store might resolve). The API and the settings use the same pattern.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_DEVICE_ID = re.compile(NAME_PATTERN)
 
 
 class Kind(IntEnum):

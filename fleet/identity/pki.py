@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,8 @@ from fleet.identity.passwords import mosquitto_hash, new_password
 Kind = Literal["device", "hub"]
 INDEX = "identities.json"
 PASSWORD_FILE = "password"
+AGENT_MQTT_FILE = "agent-mqtt.toml"
+HUB_ENV_FILE = "hub.env"
 DEFAULT_HUB = "hub-0"
 
 
@@ -145,7 +148,7 @@ class Pki:
             lines += ["", "[mqtt.tls]", f'ca_file = "{f / "ca.crt"}"']
             if mode == "mtls":
                 lines += [f'cert_file = "{f / "client.crt"}"', f'key_file = "{f / "client.key"}"']
-            (folder / "agent-mqtt.toml").write_text("\n".join(lines) + "\n")
+            (folder / AGENT_MQTT_FILE).write_text("\n".join(lines) + "\n")
         else:
             env = {"EHI_HUB_MQTT__PORT": str(b.get("port", 8883)),
                    "EHI_HUB_MQTT__USERNAME": name, "EHI_HUB_REPLICA_ID": name,
@@ -156,7 +159,7 @@ class Pki:
             else:
                 env["EHI_HUB_MQTT__TLS__CERT_FILE"] = str(f / "client.crt")
                 env["EHI_HUB_MQTT__TLS__KEY_FILE"] = str(f / "client.key")
-            _write_secret(folder / "hub.env", "".join(f"{k}={v}\n" for k, v in env.items()))
+            _write_secret(folder / HUB_ENV_FILE, "".join(f"{k}={v}\n" for k, v in env.items()))
 
     def revoke(self, name: str, kind: Kind = "device") -> int:
         """Revoke an identity: its certificate goes on the CRL, its password and its access
@@ -206,8 +209,19 @@ class Pki:
                                        data_dir=settings.get("data_dir")))
         if mode is not None or port is not None:  # the identities' settings name both
             for n, r in active.items():
-                self.rewrite_settings(n, r["kind"])
+                self._write_settings(n, r["kind"], self.root / (r["kind"] + "s") / n, d)
         return conf
+
+    def device_mqtt(self, device: str) -> dict[str, Any]:
+        """The `[mqtt]` table written for a device (its agent-mqtt.toml), as a dict."""
+        text = (self.root / "devices" / device / AGENT_MQTT_FILE).read_text()
+        mqtt: dict[str, Any] = tomllib.loads(text)["mqtt"]
+        return mqtt
+
+    def hub_env(self, hub: str = DEFAULT_HUB) -> dict[str, str]:
+        """The `EHI_HUB_*` variables written for a hub (its hub.env)."""
+        lines = (self.root / "hubs" / hub / HUB_ENV_FILE).read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if line)
 
     def rewrite_settings(self, name: str, kind: Kind) -> None:
         """Rewrite an identity's settings file (after the broker's mode or port changed)."""

@@ -184,7 +184,6 @@ def _secure_fleet(group: ProcessGroup, workdir: Path, o: DemoOptions
                   ) -> tuple[RunningBroker, dict[str, str], list[dict[str, TomlValue] | None]]:
     """A fleet CA and identities in workdir/pki, the confined broker, the hub's settings and
     each agent's [mqtt] table, as `fleet pki init` and `fleet devices enroll` write them."""
-    import tomllib
 
     from fleet.identity.pki import Pki
     from fleet.lab.brokers import mosquitto_path, start_confined_broker
@@ -198,11 +197,7 @@ def _secure_fleet(group: ProcessGroup, workdir: Path, o: DemoOptions
     for i in range(o.devices):
         pki.enroll(f"demo-{i}")
     broker = start_confined_broker(group, pki, o.secure)  # type: ignore[arg-type]
-    env = dict(line.split("=", 1) for line in
-               (pki.root / "hubs" / "hub-0" / "hub.env").read_text().splitlines() if line)
-    mqtt = [tomllib.loads((pki.root / "devices" / f"demo-{i}" / "agent-mqtt.toml")
-                          .read_text())["mqtt"] for i in range(o.devices)]
-    return broker, env, mqtt
+    return broker, pki.hub_env(), [pki.device_mqtt(f"demo-{i}") for i in range(o.devices)]
 
 
 class _Update:

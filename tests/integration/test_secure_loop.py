@@ -4,7 +4,6 @@ deliver every result; a device whose credentials are not the fleet's does not ge
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,6 @@ from tests.conftest import need, wait_until
 HARD = np.random.default_rng(0).uniform(0, 16, (8, 8)).astype(np.float32)
 
 
-def _hub_env(pki: Pki) -> dict[str, str]:
-    lines = (pki.root / "hubs" / "hub-0" / "hub.env").read_text().splitlines()
-    return dict(line.split("=", 1) for line in lines if line)
-
-
 @pytest.mark.parametrize("mode", ["mtls", "password"])
 def test_agent_and_hub_on_a_confined_broker(mode: str, tmp_path: Path) -> None:
     need(mosquitto_path() is not None, "mosquitto is not installed")
@@ -39,7 +33,7 @@ def test_agent_and_hub_on_a_confined_broker(mode: str, tmp_path: Path) -> None:
     pki.enroll("secure-1")
     with ProcessGroup() as group:
         broker = start_confined_broker(group, pki, mode)  # type: ignore[arg-type]
-        env = _hub_env(pki)
+        env = pki.hub_env()
         tls = {"ca_file": env["EHI_HUB_MQTT__TLS__CA_FILE"]}
         if mode == "mtls":
             tls |= {"cert_file": env["EHI_HUB_MQTT__TLS__CERT_FILE"],
@@ -55,8 +49,7 @@ def test_agent_and_hub_on_a_confined_broker(mode: str, tmp_path: Path) -> None:
                      share_group=hub_mqtt.share_group)
         hub.start()
         # The [mqtt] table `fleet devices enroll` wrote for the device, as it is.
-        mqtt = tomllib.loads((pki.root / "devices" / "secure-1" / "agent-mqtt.toml")
-                             .read_text())["mqtt"]
+        mqtt = pki.device_mqtt("secure-1")
         assert mqtt["port"] == broker.port
         agent = Agent(AgentSettings(device_id="secure-1", bundle=EDGE_BUNDLE,
                                     telemetry_interval_s=60, mqtt=mqtt,
@@ -78,7 +71,7 @@ def test_a_key_others_can_read_is_refused(tmp_path: Path) -> None:
     pki = Pki.init(tmp_path / "pki")
     folder = pki.enroll("loose").folder
     (folder / "client.key").chmod(0o644)
-    mqtt = tomllib.loads((folder / "agent-mqtt.toml").read_text())["mqtt"]
+    mqtt = pki.device_mqtt("loose")
     settings = AgentSettings(device_id="loose", bundle=EDGE_BUNDLE, mqtt=mqtt)
     with pytest.raises(TransportError, match="readable by others"):
         settings.mqtt.session_config("agent-loose")
