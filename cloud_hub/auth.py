@@ -20,8 +20,8 @@ are signed and checked on the device; their bytes are not the secret here).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -174,22 +174,14 @@ class Authenticator:
 
 
 def _read_or_make_secret(path: Path) -> bytes:
-    from fleet.transport.tls import SecretFileError, check_private
+    from fleet.transport.tls import SecretFileError, read_secret, write_secret
 
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(48) + "\n")
+    with contextlib.suppress(FileExistsError):  # made once; another replica may race us
+        write_secret(path, (secrets.token_urlsafe(48) + "\n").encode())
     try:
-        check_private(path)
+        return read_secret(path).encode()
     except SecretFileError as exc:
         raise AuthError(str(exc), 500) from None
-    return path.read_text().strip().encode()
 
 
 def audit_record(principal: Principal, method: str, path: str, status: int,

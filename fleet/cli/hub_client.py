@@ -38,13 +38,10 @@ def save_token(url: str, token: str | None) -> Path:
         tokens.pop(url.rstrip("/"), None)
     else:
         tokens[url.rstrip("/")] = token
+    from fleet.transport.tls import write_secret
+
     path = tokens_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(tokens, fh, indent=2)
-    tmp.replace(path)
+    write_secret(path, json.dumps(tokens, indent=2).encode(), replace=True)
     return path
 
 

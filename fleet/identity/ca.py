@@ -8,14 +8,13 @@ subject's common name, which the broker takes as the MQTT username (`use_identit
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from fleet.contract.errors import FleetError
-from fleet.transport.tls import SecretFileError, check_private
+from fleet.transport.tls import SecretFileError, check_private, write_secret
 
 CA_KEY, CA_CERT, CRL = "ca.key", "ca.crt", "crl.pem"
 Usage = Literal["client", "server"]
@@ -36,13 +35,10 @@ def _x509() -> Any:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret readable by its owner only; refuses to overwrite one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_secret(path, data)
     except FileExistsError:
         raise IdentityError(f"{path} exists; not overwriting a secret") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from fleet.contract.protocol import check_device_id
 from fleet.identity.broker_config import BrokerMode, acl_text, mosquitto_conf
 from fleet.identity.ca import CertificateAuthority, IdentityError, write_private
 from fleet.identity.passwords import mosquitto_hash, new_password
+from fleet.transport.tls import write_secret
 
 Kind = Literal["device", "hub"]
 INDEX = "identities.json"
@@ -234,11 +235,7 @@ class Pki:
 
 def _write_secret(path: Path, text: str) -> None:
     """Replace a file readable by its owner only, atomically (the broker may read it now)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    tmp.replace(path)
+    write_secret(path, text.encode(), replace=True)
 
 
 def reload_broker(pid_file: Path | None = None, pid: int | None = None) -> int:

@@ -31,6 +31,20 @@ def check_private(path: Path) -> None:
                               f"chmod 600 {path}")
 
 
+def write_secret(path: Path, data: bytes, replace: bool = False) -> None:
+    """Write a secret readable by its owner only (mode 0600). Without `replace` an existing file
+    is never overwritten (FileExistsError); with it, the file is replaced atomically (a reader,
+    the broker say, sees the old or the new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = path.with_name(path.name + ".tmp") if replace else path
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    fd = os.open(target, flags, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    if replace:
+        target.replace(path)
+
+
 def read_secret(path: Path) -> str:
     """The first line of a secret file (a password or a token), checked like a key."""
     check_private(path)
