@@ -1,10 +1,15 @@
 """The MQTT bridge: routes what devices send to the offload answerer and the ingest worker.
 
 Threads: paho's network thread decodes nothing heavy; it hands offloads to the answerer
-(cloud_hub/offloads.py: inline, or queued for its worker) and everything else to a bounded
-ingest queue. The ingest worker writes results, hard examples (answered late by the cloud
-model), telemetry, status and reports to the database and acknowledges results after the
-commit. A malformed message or an unknown protocol version is counted and logged, never fatal.
+(cloud_hub/offloads.py: inline, or queued for its worker), bulk data (results, hard examples)
+to the ingest queue and the devices' state (status, reports, telemetry) to the control queue.
+Two workers, so that state never waits behind a backlog of results (a rollout waits on
+install reports):
+- the ingest worker takes every results message waiting (up to BULK_MESSAGES) and stores them
+  in one transaction (cloud_hub/ingest.py), then acknowledges each message; hard examples are
+  answered late by the cloud model and stored per message;
+- the control worker writes status, reports and telemetry.
+A malformed message or an unknown protocol version is counted and logged, never fatal.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ QUOTA_WARN_EVERY_S = 60.0
 # they are not sent again, and a rollout waits on them.
 DEFERRED_CHANNELS = frozenset({p.Channel.STATUS, p.Channel.REPORTED})
 TICK_S = 1.0
+# Results messages the ingest worker stores in one transaction at most.
+BULK_MESSAGES = 256
+BULK_CHANNELS = frozenset({p.Channel.RESULTS, p.Channel.HARD})
 LOG_PAYLOAD_BYTES = 48
 
 
@@ -73,14 +81,17 @@ class Bridge:
                  mqtt: MqttConfig | None = None, shared: bool = True,
                  share_group: str = p.HUB_SHARE_GROUP, replica: str = "hub-0",
                  heartbeat_s: float = HEARTBEAT_S,
-                 quotas: dict[p.Channel, tuple[float, int]] | None = None) -> None:
+                 quotas: dict[p.Channel, tuple[float, int]] | None = None,
+                 control_queue: int = 10_000) -> None:
         self.model = CloudModel(model)
         self.sessions = sessions
         self.metrics = metrics
         self.offloads = OffloadAnswerer(self.model, metrics, self._answer, batch_max=batch_max,
                                         batch_wait_ms=batch_wait_ms, queue_size=offload_queue,
                                         inline_max_ms=inline_max_ms)
-        self.ingest: DynamicBatcher[_Incoming] = DynamicBatcher(1, 0.0, ingest_queue)
+        self.replica = replica
+        self.ingest: DynamicBatcher[_Incoming] = DynamicBatcher(BULK_MESSAGES, 0.0, ingest_queue)
+        self.control: DynamicBatcher[_Incoming] = DynamicBatcher(1, 0.0, control_queue)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         subs = [(p.hub_filter(c, shared, share_group), p.QOS[c]) for c in
@@ -112,6 +123,7 @@ class Bridge:
         self.transport.start()
         for name, fn in (("offload-worker", lambda: self.offloads.loop(self._stop)),
                          ("ingest-worker", self._ingest_loop),
+                         ("control-worker", self._control_loop),
                          ("broker-heartbeat", self._heartbeat_loop)):
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
@@ -126,16 +138,21 @@ class Bridge:
             unsubscribe = getattr(self.transport, "unsubscribe_all", None)
             if unsubscribe is not None:
                 unsubscribe()
-            held = len(self.ingest) + len(self.offloads.queue)
-            log.info("stopping: no new messages; finishing the %d held", held)
+            log.info("stopping: no new messages; finishing the %d held", self._held())
             end = time.monotonic() + drain_s
-            while len(self.ingest) + len(self.offloads.queue) and time.monotonic() < end:
+            while self._held() and time.monotonic() < end:
                 time.sleep(0.02)
             self.metrics.queue_depth.labels("ingest").set(len(self.ingest))
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
         self.transport.stop()
+
+    def _held(self) -> int:
+        return len(self.ingest) + len(self.control) + len(self.offloads.queue)
+
+    def _queue_for(self, channel: p.Channel) -> DynamicBatcher[_Incoming]:
+        return self.ingest if channel in BULK_CHANNELS else self.control
 
     @property
     def connected(self) -> bool:
@@ -150,7 +167,7 @@ class Bridge:
         with self._deferred_lock:
             items, self._deferred = self._deferred, {}
         for (device, channel), payload in items.items():
-            if not self.ingest.offer(_Incoming(device, channel, payload)):
+            if not self.control.offer(_Incoming(device, channel, payload)):
                 with self._deferred_lock:  # try again at the next tick
                     self._deferred.setdefault((device, channel), payload)
 
@@ -228,12 +245,14 @@ class Bridge:
                 self._bad("malformed", topic, payload, exc)
                 return
             self.offloads.submit(device, off)
-        elif not self.ingest.offer(_Incoming(device, channel, payload)):
+        elif not self._queue_for(channel).offer(_Incoming(device, channel, payload)):
             self.metrics.bad_messages.labels("queue_full").inc()
-            log.error("ingest queue full: dropped a %s message of %s (the device resends "
-                      "unacknowledged results)", channel.value, device)
+            log.error("%s queue full: dropped a %s message of %s (the device resends "
+                      "unacknowledged results)",
+                      "ingest" if channel in BULK_CHANNELS else "control", channel.value, device)
         self.metrics.queue_depth.labels("offload").set(len(self.offloads.queue))
         self.metrics.queue_depth.labels("ingest").set(len(self.ingest))
+        self.metrics.queue_depth.labels("control").set(len(self.control))
 
     def _over_quota(self, device: str, channel: p.Channel) -> None:
         self.metrics.bad_messages.labels("quota").inc()
@@ -251,7 +270,25 @@ class Bridge:
 
     def _ingest_loop(self) -> None:
         while not self._stop.is_set():
-            for item in self.ingest.next_batch():
+            batch = self.ingest.next_batch()
+            results = [i for i in batch if i.channel is p.Channel.RESULTS]
+            try:
+                if results:
+                    self._ingest_results(results)
+                for item in batch:
+                    if item.channel is not p.Channel.RESULTS:
+                        self.handle_ingest(item)
+            except StoreError as exc:
+                self.metrics.store_errors.inc()
+                log.error("database error, %d messages not stored (devices send them again): "
+                          "%s", len(batch), exc)
+                self._stop.wait(STORE_RETRY_S)
+            except Exception:
+                log.exception("ingest of %d messages failed", len(batch))
+
+    def _control_loop(self) -> None:
+        while not self._stop.is_set():
+            for item in self.control.next_batch():
                 try:
                     self.handle_ingest(item)
                 except StoreError as exc:
@@ -267,7 +304,7 @@ class Bridge:
         topic = p.topic(item.device, item.channel)
         try:
             if item.channel is p.Channel.RESULTS:
-                self._ingest_results(item)
+                self._ingest_results([item])
             elif item.channel is p.Channel.HARD:
                 self._ingest_hard(item)
             elif item.channel is p.Channel.TELEMETRY:
@@ -308,21 +345,55 @@ class Bridge:
         if isinstance(fid, dict) and isinstance(fid.get("agreement"), int | float):
             m.device_fidelity.labels(device, str(fid.get("backend"))[:32]).set(fid["agreement"])
 
-    def _ingest_results(self, item: _Incoming) -> None:
-        good, bad = p.ResultBatch.decode_lenient(item.payload)
-        for r in good:
-            if r.device != item.device:
-                bad[r.id] = f"record names device {r.device!r} but came from {item.device!r}"
-        good = [r for r in good if r.id not in bad]
-        outcome = ingest_results(self.sessions, good)
+    def _ingest_results(self, items: list[_Incoming]) -> None:
+        """Store the results of several messages in one transaction, then acknowledge each
+        message's ids to its device. If that transaction fails, each message is stored alone,
+        so that one message the database refuses does not hold back the others (it is not
+        acknowledged; its device sends it again)."""
+        decoded: list[tuple[_Incoming, list[p.ResultRecord], dict[str, str]]] = []
+        for item in items:
+            try:
+                good, bad = p.ResultBatch.decode_lenient(item.payload)
+            except UnsupportedVersion as exc:
+                self._bad("version", p.topic(item.device, item.channel), item.payload, exc)
+                continue
+            except ProtocolError as exc:
+                self._bad("malformed", p.topic(item.device, item.channel), item.payload, exc)
+                continue
+            for r in good:
+                if r.device != item.device:
+                    bad[r.id] = f"record names device {r.device!r} but came from {item.device!r}"
+            decoded.append((item, [r for r in good if r.id not in bad], bad))
+        try:
+            outcome = ingest_results(self.sessions, [r for _, good, _ in decoded for r in good],
+                                     self.replica)
+        except StoreError:
+            if len(decoded) == 1:
+                raise
+            log.warning("storing %d results messages at once failed: storing each alone",
+                        len(decoded))
+            failed: StoreError | None = None
+            stored = 0
+            for item, _, _ in decoded:
+                try:
+                    self._ingest_results([item])
+                    stored += 1
+                except StoreError as exc:
+                    failed = exc
+                    self.metrics.store_errors.inc()
+                    log.error("database error, results of %s not stored: %s", item.device, exc)
+            if failed is not None and not stored:
+                raise failed from None  # the database, not a message: wait, then go on
+            return
         self.metrics.results_inserted.inc(len(outcome.inserted))
         self.metrics.results_duplicate.inc(len(outcome.duplicates))
-        if bad:
-            self.metrics.results_rejected.inc(len(bad))
-            log.warning("refused %d invalid records from %s, e.g. %s", len(bad), item.device,
-                        next(iter(bad.items())))
-        ack = p.Ack(outcome.committed, bad)
-        self.transport.publish(p.topic(item.device, p.Channel.ACK), ack.encode(), qos=1)
+        for item, good, bad in decoded:
+            if bad:
+                self.metrics.results_rejected.inc(len(bad))
+                log.warning("refused %d invalid records from %s, e.g. %s", len(bad),
+                            item.device, next(iter(bad.items())))
+            ack = p.Ack(list(dict.fromkeys(r.id for r in good)), bad)
+            self.transport.publish(p.topic(item.device, p.Channel.ACK), ack.encode(), qos=1)
 
     def _ingest_hard(self, item: _Incoming) -> None:
         """Answer hard examples with the cloud model, store them with the answer, then ack."""

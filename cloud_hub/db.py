@@ -93,6 +93,29 @@ class Result(Base):
     offload_bytes: Mapped[int] = mapped_column(Integer)
 
 
+class ResultRollup(Base):
+    """Running sums of the results of one device on one model in one minute, as one hub
+    replica stored them: what /v1/stats and the rollout gates read instead of result rows.
+
+    Each replica adds to its own rows only (`replica` is in the key), so replicas never write
+    the same row; readers add the replicas up. `latency` is a sparse histogram
+    (cloud_hub/latency_sketch.py) of every result's latency by source."""
+
+    __tablename__ = "result_rollups"
+
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, index=True)
+    replica: Mapped[str] = mapped_column(String(64), primary_key=True)
+    results: Mapped[int] = mapped_column(BigInteger)
+    offloaded: Mapped[int] = mapped_column(BigInteger)
+    cloud_answered: Mapped[int] = mapped_column(BigInteger)
+    agree: Mapped[int] = mapped_column(BigInteger)
+    degraded: Mapped[int] = mapped_column(BigInteger)
+    bytes_offloaded: Mapped[int] = mapped_column(BigInteger)
+    latency: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class HardExample(Base):
     """A hard input the device answered without the cloud (offline, past its deadline, hub busy
     or failing), answered late by the cloud model: for statistics and retraining."""

@@ -9,11 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from cloud_hub import rollups
 from cloud_hub.db import Device, HardExample, Result
 from cloud_hub.errors import StoreError
 from fleet.contract.protocol import HardExample as WireHardExample
@@ -68,31 +69,117 @@ def _insert_new(s: Session, table: type[Result] | type[HardExample], ids: list[s
     return fresh, dup, committed
 
 
-def ingest_results(sessions: sessionmaker, records: list[ResultRecord]) -> IngestOutcome:
-    """Insert records whose id is new; count the others as duplicates. One transaction.
+# Columns of a stored result, in the order the bulk insert writes them.
+RESULT_COLUMNS = ("id", "device", "seq", "ts", "received_at", "input_ref", "model", "backend",
+                  "policy", "score", "edge_label", "edge_confidence", "offloaded", "cloud_label",
+                  "cloud_model", "final_label", "source", "degraded", "latency_ms", "edge_ms",
+                  "offload_bytes")
+_COLS = ", ".join(RESULT_COLUMNS)
+_SQLITE_IN = 500  # ids per "id IN (...)" query, under SQLite's variables cap
+
+
+def _row(r: ResultRecord, now: float) -> tuple[Any, ...]:
+    return (r.id, r.device, r.seq, r.ts, now, r.input_ref, r.model, r.backend, r.policy,
+            r.score, r.edge_label, r.edge_confidence, r.offloaded, r.cloud_label,
+            r.cloud_model, r.final_label, r.source, r.degraded, r.latency_ms, r.edge_ms,
+            r.offload_bytes)
+
+
+def _insert_pg(conn: Connection, rows: list[tuple[Any, ...]]) -> set[str]:
+    """COPY into a temporary table, then insert-or-ignore from it: two round trips for any
+    number of rows. Returns the ids inserted (RETURNING: exact under concurrent replicas)."""
+    info = conn.connection.info
+    dbapi = conn.connection.driver_connection
+    if dbapi is None:
+        raise StoreError("the database connection is closed")
+    with dbapi.cursor() as cur:
+        if not info.get("results_in"):
+            cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS results_in ON COMMIT DELETE ROWS AS "
+                        f"SELECT {_COLS} FROM results WITH NO DATA")
+            info["results_in"] = True
+        with cur.copy(f"COPY results_in ({_COLS}) FROM STDIN") as cp:
+            for row in rows:
+                cp.write_row(row)
+        cur.execute(f"INSERT INTO results ({_COLS}) SELECT {_COLS} FROM results_in "
+                    "ON CONFLICT (id) DO NOTHING RETURNING id")
+        inserted = {r[0] for r in cur.fetchall()}
+        cur.execute("TRUNCATE results_in")
+    return inserted
+
+
+def _insert_sqlite(conn: Connection, rows: list[tuple[Any, ...]]) -> set[str]:
+    """Insert-or-ignore in one executemany; the ids already there are read first (SQLite has
+    one writer at a time, so what this transaction read is what it inserted against)."""
+    ids = [r[0] for r in rows]
+    existing: set[str] = set()
+    for i in range(0, len(ids), _SQLITE_IN):
+        chunk = ids[i:i + _SQLITE_IN]
+        existing.update(conn.scalars(select(Result.id).where(Result.id.in_(chunk))))
+    fresh = [r for r in rows if r[0] not in existing]
+    if fresh:
+        marks = ", ".join("?" * len(RESULT_COLUMNS))
+        conn.exec_driver_sql(f"INSERT OR IGNORE INTO results ({_COLS}) VALUES ({marks})", fresh)
+    return {r[0] for r in fresh}
+
+
+_TOUCH = text("INSERT INTO devices (id, first_seen, last_seen, online, duplicates) "
+              "VALUES (:id, :now, :now, :online, :dup) ON CONFLICT (id) DO UPDATE SET "
+              "last_seen = excluded.last_seen, "
+              "duplicates = devices.duplicates + excluded.duplicates")
+
+
+def _touch_many(conn: Connection, devices: list[str], duplicates_of: list[str],
+                now: float) -> None:
+    """Every device of a batch seen now (created if new), its duplicates counted by the
+    database: one statement for all devices, in id order (two replicas never deadlock)."""
+    dup_counts = Counter(duplicates_of)
+    conn.execute(_TOUCH, [{"id": d, "now": now, "online": True, "dup": dup_counts[d]}
+                          for d in sorted(set(devices))])
+
+
+def ingest_results(sessions: sessionmaker, records: list[ResultRecord],
+                   replica: str = "hub-0") -> IngestOutcome:
+    """Insert records whose id is new; count the others as duplicates. One transaction, of
+    any number of records from any number of devices (the ingest worker stores every results
+    message it holds at once).
 
     Insert-or-ignore on the unique id makes this safe when the same batch arrives twice, also at
     two hub replicas at once. The caller acknowledges every id after this returns: inserted and
-    duplicate records are both committed. Each device's duplicate counter grows in the same
-    transaction.
+    duplicate records are both committed. In the same transaction each device's last-seen time
+    and duplicate counter move, and the inserted records are added to `replica`'s running sums
+    (cloud_hub/rollups.py).
     """
     if not records:
         return IngestOutcome([], [], [])
     now = time.time()
-    by_id = {r.id: r for r in records}  # a batch may repeat an id
+    by_id: dict[str, ResultRecord] = {}
+    for r in records:  # a batch may repeat an id: the first copy counts
+        by_id.setdefault(r.id, r)
+    rows = [_row(r, now) for r in by_id.values()]
     try:
         with sessions.begin() as s:
-            fresh, dup, committed = _insert_new(
-                s, Result, [r.id for r in records],
-                lambda i: {**by_id[i].model_dump(), "received_at": now})
-            _touch_devices(s, [r.device for r in records],
-                           [by_id[i].device for i in dup], now)
+            conn = s.connection()
+            name = conn.dialect.name
+            if name == "postgresql":
+                inserted = _insert_pg(conn, rows)
+            elif name == "sqlite":
+                inserted = _insert_sqlite(conn, rows)
+            else:
+                raise StoreError(f"ingest supports SQLite and PostgreSQL, not {name}")
+            seen: set[str] = set()
+            fresh: list[str] = []
+            dup: list[str] = []
+            for r in records:
+                if r.id in inserted and r.id not in seen:
+                    fresh.append(r.id)
+                else:
+                    dup.append(r.id)
+                seen.add(r.id)
+            _touch_many(conn, [r.device for r in records], [by_id[i].device for i in dup], now)
+            rollups.add(conn, replica, rollups.tally(by_id[i] for i in fresh))
     except SQLAlchemyError as exc:
         raise StoreError(f"could not store {len(records)} results: {exc}") from None
-    # Under a race with another replica, on_conflict_do_nothing may skip a row counted here as
-    # inserted; the acknowledgement is right either way (the row is committed), only the
-    # inserted/duplicate split of the metrics can be off by those rows.
-    return IngestOutcome(fresh, dup, committed)
+    return IngestOutcome(fresh, dup, list(by_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +204,7 @@ def ingest_hard_examples(sessions: sessionmaker, device: str,
             fresh, dup, committed = _insert_new(
                 s, HardExample, [a.example.id for a in answers],
                 lambda i: _hard_row(by_id[i], device, now))
-            _touch_devices(s, [device], [device] * len(dup), now)
+            _touch_many(s.connection(), [device], [device] * len(dup), now)
     except SQLAlchemyError as exc:
         raise StoreError(f"could not store {len(answers)} hard examples: {exc}") from None
     return IngestOutcome(fresh, dup, committed)
@@ -130,20 +217,6 @@ def _hard_row(a: LateAnswer, device: str, now: float) -> dict[str, Any]:
             "cloud_label": a.label, "cloud_confidence": a.confidence, "cloud_model": a.model,
             "dtype": ex.input.dtype.name, "shape": list(ex.input.shape),
             "data": tensor_bytes(ex.input)}
-
-
-def _touch_devices(s: Session, devices: list[str], duplicates_of: list[str], now: float) -> None:
-    dup_counts = Counter(duplicates_of)
-    for d in dict.fromkeys(devices):
-        n = dup_counts[d]
-        dev = s.get(Device, d)
-        if dev is None:
-            s.add(Device(id=d, first_seen=now, last_seen=now, online=True, duplicates=n))
-            continue
-        dev.last_seen = now
-        if n:
-            # Computed by the database: two hub replicas counting at once lose no update.
-            dev.duplicates = Device.duplicates + n
 
 
 def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, Any]

@@ -32,8 +32,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from cloud_hub import latency_sketch, rollups
 from cloud_hub.assignments import assign
-from cloud_hub.db import Device, Lease, Result, RollbackDirective, Rollout, RolloutDevice
+from cloud_hub.db import Device, Lease, RollbackDirective, Rollout, RolloutDevice
 from cloud_hub.errors import Conflict, Invalid, NotFound, RegistryError, Unavailable
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.registry import get_model
@@ -48,8 +49,6 @@ Publish = Callable[[str, bytes], bool]
 LEASE_NAME = "rollout-controller"
 # A controller that stops renewing its lease (crash, partition) is replaced after this long.
 LEASE_TTL_S = 10.0
-# Results read for one figure at most (the newest first would bias; these are all recent).
-MAX_FIGURE_ROWS = 200_000
 
 
 class State(StrEnum):
@@ -143,16 +142,17 @@ def _claimed_elsewhere(s: Session, rollout_id: int | None) -> set[str]:
 
 def figures(s: Session, devices: list[str], models: list[str], since: float | None = None
             ) -> Figures:
+    """How `devices` behaved on `models` since `since` (to the minute: cloud_hub/rollups.py),
+    from the running sums."""
     if not devices or not models:
         return Figures(0, None, None, None)
-    q = select(Result.offloaded, Result.edge_label, Result.cloud_label, Result.latency_ms).where(
-        Result.device.in_(devices), Result.model.in_(models))
-    if since is not None:
-        q = q.where(Result.ts >= since)
-    rows = s.execute(q.limit(MAX_FIGURE_ROWS)).all()
-    return Figures.of([bool(r[0]) for r in rows],
-                      [r[1] != r[2] for r in rows if r[0] and r[2] is not None],
-                      [float(r[3]) for r in rows])
+    sums = rollups.read(s, devices=devices, models=models, since=since, by_group=False)
+    if not sums.groups:
+        return Figures(0, None, None, None)
+    n, off, answered, agree, _, _ = (int(x) for x in sums.counts[0])
+    return Figures(n, off / n if n else None,
+                   (answered - agree) / answered if answered else None,
+                   latency_sketch.percentile(sums.hist[0].sum(axis=0), 95), answered)
 
 
 # ---------------------------------------------------------------------------- operations

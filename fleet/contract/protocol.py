@@ -273,6 +273,9 @@ class Answer:
 
 
 Source = Literal["edge", "cloud", "edge_fallback"]
+I32_MIN, I32_MAX, I64_MAX = -(2**31), 2**31 - 1, 2**63 - 1
+MAX_TS = 1e11          # seconds since 1970: beyond the year 5000
+MAX_MS = 86_400_000.0  # a day, in milliseconds
 
 
 class ResultRecord(BaseModel):
@@ -283,28 +286,31 @@ class ResultRecord(BaseModel):
     the record is `degraded`).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every number bounded to what the hub's columns hold (a record the database would refuse
+    # is refused here, by its id, and never blocks the records stored beside it); no NaN or
+    # infinity anywhere.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: str = Field(min_length=1, max_length=64)
     device: str = Field(min_length=1, max_length=64)
-    seq: int = Field(ge=0)
-    ts: float
+    seq: int = Field(ge=0, le=I64_MAX)
+    ts: float = Field(ge=0, le=MAX_TS)
     input_ref: str | None = Field(default=None, max_length=128)
     model: str = Field(max_length=128)
     backend: str = Field(max_length=32)
     policy: str = Field(max_length=32)
     score: float
-    edge_label: int
+    edge_label: int = Field(ge=I32_MIN, le=I32_MAX)
     edge_confidence: float
     offloaded: bool
-    cloud_label: int | None = None
+    cloud_label: int | None = Field(default=None, ge=I32_MIN, le=I32_MAX)
     cloud_model: str | None = Field(default=None, max_length=128)
-    final_label: int
+    final_label: int = Field(ge=I32_MIN, le=I32_MAX)
     source: Source
     degraded: bool = False
-    latency_ms: float = Field(ge=0)
-    edge_ms: float = Field(ge=0)
-    offload_bytes: int = Field(default=0, ge=0)
+    latency_ms: float = Field(ge=0, le=MAX_MS)
+    edge_ms: float = Field(ge=0, le=MAX_MS)
+    offload_bytes: int = Field(default=0, ge=0, le=I32_MAX)
 
 
 # A batch frame (results, hard examples) carries items as separate blobs: the header lists each

@@ -21,7 +21,7 @@ def test_migrations_match_the_models(database_url: str) -> None:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
             assert diff == [], f"models and migrations differ; add a migration: {diff}"
             version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
-        assert version == "0007"
+        assert version == "0008"
         assert {"devices", "results", "hard_examples", "models", "rollback_directives",
                 "desired_models"} <= set(inspect(eng).get_table_names())
     finally:
@@ -44,6 +44,37 @@ def test_upgrade_from_0001_keeps_devices(database_url: str) -> None:
         with eng.connect() as conn:
             row = conn.exec_driver_sql("SELECT id, duplicates, update_state FROM devices").one()
         assert tuple(row) == ("old-1", 0, None)
+    finally:
+        eng.dispose()
+
+
+def test_upgrade_to_0008_sums_the_results_already_stored(database_url: str) -> None:
+    """Results stored before the running sums existed are summed by the migration: /v1/stats
+    reads the same counts before and after an upgrade."""
+    from alembic import command
+
+    from cloud_hub.db import alembic_config, session_factory
+    from cloud_hub.rollups import read
+
+    eng = make_engine(database_url)
+    try:
+        with eng.begin() as conn:
+            command.upgrade(alembic_config(conn), "0007")
+            for i in range(30):
+                off = i % 3 == 0
+                conn.exec_driver_sql(
+                    "INSERT INTO results (id, device, seq, ts, received_at, model, backend, "
+                    "policy, score, edge_label, edge_confidence, offloaded, cloud_label, "
+                    "final_label, source, degraded, latency_ms, edge_ms, offload_bytes) VALUES "
+                    f"('r{i}', 'd{i % 2}', {i}, {1000 + i * 10}, 0, 'm@1', 'ort', 'p', 0.1, 1, "
+                    f"0.9, {'true' if off else 'false'}, {2 if off else 'NULL'}, 1, "
+                    f"'{'cloud' if off else 'edge'}', false, {i + 1}.0, 0.1, "
+                    f"{300 if off else 0})")
+        init_db(eng)
+        with session_factory(eng)() as s:
+            sums = read(s, by_group=False)
+        assert sums.counts.tolist() == [[30, 10, 10, 0, 0, 3000]]
+        assert int(sums.hist.sum()) == 30
     finally:
         eng.dispose()
 
