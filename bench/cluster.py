@@ -51,6 +51,7 @@ from fleet.contract.signing import PrivateKey, generate_keys
 from fleet.identity.pki import Pki
 from fleet.inference.model import Model
 from fleet.lab.bundle_copy import copy_bundle
+from fleet.lab.hub_metrics import scrape
 from fleet.lab.processes import ManagedProcess, ProcessGroup, wait_for_port, wait_until, work_folder
 from fleet.lab.sim_fleet import SimFleet
 from fleet.transport.mqtt import BrokerSettings, MqttConfig
@@ -124,19 +125,6 @@ def fresh_database() -> str:
     with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), autocommit=True) as c:
         c.execute(f'CREATE DATABASE "{name}"')
     return f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-
-
-def _metric(url: str, series: str) -> float:
-    """The sum of the samples whose line starts with `series` (a name, or a name and labels)."""
-    try:
-        text = httpx.get(f"{url}/metrics", timeout=5).text
-    except httpx.HTTPError:
-        return 0.0
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(series) and line[len(series)] in " {,":
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,13 +406,13 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": args.seconds, "results_produced": produced, "results_at_hub": at_hub,
             "lost": max(0, produced - len(refs)), "duplicates_in_db": rows - len(refs),
             "answers_not_200": errors["count"],
-            "offloads_answered_by": {h: _metric(url(h), "ehi_hub_offloads_answered_total")
+            "offloads_answered_by": {h: scrape(url(h), "ehi_hub_offloads_answered_total")
                                      for h in hubs},
             "rollout_completed": rollout_completed, "faults": faults,
             "manifest_commands_run": run,
         }
         out["offloads_unanswered_by_deadline"] = sum(
-            _metric(f"http://127.0.0.1:{agent_ports[n]}",
+            scrape(f"http://127.0.0.1:{agent_ports[n]}",
                     'ehi_agent_events_total{event="fallbacks"}')
             for n in nodes)
         api.close()

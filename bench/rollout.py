@@ -66,6 +66,7 @@ def table(r: dict) -> str:
         ("(c) reason", f"{r['ml']['reason']}"),
         ("(c) gates", _gates(r["ml"])),
         ("results sent by the fleet", f"{r['results_sent']:,}"),
+        ("messages the hub dropped (queue full)", f"{r['hub_messages_dropped']:,}"),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = (r["good_completed"] and r["good_seconds"] <= 60 + 3 * args.bake
           and r["bad_halted_at_stage"] == 1
           and r["bad_devices_outside_first_stage_updated"] == 0 and r["ml_gate_halted"]
-          and r["ml_gate_devices_reverted"] == r["ml_gate_devices_in_stage"] > 0)
+          and r["ml_gate_devices_reverted"] == r["ml_gate_devices_in_stage"] > 0
+          and r["hub_messages_dropped"] == 0)
     print("targets:", "met" if ok else "NOT met")
     return 0 if ok else 1
 

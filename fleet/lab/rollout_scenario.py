@@ -31,6 +31,7 @@ from fleet.contract.signing import PrivateKey, PublicKey, generate_keys
 from fleet.inference.engine import Engine
 from fleet.lab.brokers import start_broker
 from fleet.lab.bundle_copy import break_golden, copy_bundle
+from fleet.lab.hub_metrics import scrape
 from fleet.lab.processes import ProcessGroup, start_hub, wait_until, work_folder
 from fleet.lab.sim_fleet import SimFleet
 from fleet.transport.ports import free_port
@@ -202,6 +203,8 @@ def _scenario(o: RolloutOptions, group: ProcessGroup, workdir: Path,
             and devices[d["device"]]["model"] == "digits-edge@2")
         out["ml"] = _summary(r)
         out["results_sent"] = sim.results_sent
+        out["hub_messages_dropped"] = int(scrape(
+            f"http://127.0.0.1:{port}", 'ehi_hub_bad_messages_total{reason="queue_full"'))
     finally:
         sim.stop()
         hub.close()
