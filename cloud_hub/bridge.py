@@ -111,6 +111,9 @@ class Bridge:
         # burst always arrives, at most one write per tick per device.
         self._deferred: dict[tuple[str, p.Channel], bytes] = {}
         self._deferred_lock = threading.Lock()
+        # The protocol version each device last wrote: answers and acks go back in it, so
+        # agents of the release before (version 1) and of this one share a hub.
+        self._wire: dict[str, int] = {}
         if transport_factory is not None:
             self.transport = transport_factory(self._on_message, subs, self._on_connect)
         else:
@@ -223,6 +226,10 @@ class Bridge:
             self._bad("topic", topic, payload, exc)
             return
         self.metrics.messages.labels(channel.value).inc()
+        if channel is not p.Channel.STATUS and channel is not p.Channel.REPORTED:
+            v = p.frame_version(payload)
+            if v in p.SUPPORTED_VERSIONS:
+                self._wire[device] = v
         quota = self._quotas.get(channel)
         if quota is not None and quota.take(device) > 0:
             if channel in DEFERRED_CHANNELS and len(payload) <= p.CHANNEL_MAX_BYTES[channel]:
@@ -264,7 +271,12 @@ class Bridge:
                         channel.value)
 
     def _answer(self, device: str, answer: p.Answer) -> None:
-        self.transport.publish(p.topic(device, p.Channel.ANSWER), answer.encode(), qos=1)
+        self.transport.publish(p.topic(device, p.Channel.ANSWER),
+                               answer.encode(self.wire_version(device)), qos=1)
+
+    def wire_version(self, device: str) -> int:
+        """The version to write to `device` in: the one it last wrote (1 if not known)."""
+        return self._wire.get(device, 1)
 
     # ------------------------------------------------------------------ ingest worker
 
@@ -393,7 +405,8 @@ class Bridge:
                 log.warning("refused %d invalid records from %s, e.g. %s", len(bad),
                             item.device, next(iter(bad.items())))
             ack = p.Ack(list(dict.fromkeys(r.id for r in good)), bad)
-            self.transport.publish(p.topic(item.device, p.Channel.ACK), ack.encode(), qos=1)
+            self.transport.publish(p.topic(item.device, p.Channel.ACK),
+                                   ack.encode(self.wire_version(item.device)), qos=1)
 
     def _ingest_hard(self, item: _Incoming) -> None:
         """Answer hard examples with the cloud model, store them with the answer, then ack."""
@@ -412,4 +425,5 @@ class Bridge:
             log.warning("refused %d hard examples from %s, e.g. %s", len(bad), item.device,
                         next(iter(bad.items())))
         ack = p.Ack(outcome.committed, bad, of="hard")
-        self.transport.publish(p.topic(item.device, p.Channel.ACK), ack.encode(), qos=1)
+        self.transport.publish(p.topic(item.device, p.Channel.ACK),
+                               ack.encode(self.wire_version(item.device)), qos=1)

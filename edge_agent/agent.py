@@ -10,9 +10,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +133,11 @@ class Agent:
             DynamicBatcher(tp.max_batch, tp.max_wait_ms / 1000.0, tp.max_queue)
             if tp.mode == "batch" else None)
         self._seq = itertools.count()
+        # Record (and offload) ids: a random 64-bit prefix drawn at start, then a counter.
+        # Unique across the fleet and restarts like a UUID, but a batch's ids share their
+        # prefix and compress to a few bytes each on the wire (results and acks).
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._topics = {c: p.topic(self.device, c) for c in p.Channel}
@@ -144,8 +149,9 @@ class Agent:
             self.updater = self._make_updater(self.slots)
         factory = transport_factory or self._mqtt_factory
         self.transport = factory(self._on_message, subs, self._on_connect, will)
+        self.wire_version = settings.wire_version
         self.sender = ResultSender(settings.results, self.outbox, self.transport,
-                                   self._topics.__getitem__)
+                                   self._topics.__getitem__, self.wire_version)
         self._telemetry = TelemetrySampler()
         self.started_at = time.time()
 
@@ -299,7 +305,7 @@ class Agent:
             self.counters.inc("input_errors")
             raise
         self.counters.inc("inputs")
-        rid = uuid.uuid4().hex
+        rid = self._new_id()
         if not local.hard:
             return self._finish(engine, rid, raw, local, None, 0, t0, input_ref)
         sent = self._offload_send(engine, rid, raw, local, deadline_s)
@@ -322,7 +328,7 @@ class Agent:
             raise
         self.counters.inc("inputs", len(locals_))
         refs = input_refs or [None] * len(locals_)
-        rids = [uuid.uuid4().hex for _ in locals_]
+        rids = [self._new_id() for _ in locals_]
         sent = [self._offload_send(engine, rid, raws[i], loc, deadline_s) if loc.hard else 0
                 for i, (rid, loc) in enumerate(zip(rids, locals_, strict=True))]
         end = t0 + deadline_s
@@ -373,6 +379,9 @@ class Agent:
             for r in reqs:
                 r.done.set()
 
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):x}"
+
     def _deadline_s(self, deadline_ms: float | None) -> float:
         """The deadline in seconds; a caller's must be finite, positive and at most the
         settings' `max_deadline_ms` (an infinite one would hold an offload slot for ever).
@@ -396,7 +405,8 @@ class Agent:
             return 0
         payload = p.Offload(id=rid, model=engine.manifest.ref, input=np.asarray(raw),
                             deadline_ms=deadline_s * 1000.0, sent_at=time.time(),
-                            edge_label=local.label, edge_score=local.score).encode()
+                            edge_label=local.label, edge_score=local.score
+                            ).encode(self.wire_version)
         self.counters.inc("offloaded")
         if not self.transport.publish(self._topics[p.Channel.OFFLOAD], payload, qos=1,
                                       expiry_s=deadline_s):
@@ -500,4 +510,5 @@ class Agent:
 
     def publish_telemetry(self) -> None:
         self.transport.publish(self._topics[p.Channel.TELEMETRY],
-                               p.encode_json(p.Kind.TELEMETRY, self.telemetry()), qos=0)
+                               p.encode_json(p.Kind.TELEMETRY, self.telemetry(),
+                                             self.wire_version), qos=0)

@@ -179,6 +179,10 @@ class AgentSettings(BaseSettings):
     # the next one); "report" serves anyway and reports the figures; "off" skips the check.
     fidelity: Literal["enforce", "report", "off"] = "enforce"
     telemetry_interval_s: float = Field(10.0, gt=0)
+    # The protocol version this agent writes (fleet/contract/protocol.py): 2, compact and
+    # compressed, needs a hub of this release or newer; 1 for an older hub (upgrade the hubs
+    # first, then the agents).
+    wire_version: Literal[1, 2] = 2
     labels: dict[str, str] = Field(default_factory=dict)
     summary_path: Path | None = None
     mqtt: BrokerSettings = BrokerSettings()

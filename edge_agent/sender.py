@@ -49,8 +49,10 @@ class ResultSender:
     """Sends what the outbox holds for the hub and applies the hub's acknowledgements."""
 
     def __init__(self, settings: ResultsSettings, outbox: Outbox, transport: Transport,
-                 topic: Callable[[p.Channel], str]) -> None:
+                 topic: Callable[[p.Channel], str], wire_version: int = p.PROTOCOL_VERSION
+                 ) -> None:
         self.settings = settings
+        self.wire_version = wire_version
         self.outbox = outbox
         self.transport = transport
         self._topic = topic
@@ -117,8 +119,9 @@ class ResultSender:
                 if not batch.entries:
                     break
                 blobs = [e.body for e in batch.entries]
-                payload = (p.ResultBatch(batch.ids, blobs).encode() if kind is EntryKind.RESULT
-                           else p.encode_hard_batch(batch.ids, blobs))
+                payload = (p.ResultBatch(batch.ids, blobs).encode(self.wire_version)
+                           if kind is EntryKind.RESULT
+                           else p.encode_hard_batch(batch.ids, blobs, self.wire_version))
                 if not self.transport.publish(self._topic(channel), payload, qos=1):
                     return sent
                 self.outbox.mark_sent(batch)

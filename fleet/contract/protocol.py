@@ -1,14 +1,30 @@
 """The wire contract between agents and hub: topics, the frame codec and the messages.
 
-Nothing else spells a topic string or a frame layout. Every payload is one frame:
+Nothing else spells a topic string or a frame layout. Every payload is one frame. Version 1:
 
     offset  size  field
     0       2     magic b"EH"
-    2       1     protocol version (PROTOCOL_VERSION)
+    2       1     protocol version: 1
     3       1     message kind (Kind)
     4       4     header length H, unsigned big-endian
     8       H     header: UTF-8 JSON object
     8+H     rest  body: raw bytes (a tensor's data, little-endian, C order), may be empty
+
+Version 2 (what this build writes on the data path: offloads, answers, results, acks,
+telemetry, hard examples) compresses what follows a 5-byte prefix:
+
+    0       2     magic b"EH"
+    2       1     protocol version: 2
+    3       1     message kind (Kind)
+    4       1     codec: 0 none, 1 zlib (RFC 1950); the writer picks zlib when it is smaller
+    5       rest  the codec's encoding of: header length H (4 bytes), header, body, as in v1
+
+and carries a results batch as columns (`ResultBatch`): the fields a batch shares written once,
+numbers as little-endian arrays whose bytes are grouped by significance (they compress), so
+that a record costs tens of bytes instead of a JSON object of 400. A hub reads both versions
+and answers each device in the version it last spoke (an upgrade goes hub first, then agents,
+`wire_version` in the agent's settings); retained state (desired, reported, status) stays in
+version 1, which every agent reads.
 
 Tensors travel as raw bytes with dtype and shape in the header, never as JSON lists of floats.
 A frame with another magic, an unknown version or kind, a bad length, or a tensor whose bytes do
@@ -24,6 +40,7 @@ import re
 import struct
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -34,9 +51,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet.contract.errors import ProtocolError, UnsupportedVersion
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # the newest this build writes
+SUPPORTED_VERSIONS = (1, 2)
 MAGIC = b"EH"
 _PREFIX = struct.Struct(">2sBBI")
+_PREFIX_V2 = struct.Struct(">2sBBB")
+_HLEN = struct.Struct(">I")
+CODEC_NONE, CODEC_ZLIB = 0, 1
 TOPIC_ROOT = "ehi/v1"
 HUB_SHARE_GROUP = "hub"
 # A hub replica's own topics (`ehi/hub/{replica}/heartbeat`): outside the devices' tree, so no
@@ -146,40 +167,88 @@ class Frame:
     kind: Kind
     header: dict[str, Any]
     body: bytes = b""
+    version: int = 1
 
 
-def encode_frame(kind: Kind, header: dict[str, Any], body: bytes = b"") -> bytes:
+def encode_frame(kind: Kind, header: dict[str, Any], body: bytes = b"",
+                 version: int = 1) -> bytes:
     h = json.dumps(header, separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(kind), len(h)) + h + body
+    if version == 1:
+        return _PREFIX.pack(MAGIC, 1, int(kind), len(h)) + h + body
+    if version != 2:
+        raise UnsupportedVersion(f"cannot write protocol version {version}")
+    inner = b"".join((_HLEN.pack(len(h)), h, body))
+    packed = zlib.compress(inner, 6)
+    if len(packed) < len(inner):
+        return _PREFIX_V2.pack(MAGIC, 2, int(kind), CODEC_ZLIB) + packed
+    return _PREFIX_V2.pack(MAGIC, 2, int(kind), CODEC_NONE) + inner
+
+
+def frame_version(payload: bytes) -> int:
+    """The protocol version a frame says it is in (1 for anything too short to say)."""
+    return payload[2] if len(payload) >= 3 and payload[:2] == MAGIC else 1
+
+
+def _inflate(data: bytes) -> bytes:
+    """zlib data, at most MAX_FRAME_BYTES of it decompressed: a bomb is refused, not unpacked."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, MAX_FRAME_BYTES + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"compressed frame does not decompress: {exc}") from None
+    if len(out) > MAX_FRAME_BYTES or d.unconsumed_tail:
+        raise ProtocolError(f"frame decompresses to more than {MAX_FRAME_BYTES} bytes")
+    if not d.eof:
+        raise ProtocolError("compressed frame is truncated")
+    return out
 
 
 def decode_frame(payload: bytes, expect: Kind | None = None) -> Frame:
     if len(payload) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(payload)} bytes exceeds the {MAX_FRAME_BYTES} limit")
-    if len(payload) < _PREFIX.size:
-        raise ProtocolError(f"frame of {len(payload)} bytes is shorter than its "
-                            f"{_PREFIX.size}-byte prefix")
-    magic, version, kind, hlen = _PREFIX.unpack_from(payload)
+    if len(payload) < _PREFIX_V2.size:
+        raise ProtocolError(f"frame of {len(payload)} bytes is shorter than its prefix")
+    magic, version, kind, codec = _PREFIX_V2.unpack_from(payload)
     if magic != MAGIC:
         raise ProtocolError(f"frame does not start with {MAGIC!r} (got {magic!r})")
-    if version != PROTOCOL_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion(f"protocol version {version} is not supported "
-                                 f"(this build speaks {PROTOCOL_VERSION})")
+                                 f"(this build speaks {', '.join(map(str, SUPPORTED_VERSIONS))})")
     try:
         k = Kind(kind)
     except ValueError:
         raise ProtocolError(f"unknown message kind {kind}") from None
     if expect is not None and k is not expect:
         raise ProtocolError(f"expected a {expect.name} message, got {k.name}")
-    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(payload):
+    if version == 1:
+        rest = payload[4:]
+    elif codec == CODEC_ZLIB:
+        rest = _inflate(payload[_PREFIX_V2.size:])
+    elif codec == CODEC_NONE:
+        rest = payload[_PREFIX_V2.size:]
+    else:
+        raise ProtocolError(f"unknown codec {codec}")
+    if len(rest) < _HLEN.size:
+        raise ProtocolError(f"frame of {len(payload)} bytes is shorter than its prefix")
+    (hlen,) = _HLEN.unpack_from(rest)
+    if hlen > MAX_HEADER_BYTES or _HLEN.size + hlen > len(rest):
         raise ProtocolError(f"header length {hlen} does not fit a {len(payload)}-byte frame")
     try:
-        header = json.loads(payload[_PREFIX.size:_PREFIX.size + hlen])
+        header = json.loads(rest[_HLEN.size:_HLEN.size + hlen])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header must be a JSON object")
-    return Frame(k, header, bytes(payload[_PREFIX.size + hlen:]))
+    return Frame(k, header, bytes(rest[_HLEN.size + hlen:]), version)
+
+
+def narrow(x: np.ndarray) -> np.ndarray:
+    """A float tensor whose values are all integers in 0..255 (pixels, counts) as uint8: the
+    same values in a quarter of the bytes. Anything else as it is."""
+    if x.dtype.kind != "f" or x.size == 0 or x.size > 1 << 20:
+        return x
+    u = x.astype(np.uint8)
+    return u if np.array_equal(u, x) else x
 
 
 def tensor_header(x: np.ndarray) -> dict[str, Any]:
@@ -224,11 +293,12 @@ class Offload:
     edge_label: int
     edge_score: float
 
-    def encode(self) -> bytes:
+    def encode(self, version: int = PROTOCOL_VERSION) -> bytes:
+        x = narrow(self.input) if version >= 2 else self.input
         header = {"id": self.id, "model": self.model, "deadline_ms": self.deadline_ms,
                   "sent_at": self.sent_at, "edge_label": self.edge_label,
-                  "edge_score": self.edge_score, "tensor": tensor_header(self.input)}
-        return encode_frame(Kind.OFFLOAD, header, tensor_bytes(self.input))
+                  "edge_score": self.edge_score, "tensor": tensor_header(x)}
+        return encode_frame(Kind.OFFLOAD, header, tensor_bytes(x), version)
 
     @classmethod
     def decode(cls, payload: bytes) -> Offload:
@@ -254,12 +324,12 @@ class Answer:
     hub_ms: float = 0.0
     error: str | None = None
 
-    def encode(self) -> bytes:
+    def encode(self, version: int = PROTOCOL_VERSION) -> bytes:
         header = {"id": self.id, "label": self.label, "confidence": self.confidence,
                   "model": self.model, "hub_ms": self.hub_ms}
         if self.error:
             header["error"] = self.error
-        return encode_frame(Kind.ANSWER, header)
+        return encode_frame(Kind.ANSWER, header, b"", version)
 
     @classmethod
     def decode(cls, payload: bytes) -> Answer:
@@ -319,8 +389,9 @@ class ResultRecord(BaseModel):
 _MAX_ID = 64
 
 
-def encode_items(kind: Kind, ids: list[str], blobs: list[bytes]) -> bytes:
-    return encode_frame(kind, {"ids": ids, "sizes": [len(b) for b in blobs]}, b"".join(blobs))
+def encode_items(kind: Kind, ids: list[str], blobs: list[bytes], version: int = 1) -> bytes:
+    return encode_frame(kind, {"ids": ids, "sizes": [len(b) for b in blobs]}, b"".join(blobs),
+                        version)
 
 
 def decode_items(payload: bytes, kind: Kind) -> list[tuple[str, bytes]]:
@@ -380,6 +451,9 @@ def encode_record(*, id: str, device: str, seq: int, ts: float, input_ref: str |
 
 @dataclass(frozen=True, slots=True)
 class ResultBatch:
+    """Result records as they travel: JSON objects side by side (version 1), or columns
+    (version 2: `_encode_columns`)."""
+
     ids: list[str]
     blobs: list[bytes]
 
@@ -387,13 +461,168 @@ class ResultBatch:
     def of(cls, records: list[ResultRecord]) -> ResultBatch:
         return cls([r.id for r in records], [record_blob(r) for r in records])
 
-    def encode(self) -> bytes:
+    def encode(self, version: int = PROTOCOL_VERSION) -> bytes:
+        if version >= 2:
+            try:
+                return _encode_columns(self.ids, [json.loads(b) for b in self.blobs])
+            except (ValueError, TypeError, KeyError, OverflowError, AttributeError):
+                pass  # a record that does not fit its columns: the hub refuses it by its id
         return encode_items(Kind.RESULTS, self.ids, self.blobs)
 
     @staticmethod
     def decode_lenient(payload: bytes) -> tuple[list[ResultRecord], dict[str, str]]:
         """Decode a batch, keeping the valid records and naming each invalid one with a reason."""
+        if frame_version(payload) >= 2:
+            f = decode_frame(payload, Kind.RESULTS)
+            if "columns" in f.header:
+                return _decode_columns(f)
         return _decode_each(payload, Kind.RESULTS, ResultRecord.model_validate_json, "record")
+
+
+# Version 2 results: strings a batch shares as a table of distinct values and a uint16 index
+# per record (NO_STRING for none), numbers as arrays of these types, in this order.
+_STRING_FIELDS: dict[str, int] = {"device": 64, "model": 128, "backend": 32, "policy": 32,
+                                  "cloud_model": 128, "source": 16}
+_OPTIONAL_STRINGS = frozenset({"cloud_model"})
+NO_STRING = 0xFFFF
+_NUM_FIELDS: tuple[tuple[str, str], ...] = (
+    ("seq", "<i8"), ("ts", "<f8"), ("score", "<f4"), ("edge_label", "<i4"),
+    ("edge_confidence", "<f4"), ("offloaded", "u1"), ("has_cloud_label", "u1"),
+    ("cloud_label", "<i4"), ("final_label", "<i4"), ("degraded", "u1"), ("latency_ms", "<f4"),
+    ("edge_ms", "<f4"), ("offload_bytes", "<u4"))
+_SOURCES = ("edge", "cloud", "edge_fallback")
+
+
+def _shuffle(a: np.ndarray) -> bytes:
+    """An array's bytes grouped by significance (every first byte, then every second, ...):
+    the high bytes of similar numbers repeat, and compress."""
+    return np.ascontiguousarray(a).view(np.uint8).reshape(len(a), a.dtype.itemsize).T.tobytes()
+
+
+def _unshuffle(b: bytes, dtype: np.dtype[Any], n: int) -> np.ndarray:
+    return np.frombuffer(b, np.uint8).reshape(dtype.itemsize, n).T.copy().view(dtype).ravel()
+
+
+def _encode_columns(ids: list[str], recs: list[dict[str, Any]]) -> bytes:
+    n = len(recs)
+    strings: dict[str, list[str]] = {}
+    idx_cols: list[np.ndarray] = []
+    for name in _STRING_FIELDS:
+        table: dict[str, int] = {}
+        col = np.empty(n, "<u2")
+        for i, r in enumerate(recs):
+            v = r[name]
+            col[i] = NO_STRING if v is None else table.setdefault(v, len(table))
+        if len(table) >= NO_STRING:
+            raise ValueError("too many distinct strings")
+        strings[name] = list(table)
+        idx_cols.append(col)
+    nums = []
+    for name, dt in _NUM_FIELDS:
+        if name == "has_cloud_label":
+            vals: list[Any] = [r["cloud_label"] is not None for r in recs]
+        elif name == "cloud_label":
+            vals = [r["cloud_label"] or 0 for r in recs]
+        else:
+            vals = [r[name] for r in recs]
+        if dt[-2] == "f":
+            vals = [math.nan if v is None else v for v in vals]
+        nums.append(np.array(vals, dtype=dt))
+    header = {"ids": ids, "strings": strings, "input_ref": [r.get("input_ref") for r in recs],
+              "columns": [[name, "<u2"] for name in _STRING_FIELDS] + [list(f) for f in
+                                                                     _NUM_FIELDS]}
+    body = b"".join(_shuffle(c) for c in (*idx_cols, *nums))
+    return encode_frame(Kind.RESULTS, header, body, 2)
+
+
+def _decode_columns(f: Frame) -> tuple[list[ResultRecord], dict[str, str]]:
+    """A version 2 results batch: records checked column by column (the same bounds as
+    `ResultRecord`'s), each failing record named by its id with the first reason."""
+    h = f.header
+    ids, strings, refs, columns = h.get("ids"), h.get("strings"), h.get("input_ref"), \
+        h.get("columns")
+    expect = [[name, "<u2"] for name in _STRING_FIELDS] + [list(c) for c in _NUM_FIELDS]
+    if (not isinstance(ids, list) or not all(isinstance(i, str) and 0 < len(i) <= _MAX_ID
+                                             for i in ids)):
+        raise ProtocolError("a results batch needs 'ids': strings of 1-64 characters")
+    n = len(ids)
+    if columns != expect:
+        raise ProtocolError("a version 2 results batch needs the columns "
+                            f"{[c[0] for c in expect]} with their types")
+    if (not isinstance(strings, dict) or set(strings) != set(_STRING_FIELDS)
+            or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                       for v in strings.values())):
+        raise ProtocolError(f"'strings' needs a list of strings for each of "
+                            f"{list(_STRING_FIELDS)}")
+    if not isinstance(refs, list) or len(refs) != n:
+        raise ProtocolError("'input_ref' needs one entry per record")
+    need = sum(np.dtype(dt).itemsize for _, dt in expect) * n
+    if need != len(f.body):
+        raise ProtocolError(f"{n} records need {need} bytes of columns, body has {len(f.body)}")
+    cols: dict[str, np.ndarray] = {}
+    pos = 0
+    for name, dt in expect:
+        d = np.dtype(dt)
+        cols[name] = _unshuffle(f.body[pos:pos + d.itemsize * n], d, n)
+        pos += d.itemsize * n
+    why: list[str | None] = [None] * n
+
+    def refuse(mask: np.ndarray, reason: str) -> None:
+        for i in np.flatnonzero(mask).tolist():
+            if why[i] is None:
+                why[i] = reason
+
+    values: dict[str, list[str | None]] = {}
+    for name, top in _STRING_FIELDS.items():
+        table = strings[name]
+        col = cols[name]
+        ok_table = [len(v) <= top and (len(v) > 0 or name != "device") for v in table]
+        if name == "source":
+            ok_table = [v in _SOURCES for v in table]
+        missing = col == NO_STRING
+        refuse((col >= len(table)) & ~missing, f"{name}: index out of its table")
+        if name not in _OPTIONAL_STRINGS:
+            refuse(missing, f"{name}: missing")
+        bad_vals = np.array([not ok for ok in ok_table] + [False], bool)
+        safe = np.where(col < len(table), col, len(table))
+        refuse(bad_vals[safe], f"{name}: not an accepted value")
+        values[name] = [table[c] if c < len(table) else None for c in col.tolist()]
+    for name, limit in (("ts", MAX_TS), ("latency_ms", MAX_MS), ("edge_ms", MAX_MS)):
+        c = cols[name]
+        refuse(~np.isfinite(c) | (c < 0) | (c > limit),
+               f"{name}: not a number in [0, {limit:g}]")
+    for name in ("score", "edge_confidence"):
+        refuse(~np.isfinite(cols[name]), f"{name}: not a finite number")
+    refuse(cols["seq"] < 0, "seq: negative")
+    refuse(cols["offload_bytes"] > I32_MAX, "offload_bytes: too large")
+    for name in ("offloaded", "has_cloud_label", "degraded"):
+        refuse(cols[name] > 1, f"{name}: not a boolean")
+    for i, r in enumerate(refs):
+        if r is not None and not (isinstance(r, str) and len(r) <= 128):
+            why[i] = why[i] or "input_ref: not a string of at most 128 characters"
+    good: list[ResultRecord] = []
+    bad: dict[str, str] = {}
+    # A float32 read back as the shortest decimal that is the same float32 (0.3, not
+    # 0.30000001192092896): what the agent wrote, to the precision that travelled.
+    lists = {name: (c.astype(str).astype(np.float64) if c.dtype == np.float32 else c).tolist()
+             for name, c in cols.items()}
+    for i in range(n):
+        if why[i] is not None:
+            bad[ids[i]] = why[i]  # type: ignore[assignment]
+            continue
+        fields: dict[str, Any] = {
+            "id": ids[i], "seq": lists["seq"][i], "ts": lists["ts"][i], "input_ref": refs[i],
+            "score": lists["score"][i], "edge_label": lists["edge_label"][i],
+            "edge_confidence": lists["edge_confidence"][i],
+            "offloaded": bool(lists["offloaded"][i]),
+            "cloud_label": lists["cloud_label"][i] if lists["has_cloud_label"][i] else None,
+            "final_label": lists["final_label"][i], "degraded": bool(lists["degraded"][i]),
+            "latency_ms": lists["latency_ms"][i], "edge_ms": lists["edge_ms"][i],
+            "offload_bytes": lists["offload_bytes"][i]}
+        for name in _STRING_FIELDS:
+            fields[name] = values[name][i]
+        good.append(ResultRecord.model_construct(**fields))
+    return good, bad
 
 
 class _HasId(Protocol):
@@ -484,8 +713,9 @@ class HardExample:
         return _decode_each(payload, Kind.HARD_EXAMPLES, HardExample.from_blob, "hard example")
 
 
-def encode_hard_batch(ids: list[str], blobs: list[bytes]) -> bytes:
-    return encode_items(Kind.HARD_EXAMPLES, ids, blobs)
+def encode_hard_batch(ids: list[str], blobs: list[bytes],
+                      version: int = PROTOCOL_VERSION) -> bytes:
+    return encode_items(Kind.HARD_EXAMPLES, ids, blobs, version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,8 +727,9 @@ class Ack:
     rejected: dict[str, str] = field(default_factory=dict)
     of: Literal["results", "hard"] = "results"
 
-    def encode(self) -> bytes:
-        return encode_frame(Kind.ACK, {"ids": self.ids, "rejected": self.rejected, "of": self.of})
+    def encode(self, version: int = PROTOCOL_VERSION) -> bytes:
+        return encode_frame(Kind.ACK, {"ids": self.ids, "rejected": self.rejected, "of": self.of},
+                            b"", version)
 
     @classmethod
     def decode(cls, payload: bytes) -> Ack:
@@ -511,9 +742,9 @@ class Ack:
         return cls([str(i) for i in ids], {str(k): str(v) for k, v in rej.items()}, of)
 
 
-def encode_json(kind: Kind, header: dict[str, Any]) -> bytes:
+def encode_json(kind: Kind, header: dict[str, Any], version: int = 1) -> bytes:
     """Telemetry and status are plain headers."""
-    return encode_frame(kind, header)
+    return encode_frame(kind, header, b"", version)
 
 
 def status_payload(state: Literal["online", "offline"], device: str) -> bytes:

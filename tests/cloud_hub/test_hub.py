@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
 from cloud_hub.bridge import Bridge
 from cloud_hub.core.config import HubSettings
-from cloud_hub.db import init_db, make_engine, session_factory
+from cloud_hub.db import Result, init_db, make_engine, session_factory
 from cloud_hub.ingest import ingest_results
 from cloud_hub.main import create_app
 from cloud_hub.metrics import HubMetrics
@@ -349,3 +350,27 @@ def test_a_device_over_its_quota_is_cut_off_and_the_others_are_not(database_url:
     finally:
         bridge.stop()
         eng.dispose()
+
+
+def test_agents_of_both_protocol_versions_share_a_hub(bridge_on_bus) -> None:
+    """An upgrade in progress: a version 1 agent and a version 2 agent each get answers and
+    acks in their own version, and every record of both is stored once."""
+    bridge, bus, inbox = bridge_on_bus
+    x = np.arange(64, dtype=np.float32).reshape(8, 8) % 17
+    for dev, v in (("old-1", 1), ("new-1", 2)):
+        bus.publish(p.topic(dev, p.Channel.OFFLOAD),
+                    p.Offload(f"o-{dev}", "digits-edge@1", x, 100, time.time(), 0, 0.5)
+                    .encode(v))
+        recs = [record(i, device=dev) for i in range(5)]
+        recs = [r.model_copy(update={"id": f"{dev}-{r.id}"}) for r in recs]
+        bus.publish(p.topic(dev, p.Channel.RESULTS), p.ResultBatch.of(recs).encode(v))
+    assert wait_until(lambda: len(inbox) == 4)
+    for topic, payload in inbox:
+        dev = topic.split("/")[2]
+        assert p.frame_version(payload) == (1 if dev == "old-1" else 2), topic
+        if topic.endswith("/ack"):
+            assert len(p.Ack.decode(payload).ids) == 5
+        else:
+            assert p.Answer.decode(payload).error is None
+    with bridge.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Result)) == 10

@@ -17,10 +17,98 @@ def _offload(x: np.ndarray | None = None) -> p.Offload:
 
 def test_offload_roundtrip_keeps_tensor_bytes() -> None:
     o = _offload()
-    back = p.Offload.decode(o.encode())
+    back = p.Offload.decode(o.encode(1))
     assert back.id == "abc" and back.edge_label == 3 and back.deadline_ms == 50.0
     assert back.input.dtype == np.float32 and back.input.shape == (8, 8)
     np.testing.assert_array_equal(back.input, o.input)
+
+
+def test_version_2_sends_integral_floats_as_bytes_and_keeps_other_floats() -> None:
+    o = _offload()
+    v2 = o.encode(2)
+    back = p.Offload.decode(v2)
+    assert back.input.dtype == np.uint8 and back.input.shape == (8, 8)
+    np.testing.assert_array_equal(back.input, o.input)  # the same values
+    assert len(v2) < len(o.encode(1)) - 150
+    x = np.arange(64, dtype=np.float32).reshape(8, 8) + 0.5
+    back = p.Offload.decode(_offload(x).encode(2))
+    assert back.input.dtype == np.float32
+    np.testing.assert_array_equal(back.input, x)
+    big = np.full((8, 8), 256.0, np.float32)
+    assert p.Offload.decode(_offload(big).encode(2)).input.dtype == np.float32
+
+
+def _blobs(n: int, **over: Any) -> tuple[list[str], list[bytes]]:
+    ids, blobs = [], []
+    for i in range(n):
+        off = i % 4 == 0
+        fields: dict[str, Any] = dict(
+            id=f"0123456789abcdef{i:x}", device="dev-1", seq=i, ts=1.7e9 + i * 0.01,
+            input_ref=f"ref-{i}" if i % 2 else None, model="digits-edge@1",
+            backend="onnxruntime", policy="max_prob", score=0.25 + i / 1000,
+            edge_label=i % 10, edge_confidence=0.5, offloaded=off,
+            cloud_label=(i + 1) % 10 if off else None,
+            cloud_model="digits-cloud@1" if off else None, final_label=i % 10,
+            source="cloud" if off else "edge", degraded=False, latency_ms=1.0 + i / 7,
+            edge_ms=0.05, offload_bytes=120 if off else 0)
+        fields.update({k: v(i) if callable(v) else v for k, v in over.items()})
+        ids.append(fields["id"])
+        blobs.append(p.encode_record(**fields))
+    return ids, blobs
+
+
+def test_version_2_results_are_columns_a_tenth_the_size_with_the_same_records() -> None:
+    ids, blobs = _blobs(100)
+    v1 = p.ResultBatch(ids, blobs).encode(1)
+    v2 = p.ResultBatch(ids, blobs).encode(2)
+    assert p.frame_version(v1) == 1 and p.frame_version(v2) == 2
+    assert len(v2) * 10 < len(v1)
+    a, bad1 = p.ResultBatch.decode_lenient(v1)
+    b, bad2 = p.ResultBatch.decode_lenient(v2)
+    assert bad1 == bad2 == {}
+    for r1, r2 in zip(a, b, strict=True):
+        d1, d2 = r1.model_dump(), r2.model_dump()
+        for k in ("score", "edge_confidence", "latency_ms", "edge_ms"):  # float32 on the wire
+            assert d2.pop(k) == pytest.approx(d1.pop(k), rel=1e-6)
+        assert d1 == d2
+
+
+def test_version_2_refuses_bad_records_by_id_and_keeps_the_others() -> None:
+    ids, blobs = _blobs(6, latency_ms=lambda i: -1.0 if i == 1 else 1.0,
+                        ts=lambda i: float("inf") if i == 2 else 1.7e9,
+                        source=lambda i: "edge")
+    blobs[3] = blobs[3].replace(b'"policy":"max_prob"', b'"policy":"' + b"p" * 40 + b'"')
+    good, bad = p.ResultBatch.decode_lenient(p.ResultBatch(ids, blobs).encode(2))
+    assert set(bad) == {ids[1], ids[2], ids[3]}
+    assert "latency_ms" in bad[ids[1]] and "ts" in bad[ids[2]] and "policy" in bad[ids[3]]
+    assert [r.id for r in good] == [ids[0], ids[4], ids[5]]
+
+
+def test_version_2_frames_that_lie_are_refused() -> None:
+    import zlib
+
+    bomb = b"EH\x02\x03\x01" + zlib.compress(b"\0" * (p.MAX_FRAME_BYTES + 10))
+    with pytest.raises(ProtocolError, match="decompresses to more than"):
+        p.decode_frame(bomb)
+    with pytest.raises(ProtocolError, match="truncated"):
+        p.decode_frame(b"EH\x02\x03\x01" + zlib.compress(b"x" * 1000)[:-6])
+    with pytest.raises(ProtocolError, match="codec"):
+        p.decode_frame(b"EH\x02\x03\x07" + b"\0" * 8)
+    ids, blobs = _blobs(3)
+    f = p.decode_frame(p.ResultBatch(ids, blobs).encode(2))
+    short = p.encode_frame(p.Kind.RESULTS, f.header, f.body[:-1], 2)
+    with pytest.raises(ProtocolError, match="bytes of columns"):
+        p.ResultBatch.decode_lenient(short)
+    wrong = p.encode_frame(p.Kind.RESULTS, {**f.header, "columns": [["seq", "<f8"]]}, f.body, 2)
+    with pytest.raises(ProtocolError, match="columns"):
+        p.ResultBatch.decode_lenient(wrong)
+
+
+def test_acks_of_counter_ids_compress_to_a_few_bytes_each() -> None:
+    ids = [f"0123456789abcdef{i:x}" for i in range(100)]
+    assert len(p.Ack(ids).encode(2)) < 5 * 100
+    assert p.Ack.decode(p.Ack(ids).encode(2)).ids == ids
+    assert p.Ack.decode(p.Ack(ids).encode(1)).ids == ids
 
 
 def test_offload_is_binary_not_json_floats() -> None:
@@ -80,7 +168,7 @@ def test_wrong_kind_is_refused() -> None:
 
 
 def test_tensor_bytes_must_match_shape() -> None:
-    o = _offload().encode()
+    o = _offload().encode(1)
     with pytest.raises(ProtocolError, match="needs 256 bytes"):
         p.Offload.decode(o[:-4])
     header = p.encode_frame(p.Kind.OFFLOAD, {"id": "x", "model": "m", "deadline_ms": 1,
