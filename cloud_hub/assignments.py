@@ -70,7 +70,7 @@ def assign(session: Session, hub_key: PrivateKey, device: str, name: str, versio
             assert offload is None or isinstance(offload, OffloadTarget)
             off = offload
         a = Assignment(device, seq, time.time(), model.manifest, rollback, off)
-        payload = encode_desired(a, hub_key)
+        payload = encode_desired(a, hub_key, dev.wire_version or 1)
         off_doc = off.to_dict() if off is not None else None
         if desired is None:
             desired = DesiredModel(device=device, seq=seq, name=name, version=version,

@@ -320,9 +320,10 @@ class Bridge:
             elif item.channel is p.Channel.HARD:
                 self._ingest_hard(item)
             elif item.channel is p.Channel.TELEMETRY:
-                h = p.decode_frame(item.payload, p.Kind.TELEMETRY).header
+                f = p.decode_frame(item.payload, p.Kind.TELEMETRY)
+                h = f.header
                 self._device_gauges(item.device, h)
-                if record_telemetry(self.sessions, item.device, h):
+                if record_telemetry(self.sessions, item.device, h, f.version):
                     self.metrics.bad_messages.labels("labels").inc()
             elif item.channel is p.Channel.STATUS:
                 h = p.decode_frame(item.payload, p.Kind.STATUS).header

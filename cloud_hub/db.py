@@ -61,6 +61,9 @@ class Device(Base):
     # drift.
     fidelity: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     offload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The protocol version the device's telemetry last came in: its assignments are written in
+    # it (fleet/contract/protocol.py). None: not heard yet, version 1.
+    wire_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     def effective_labels(self) -> dict[str, str]:
         return {**(self.reported_labels or {}), **(self.labels or {})}

@@ -219,8 +219,8 @@ def _hard_row(a: LateAnswer, device: str, now: float) -> dict[str, Any]:
             "data": tensor_bytes(ex.input)}
 
 
-def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, Any]
-                     ) -> list[str]:
+def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, Any],
+                     wire_version: int | None = None) -> list[str]:
     """Store a device's telemetry; returns what was wrong with its labels (kept as they were
     then: a selector could not name them anyway), empty if nothing."""
     now = time.time()
@@ -234,6 +234,8 @@ def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, A
             dev.last_seen = now
             dev.online = True
             dev.telemetry = telemetry
+            if wire_version is not None:
+                dev.wire_version = wire_version
             dev.model = str(telemetry.get("model")) if telemetry.get("model") else dev.model
             dev.backend = str(telemetry.get("backend")) if telemetry.get("backend") else dev.backend
             if isinstance(telemetry.get("fidelity"), dict):

@@ -141,7 +141,8 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._topics = {c: p.topic(self.device, c) for c in p.Channel}
-        will = Will(self._topics[p.Channel.STATUS], p.status_payload("offline", self.device))
+        will = Will(self._topics[p.Channel.STATUS],
+                    p.status_payload("offline", self.device, settings.wire_version))
         subs = [(self._topics[p.Channel.ANSWER], 1), (self._topics[p.Channel.ACK], 1)]
         self.updater: Updater | None = None
         if self.slots is not None:
@@ -241,8 +242,8 @@ class Agent:
                 engine.policy.threshold = b[1].observe(local.score, local.hard, offload_bytes)
 
     def _publish_report(self, report: Reported) -> None:
-        self.transport.publish(self._topics[p.Channel.REPORTED], report.encode(), qos=1,
-                               retain=True)
+        self.transport.publish(self._topics[p.Channel.REPORTED],
+                               report.encode(self.wire_version), qos=1, retain=True)
 
     def _mqtt_factory(self, on_message: Callable[[str, bytes], None],
                       subs: list[tuple[str, int]], on_connect: Callable[[], None],
@@ -283,7 +284,8 @@ class Agent:
         for t in self._threads:
             t.join(timeout=5)
         self.transport.stop(final=(self._topics[p.Channel.STATUS],
-                                   p.status_payload("offline", self.device), 1, True))
+                                   p.status_payload("offline", self.device, self.wire_version), 1,
+                                   True))
         self.sender.apply_acks()  # what the hub acknowledged last need not be sent again
         self.engine.close()
         self.outbox.close()
@@ -481,7 +483,8 @@ class Agent:
 
     def _on_connect(self) -> None:
         self.transport.publish(self._topics[p.Channel.STATUS],
-                               p.status_payload("online", self.device), qos=1, retain=True)
+                               p.status_payload("online", self.device, self.wire_version),
+                               qos=1, retain=True)
         if self.updater is not None:
             self.updater.publish_report()
         self.outbox.resend_all()  # also wakes the sender
@@ -506,7 +509,15 @@ class Agent:
                        {"state": self.updater.record.state, "target": self.updater.record.target,
                         "code": self.updater.record.code}),
             "system": self._telemetry.sample(),
+            "mqtt_bytes": self.mqtt_bytes(),
         }
+
+    def mqtt_bytes(self) -> dict[str, int] | None:
+        """Bytes to and from the broker since start, as the kernel counted them (None where
+        it does not): what this device's link carried for the fleet."""
+        counter = getattr(self.transport, "wire_bytes", None)
+        counted = counter() if counter is not None else None
+        return None if counted is None else {"sent": counted[0], "received": counted[1]}
 
     def publish_telemetry(self) -> None:
         self.transport.publish(self._topics[p.Channel.TELEMETRY],

@@ -119,8 +119,10 @@ class Assignment:
         return d
 
 
-def encode_desired(assignment: Assignment, hub_key: PrivateKey) -> bytes:
-    return p.encode_json(p.Kind.DESIRED, hub_key.sign(assignment.document()))
+def encode_desired(assignment: Assignment, hub_key: PrivateKey, version: int = 1) -> bytes:
+    """The signed assignment as a retained message, in `version` (the device's: version 1
+    for a device the hub has not heard speak a newer one)."""
+    return p.encode_json(p.Kind.DESIRED, hub_key.sign(assignment.document()), version)
 
 
 def decode_desired(payload: bytes, hub_keys: list[PublicKey]) -> Assignment:
@@ -194,13 +196,13 @@ class Reported:
     # the backends refused and why under "refused".
     fidelity: dict[str, Any] | None = None
 
-    def encode(self) -> bytes:
+    def encode(self, version: int = 1) -> bytes:
         d: dict[str, Any] = {"device": self.device, "model": self.model, "state": self.state.value,
              "target": self.target, "error": self.error, "code": self.code, "seq": self.seq,
              "ts": self.ts or time.time()}
         if self.fidelity is not None:
             d["fidelity"] = self.fidelity
-        return p.encode_json(p.Kind.REPORTED, d)
+        return p.encode_json(p.Kind.REPORTED, d, version)
 
     @classmethod
     def decode(cls, payload: bytes) -> Reported:

@@ -16,7 +16,8 @@ telemetry, hard examples) compresses what follows a 5-byte prefix:
     0       2     magic b"EH"
     2       1     protocol version: 2
     3       1     message kind (Kind)
-    4       1     codec: 0 none, 1 zlib (RFC 1950); the writer picks zlib when it is smaller
+    4       1     codec: 0 none, 1 zlib (RFC 1950), 2 zlib with the preset dictionary ZDICT;
+                  the writer picks 2 when it is smaller than none
     5       rest  the codec's encoding of: header length H (4 bytes), header, body, as in v1
 
 and carries a results batch as columns (`ResultBatch`): the fields a batch shares written once,
@@ -57,7 +58,45 @@ MAGIC = b"EH"
 _PREFIX = struct.Struct(">2sBBI")
 _PREFIX_V2 = struct.Struct(">2sBBB")
 _HLEN = struct.Struct(">I")
-CODEC_NONE, CODEC_ZLIB = 0, 1
+CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_DICT = 0, 1, 2
+# The preset dictionary of codec 2 (zlib with a dictionary, RFC 1950 FDICT): the keys and
+# common values of this protocol's headers, so that a small message (an offload, an answer,
+# a heartbeat) pays only for what varies. Part of the contract: it never changes; a different
+# dictionary would be another codec. zlib matches nearer strings more cheaply: the most
+# frequent messages come last.
+ZDICT = (
+    b'{"device":"","replayed":0,"ts":17,"uptime_s":,"model":"","backend":"onnxruntime",'
+    b'"openvino","policy":"max_prob","margin","entropy","threshold":,"fidelity":{"bundle":"",'
+    b'"samples":,"agreement":1.0,"min_agreement":0.995,"faithful":true,"accuracy":0.9,'
+    b'"reference_accuracy":0.9,"manifest_threshold":,"offload_at_manifest":0.2,'
+    b'"reference_offload":0.2,"budget":0.2,"calibrated_threshold":,"cpu":"Intel(R) Xeon(R) '
+    b'Processor","AMD EPYC","cpu_flags":["sse4_1","avx","avx2","fma","f16c","avx512f",'
+    b'"avx512bw","avx512vl","avx512_vnni","avx_vnni","avx512_bf16","amx_int8","amx_bf16"],'
+    b'"refused":{},"threshold_source":"calibrated","manifest"},"offload":{"mode":"threshold",'
+    b'"budget","target":,"recent_rate":,"drift":,"drifting":false,"source":"calibrated"},'
+    b'"labels":{},"queues":{"offloads_pending":0,"outbox":0},"outbox":{"entries":0,"bytes":0,'
+    b'"results":0,"hard_examples":0,"oldest_age_s":0.0,"results_produced":0,'
+    b'"results_acked":0,"hard_produced":0,"hard_acked":0,"rejected":0,"dropped_full":0,'
+    b'"dropped_expired":0,"resent":0},"counters":{"inputs":0,"offloaded":0,"cloud_answers":0,'
+    b'"fallbacks":0,"input_errors":0,"offload_busy":0,"bad_messages":0,"hub_errors":0,'
+    b'"late_queued":0,"outbox_full":0,"connections_refused":0,"late_answers":0},"update":'
+    b'{"state":"idle","target":null,"code":null},"system":{"cpu_percent":0.0,'
+    b'"process_cpu_percent":0.0,"rss_mb":0.0,"memory_percent":0.0,"memory_available_mb":0.0,'
+    b'"load_avg":[0.0,0.0,0.0]},"mqtt_bytes":{"sent":0,"received":0}}'
+    b'{"ids":[],"strings":{"device":[""],"model":["-edge@1"],"backend":["onnxruntime"],'
+    b'"policy":["max_prob"],"cloud_model":["-cloud@1",null],"source":["edge","cloud",'
+    b'"edge_fallback"]},"input_ref":[null,"mixed:","clean:","shifted:"],"columns":[["device",'
+    b'"<u2"],["model","<u2"],["backend","<u2"],["policy","<u2"],["cloud_model","<u2"],'
+    b'["source","<u2"],["seq","<i8"],["ts","<f8"],["score","<f4"],["edge_label","<i4"],'
+    b'["edge_confidence","<f4"],["offloaded","u1"],["has_cloud_label","u1"],["cloud_label",'
+    b'"<i4"],["final_label","<i4"],["degraded","u1"],["latency_ms","<f4"],["edge_ms","<f4"],'
+    b'["offload_bytes","<u4"]]}'
+    b'{"ids":["'
+    b'","rejected":{},"of":"results"}'
+    b'{"id":"","label":,"confidence":0.99,"model":"digits-cloud@1","hub_ms":0.1}'
+    b'{"id":"","model":"digits-edge@1","deadline_ms":250.0,"sent_at":1764000000.0,'
+    b'"edge_label":,"edge_score":0.0,"tensor":{"dtype":"float32","shape":[1,8,8]}}'
+)
 TOPIC_ROOT = "ehi/v1"
 HUB_SHARE_GROUP = "hub"
 # A hub replica's own topics (`ehi/hub/{replica}/heartbeat`): outside the devices' tree, so no
@@ -178,9 +217,10 @@ def encode_frame(kind: Kind, header: dict[str, Any], body: bytes = b"",
     if version != 2:
         raise UnsupportedVersion(f"cannot write protocol version {version}")
     inner = b"".join((_HLEN.pack(len(h)), h, body))
-    packed = zlib.compress(inner, 6)
+    c = zlib.compressobj(6, zdict=ZDICT)
+    packed = c.compress(inner) + c.flush()
     if len(packed) < len(inner):
-        return _PREFIX_V2.pack(MAGIC, 2, int(kind), CODEC_ZLIB) + packed
+        return _PREFIX_V2.pack(MAGIC, 2, int(kind), CODEC_ZLIB_DICT) + packed
     return _PREFIX_V2.pack(MAGIC, 2, int(kind), CODEC_NONE) + inner
 
 
@@ -189,9 +229,9 @@ def frame_version(payload: bytes) -> int:
     return payload[2] if len(payload) >= 3 and payload[:2] == MAGIC else 1
 
 
-def _inflate(data: bytes) -> bytes:
+def _inflate(data: bytes, zdict: bytes | None = None) -> bytes:
     """zlib data, at most MAX_FRAME_BYTES of it decompressed: a bomb is refused, not unpacked."""
-    d = zlib.decompressobj()
+    d = zlib.decompressobj(zdict=zdict) if zdict is not None else zlib.decompressobj()
     try:
         out = d.decompress(data, MAX_FRAME_BYTES + 1)
     except zlib.error as exc:
@@ -222,6 +262,8 @@ def decode_frame(payload: bytes, expect: Kind | None = None) -> Frame:
         raise ProtocolError(f"expected a {expect.name} message, got {k.name}")
     if version == 1:
         rest = payload[4:]
+    elif codec == CODEC_ZLIB_DICT:
+        rest = _inflate(payload[_PREFIX_V2.size:], ZDICT)
     elif codec == CODEC_ZLIB:
         rest = _inflate(payload[_PREFIX_V2.size:])
     elif codec == CODEC_NONE:
@@ -747,8 +789,9 @@ def encode_json(kind: Kind, header: dict[str, Any], version: int = 1) -> bytes:
     return encode_frame(kind, header, b"", version)
 
 
-def status_payload(state: Literal["online", "offline"], device: str) -> bytes:
-    return encode_frame(Kind.STATUS, {"state": state, "device": device, "ts": time.time()})
+def status_payload(state: Literal["online", "offline"], device: str, version: int = 1) -> bytes:
+    return encode_frame(Kind.STATUS, {"state": state, "device": device, "ts": time.time()}, b"",
+                        version)
 
 
 def _str(h: dict[str, Any], key: str) -> str:

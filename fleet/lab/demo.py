@@ -21,6 +21,7 @@ from fleet.contract.errors import FleetError
 from fleet.contract.protocol import Offload
 from fleet.lab.brokers import RunningBroker, start_broker
 from fleet.lab.processes import ManagedProcess, ProcessGroup, start_hub, work_folder
+from fleet.lab.wire_cost import cloud_only_bytes_per_input
 from fleet.transport.ports import free_port
 from models import CLOUD_BUNDLE, DEMO_KEY, DEMO_PUBLIC_KEY, EDGE_BUNDLE, STREAMS_FILE
 
@@ -293,6 +294,30 @@ def cloud_only_bytes(x: np.ndarray, model_ref: str, deadline_ms: float) -> int:
                for xi in x)
 
 
+def _wire_bytes(x: np.ndarray, summaries: list[dict[str, Any]], broker: RunningBroker,
+                edge_ref: str, o: DemoOptions) -> dict[str, Any]:
+    """Every byte on the devices' links to the broker (MQTT packets with their framing:
+    offloads, answers, result batches, acks, telemetry, status, assignments, pings; TLS records
+    in a secure run), as the kernel counted them on each agent's connection, per input; and
+    what the same stream costs a device that sends every input to the cloud."""
+    from fleet.contract.bundle import load_bundle
+
+    counted = [s.get("mqtt_bytes") for s in summaries]
+    known = all(isinstance(c, dict) for c in counted) and bool(counted)
+    sent = sum(c["sent"] for c in counted if isinstance(c, dict)) if known else None
+    received = sum(c["received"] for c in counted if isinstance(c, dict)) if known else None
+    total = sent + received if sent is not None and received is not None else None
+    cloud_ref = load_bundle(CLOUD_BUNDLE, verify_files=False).manifest.ref
+    return {
+        "total": total, "sent": sent, "received": received,
+        "per_input": round(total / len(x), 1) if total is not None else None,
+        "cloud_only_per_input": round(cloud_only_bytes_per_input(
+            x, "demo-0", edge_ref, cloud_ref, o.deadline_ms, broker.protocol), 1),
+        "counted": "kernel TCP_INFO on each agent's broker connection" if known else
+                   "not counted: this system does not report TCP_INFO",
+    }
+
+
 def _report(o: DemoOptions, broker: RunningBroker, x: np.ndarray, y: np.ndarray,
             records: list[dict[str, Any]], produced: int, at_hub: int,
             summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -326,6 +351,7 @@ def _report(o: DemoOptions, broker: RunningBroker, x: np.ndarray, y: np.ndarray,
         "degraded": sum(1 for r in records if r["degraded"]),
         "bytes_offloaded": int(sum(r["offload_bytes"] for r in records)),
         "bytes_cloud_only": cloud_only_bytes(x, edge_ref, o.deadline_ms),
+        "wire_bytes": _wire_bytes(x, summaries, broker, edge_ref, o),
         "latency_ms": {"local_p50": percentile(local, 50), "local_p99": percentile(local, 99),
                        "offload_p50": percentile(offl, 50), "offload_p99": percentile(offl, 99)},
         "results_produced": produced,
@@ -354,6 +380,14 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     if v is None:
         return "-"
     return f"{v * 100:.2f}%" if pct else f"{v:.3f}"
+
+
+def _wire_row(w: dict[str, Any]) -> str:
+    if w.get("per_input") is None:
+        return f"not counted / {w.get('cloud_only_per_input')}"
+    return (f"{w['per_input']:,.1f} / {w['cloud_only_per_input']:,.1f} "
+            f"({w['per_input'] / w['cloud_only_per_input']:.0%}; {w['total']:,} bytes on the "
+            "devices' links)")
 
 
 def _fidelity_row(f: dict[str, Any]) -> str:
@@ -386,6 +420,7 @@ def report_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("offload rate", _fmt(r["offload_rate"], True)
          + (f"  ({r['offload_mode']}; bundle budget {_fmt(r['offload_budget'], True)})"
             if r.get("offload_budget") is not None else "")),
+        ("wire bytes per input / cloud-only", _wire_row(r.get("wire_bytes") or {})),
         ("bytes offloaded / cloud-only", f"{r['bytes_offloaded']:,} / {r['bytes_cloud_only']:,} "
                                          f"({r['bytes_offloaded'] / r['bytes_cloud_only']:.1%})"),
         ("latency local p50 / p99 (ms)", f"{_fmt(lat['local_p50'])} / {_fmt(lat['local_p99'])}"),

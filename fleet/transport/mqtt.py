@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from fleet.contract.errors import FleetError
 from fleet.transport.tls import SecretFileError, TlsConfig, TlsSettings, read_secret
+from fleet.transport.wire_bytes import tcp_bytes
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,9 @@ class MqttSession:
         self._subs = subscriptions
         self._on_connect_hook = on_connect
         self._connected = threading.Event()
+        # Bytes sent and received on connections already closed (wire_bytes adds the open one).
+        self._closed_bytes = (0, 0)
+        self._wire_known = True
         self._gave_up = False
         self._stopping = False
         proto = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
@@ -168,6 +172,7 @@ class MqttSession:
                               max_delay=cfg.reconnect_max_s)  # type: ignore[arg-type]
         c.max_inflight_messages_set(MAX_INFLIGHT)
         c.on_socket_open = self._socket_open
+        c.on_socket_close = self._socket_close
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
@@ -180,6 +185,26 @@ class MqttSession:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
             log.debug("could not set TCP_NODELAY on the MQTT socket")
+
+    def _socket_close(self, _c: Any, _u: Any, sock: Any) -> None:
+        counted = tcp_bytes(sock)
+        if counted is None:
+            self._wire_known = False
+            return
+        self._closed_bytes = (self._closed_bytes[0] + counted[0],
+                              self._closed_bytes[1] + counted[1])
+
+    def wire_bytes(self) -> tuple[int, int] | None:
+        """(bytes sent, bytes received) to and from the broker over every connection of this
+        session, as the kernel counted them (MQTT framing, acks and pings included; TLS
+        records as they crossed); None where the system does not count them."""
+        if not self._wire_known:
+            return None
+        sock: Any = self._client.socket()
+        now = tcp_bytes(sock) if sock is not None else (0, 0)
+        if now is None:
+            return None
+        return self._closed_bytes[0] + now[0], self._closed_bytes[1] + now[1]
 
     def _handle_connect(self, client: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:

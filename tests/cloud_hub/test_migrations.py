@@ -21,7 +21,7 @@ def test_migrations_match_the_models(database_url: str) -> None:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
             assert diff == [], f"models and migrations differ; add a migration: {diff}"
             version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
-        assert version == "0008"
+        assert version == "0009"
         assert {"devices", "results", "hard_examples", "models", "rollback_directives",
                 "desired_models"} <= set(inspect(eng).get_table_names())
     finally:

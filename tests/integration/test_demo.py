@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,13 @@ def test_demo_json(broker: str, tmp_path: Path) -> None:
     assert set(r["latency_ms"]) == {"local_p50", "local_p99", "offload_p50", "offload_p99"}
     assert 0 < r["offload_rate"] < 0.6
     assert 0 < r["bytes_offloaded"] < r["bytes_cloud_only"]
+    w = r["wire_bytes"]
+    assert set(w) >= {"total", "per_input", "cloud_only_per_input"}
+    if sys.platform == "linux":  # the kernel's TCP_INFO counts every byte of each link
+        assert w["total"] == w["sent"] + w["received"]
+        # Every offload's payload crossed a device's link, with its framing and the rest.
+        assert w["sent"] > r["bytes_offloaded"]
+        assert w["per_input"] == round(w["total"] / 120, 1)
     for k in ("edge_accuracy", "cloud_accuracy", "hybrid_accuracy"):
         assert 0.5 < r[k] <= 1.0
     # The hybrid is at least as good as the edge alone on the same inputs.
