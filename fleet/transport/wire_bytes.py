@@ -3,7 +3,7 @@
 `tcpi_bytes_acked` (bytes sent and acknowledged by the peer) and `tcpi_bytes_received` count
 the connection's payload: for MQTT, every packet with its framing, pings and acks; for TLS, the
 records as they crossed. They cost nothing to keep (the kernel keeps them) and are read on
-demand (the connection's SYN counts as one byte). Other systems, or kernels older than 4.2,
+demand (the connection's SYN and FIN count one byte each). Other systems, or kernels older than 4.2,
 report None.
 """
 
