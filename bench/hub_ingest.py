@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cloud_hub.db import init_db, make_engine, session_factory
 from cloud_hub.ingest import ingest_results
 from fleet.contract import protocol as p
+from fleet.inference.cpu import cpu_name
 
 PG_ADMIN_URL = os.environ.get("EHI_TEST_PG_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-BATCHES = (1, 10, 100, 1000)
+BATCHES = (1, 10, 100, 1000, 10_000)
 
 
 def records(n: int, run: str, batch: int) -> list[p.ResultRecord]:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     if pg is not None:
                         drop_pg(pg[1])
-    out: dict[str, Any] = {"cpu": platform.processor() or platform.machine(),
+    out: dict[str, Any] = {"cpu": cpu_name(),
                            "records": args.records, "repeats": args.repeats, "rows": []}
     for db, by_batch in results.items():
         for batch, runs in sorted(by_batch.items()):

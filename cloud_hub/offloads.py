@@ -6,6 +6,9 @@ answers one input in under `inline_max_ms`, it answers at once on that thread: e
 another thread costs more than such a model (a woken thread runs cold). Otherwise the offload
 waits in a bounded queue for the worker, which takes whatever is queued (up to `batch_max`,
 waiting up to `batch_wait_ms`) and runs it as one batch. A full queue answers "hub busy".
+An offload whose deadline passed while it waited is dropped before the model runs (counted,
+`ehi_hub_offloads_answered_total{outcome="expired"}`): its device has answered at the edge
+already, and under overload the model's time goes to offloads still answerable in time.
 """
 
 from __future__ import annotations
@@ -79,6 +82,13 @@ class OffloadAnswerer:
                     self._worker_busy.clear()
 
     def answer_batch(self, batch: list[PendingOffload]) -> None:
+        now = time.time()
+        live = [i for i in batch if now - i.received < i.offload.deadline_ms / 1000.0]
+        if len(live) < len(batch):
+            self.metrics.offloads.labels("expired").inc(len(batch) - len(live))
+            batch = live
+            if not batch:
+                return
         t0 = time.perf_counter()
         answers = self.model.answer([i.offload.input for i in batch], batched=True)
         dt = time.perf_counter() - t0

@@ -1,0 +1,269 @@
+"""Load from many devices on one hub: the inputs, offloads, result batches, telemetry and status
+of `n` devices, written with the protocol's own encoders, over a few shared MQTT connections.
+
+What each device does is what an agent does, scaled down to what a load generator can afford:
+inputs arrive at `rate_hz` (Poisson); a share `offload` of them is offloaded (a real `Offload`
+of a real input; the hub's cloud model answers it) and waits for its answer up to the deadline;
+every input becomes a result record (source cloud, or edge_fallback past the deadline),
+batched every `flush_s` and sent again after `resend_s` until the hub acknowledges it;
+telemetry every `telemetry_s`. The devices share `connections` MQTT sessions (a device's topics
+are a naming convention on an open broker; the hub sees each device on its own topics).
+
+Counted: offload round trips (publish to answer, measured in this process), records produced,
+acknowledged and still pending, answers missing. `lost` = records produced and never
+acknowledged after the settle time.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fleet.contract import protocol as p
+from fleet.transport.mqtt import MqttConfig, MqttSession
+
+TICK_S = 0.05
+
+
+@dataclass
+class _Device:
+    id: str
+    seq: int = 0
+    batch: list[tuple[str, bytes]] = field(default_factory=list)
+    unacked: dict[str, tuple[float, bytes]] = field(default_factory=dict)  # id -> (sent, blob)
+    next_flush: float = 0.0
+    next_telemetry: float = 0.0
+
+
+@dataclass
+class _Pending:
+    device: _Device
+    sent: float
+    index: int
+    edge_label: int
+
+
+class DeviceLoad:
+    def __init__(self, *, broker_port: int, x: np.ndarray, edge_labels: np.ndarray,
+                 prefix: str = "load", rate_hz: float = 1.0, offload: float = 0.2,
+                 deadline_ms: float = 250.0, flush_s: float = 0.2, resend_s: float = 5.0,
+                 telemetry_s: float = 10.0, connections: int = 8, seed: int = 0,
+                 wire_version: int = p.PROTOCOL_VERSION) -> None:
+        self.x = x
+        self.edge_labels = edge_labels
+        self.prefix = prefix
+        self.rate_hz = rate_hz
+        self.offload = offload
+        self.deadline_s = deadline_ms / 1000.0
+        self.flush_s = flush_s
+        self.resend_s = resend_s
+        self.telemetry_s = telemetry_s
+        self.version = wire_version
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._devices: dict[str, _Device] = {}
+        self._active: list[_Device] = []
+        self._pending: dict[str, _Pending] = {}
+        self._expiry: deque[tuple[float, str]] = deque()
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = 0
+        self.rtt_ms: list[float] = []
+        self.produced = 0
+        self.acked = 0
+        self.rejected = 0
+        self.answered = 0
+        self.missed = 0
+        self.offloads = 0
+        self.inputs = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        subs = [(f"{p.TOPIC_ROOT}/+/{p.Channel.ANSWER.value}", 1),
+                (f"{p.TOPIC_ROOT}/+/{p.Channel.ACK.value}", 1)]
+        run = secrets.token_hex(3)
+        self._sessions = [MqttSession(MqttConfig(port=broker_port, protocol="5",
+                                                 client_id=f"{prefix}-{run}-{i}"),
+                                      self._on_message, subs) for i in range(connections)]
+        random.seed(seed)
+
+    # ------------------------------------------------------------------ control
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        for s in self._sessions:
+            s.start()
+        for s in self._sessions:
+            if not s.wait_connected(timeout_s):
+                raise RuntimeError("the load generator could not reach the broker")
+        self._thread = threading.Thread(target=self._loop, name="device-load", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        for s in self._sessions:
+            s.stop()
+
+    def scale_to(self, n: int) -> None:
+        """Run `n` devices (more are added, each announcing itself; none are removed)."""
+        with self._lock:
+            while len(self._active) < n:
+                d = _Device(f"{self.prefix}-{len(self._active):05d}")
+                now = time.monotonic()
+                d.next_telemetry = now + random.uniform(0, self.telemetry_s)
+                self._devices[d.id] = d
+                self._active.append(d)
+                self._publish(d, p.Channel.STATUS, p.status_payload("online", d.id, self.version),
+                              retain=True)
+
+    @property
+    def devices(self) -> int:
+        return len(self._active)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {"inputs": self.inputs, "offloads": self.offloads, "answered": self.answered,
+                    "missed": self.missed, "produced": self.produced, "acked": self.acked,
+                    "rejected": self.rejected,
+                    "unacked": sum(len(d.unacked) + len(d.batch) for d in self._active)}
+
+    def take_rtts(self) -> list[float]:
+        with self._lock:
+            out, self.rtt_ms = self.rtt_ms, []
+        return out
+
+    def oldest_unacked_s(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            ages = [now - t for d in self._active for t, _ in d.unacked.values()]
+        return max(ages, default=0.0)
+
+    # ------------------------------------------------------------------ traffic
+
+    def _session(self, d: _Device) -> MqttSession:
+        return self._sessions[hash(d.id) % len(self._sessions)]
+
+    def _publish(self, d: _Device, channel: p.Channel, payload: bytes,
+                 retain: bool = False) -> None:
+        self._session(d).publish(p.topic(d.id, channel), payload, qos=p.QOS[channel],
+                                 retain=retain)
+
+    def _new_id(self) -> str:
+        self._ids += 1
+        return f"{self._id_prefix}{self._ids:x}"
+
+    def _record(self, d: _Device, rid: str, i: int, edge: int, cloud: int | None, hard: bool,
+                latency_ms: float, now: float) -> None:
+        d.seq += 1
+        source: p.Source = "edge" if not hard else "cloud" if cloud is not None \
+            else "edge_fallback"
+        blob = p.encode_record(
+            id=rid, device=d.id, seq=d.seq, ts=time.time(), input_ref=None,
+            model="digits-edge@1", backend="onnxruntime", policy="max_prob", score=0.5,
+            edge_label=edge, edge_confidence=0.9, offloaded=hard, cloud_label=cloud,
+            cloud_model="digits-cloud@1" if cloud is not None else None,
+            final_label=cloud if cloud is not None else edge, source=source,
+            degraded=source == "edge_fallback", latency_ms=latency_ms, edge_ms=0.05,
+            offload_bytes=300 if hard else 0)
+        if not d.batch:
+            d.next_flush = now + self.flush_s
+        d.batch.append((rid, blob))
+        self.produced += 1
+
+    def _loop(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(TICK_S):
+            now = time.monotonic()
+            dt, last = now - last, now
+            with self._lock:
+                active = list(self._active)
+                arrivals = self._rng.poisson(self.rate_hz * dt, len(active))
+                for d, n in zip(active, arrivals.tolist(), strict=True):
+                    for _ in range(n):
+                        self._input(d, now)
+                while self._expiry and self._expiry[0][0] <= now:
+                    _, rid = self._expiry.popleft()
+                    pend = self._pending.pop(rid, None)
+                    if pend is not None:  # no answer by the deadline: the edge answer stands
+                        self.missed += 1
+                        self._record(pend.device, rid, pend.index, pend.edge_label, None, True,
+                                     self.deadline_s * 1000.0, now)
+                sends: list[tuple[_Device, list[tuple[str, bytes]] | None]] = []
+                for d in active:
+                    if d.batch and now >= d.next_flush:
+                        sends.append((d, d.batch))
+                        for rid, blob in d.batch:
+                            d.unacked[rid] = (now, blob)
+                        d.batch = []
+                    due = [(rid, blob) for rid, (t, blob) in d.unacked.items()
+                           if now - t >= self.resend_s] if d.unacked else []
+                    if due:
+                        for rid, blob in due:
+                            d.unacked[rid] = (now, blob)
+                        sends.append((d, due))
+                    if now >= d.next_telemetry:
+                        d.next_telemetry = now + self.telemetry_s
+                        sends.append((d, None))
+            for d, items in sends:
+                if items is None:
+                    self._publish(d, p.Channel.TELEMETRY, p.encode_json(p.Kind.TELEMETRY, {
+                        "device": d.id, "ts": time.time(), "model": "digits-edge@1",
+                        "backend": "onnxruntime", "simulated": True}, self.version))
+                else:
+                    ids = [rid for rid, _ in items]
+                    blobs = [blob for _, blob in items]
+                    self._publish(d, p.Channel.RESULTS,
+                                  p.ResultBatch(ids, blobs).encode(self.version))
+
+    def _input(self, d: _Device, now: float) -> None:
+        self.inputs += 1
+        i = int(self._rng.integers(len(self.x)))
+        edge = int(self.edge_labels[i])
+        rid = self._new_id()
+        if self._rng.random() >= self.offload:
+            self._record(d, rid, i, edge, None, False, 0.3, now)
+            return
+        self.offloads += 1
+        self._pending[rid] = _Pending(d, time.perf_counter(), i, edge)
+        self._expiry.append((now + self.deadline_s, rid))
+        payload = p.Offload(id=rid, model="digits-edge@1", input=self.x[i],
+                            deadline_ms=self.deadline_s * 1000.0, sent_at=time.time(),
+                            edge_label=edge, edge_score=0.5).encode(self.version)
+        self._session(d).publish(p.topic(d.id, p.Channel.OFFLOAD), payload, qos=1,
+                                 expiry_s=self.deadline_s)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        t = time.perf_counter()
+        try:
+            device, channel = p.parse_topic(topic)
+            if channel is p.Channel.ANSWER:
+                a = p.Answer.decode(payload)
+                with self._lock:
+                    pend = self._pending.pop(a.id, None)
+                    if pend is None:
+                        return  # past its deadline: counted as missed
+                    ms = (t - pend.sent) * 1000.0
+                    self.rtt_ms.append(ms)
+                    self.answered += 1
+                    cloud = a.label if a.error is None else None
+                    self._record(pend.device, a.id, pend.index, pend.edge_label, cloud, True,
+                                 ms, time.monotonic())
+            elif channel is p.Channel.ACK:
+                ack = p.Ack.decode(payload)
+                with self._lock:
+                    d = self._devices.get(device)
+                    if d is None:
+                        return
+                    for rid in ack.ids:
+                        if d.unacked.pop(rid, None) is not None:
+                            self.acked += 1
+                    for rid in ack.rejected:
+                        if d.unacked.pop(rid, None) is not None:
+                            self.rejected += 1
+        except Exception:  # a load generator keeps going; the figures show what was lost
+            return
