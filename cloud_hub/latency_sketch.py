@@ -59,18 +59,33 @@ def merge_into(counts: dict[int, int], blob: bytes) -> None:
 
 def dense(blobs: Iterable[bytes], groups: Iterable[int], n_groups: int) -> np.ndarray:
     """Histograms of many rows added per group: an array [group, kind, bin] of counts."""
-    out = np.zeros((n_groups, len(KINDS) * BINS), np.int64)
-    parts = []
-    gidx = []
-    for g, b in zip(groups, blobs, strict=True):
-        arr = np.frombuffer(b, _PAIR)
-        parts.append(arr)
-        gidx.append(np.full(len(arr), g, np.int64))
-    if parts:
-        allp = np.concatenate(parts)
-        np.add.at(out, (np.concatenate(gidx), allp["key"].astype(np.int64)),
-                  allp["n"].astype(np.int64))
+    blobs = list(blobs)
+    out = np.zeros(n_groups * len(KINDS) * BINS, np.int64)
+    if blobs:
+        pairs = np.frombuffer(b"".join(blobs), _PAIR)
+        owner = np.repeat(np.fromiter(groups, np.int64, len(blobs)),
+                          [len(b) // _PAIR.itemsize for b in blobs])
+        np.add.at(out, owner * (len(KINDS) * BINS) + pairs["key"].astype(np.int64),
+                  pairs["n"].astype(np.int64))
     return out.reshape(n_groups, len(KINDS), BINS)
+
+
+def percentiles(hists: np.ndarray, qs: Iterable[float]) -> np.ndarray:
+    """Percentiles (nearest rank, bin midpoints in ms) of many histograms at once: `hists` is
+    [..., BINS]; the result is [..., len(qs)], NaN where a histogram is empty."""
+    qs = list(qs)
+    used = np.flatnonzero(hists.reshape(-1, BINS).any(axis=0))
+    if used.size == 0:
+        return np.full((*hists.shape[:-1], len(qs)), np.nan)
+    lo, hi = int(used[0]), int(used[-1]) + 1  # only the bins anything fell in
+    cum = np.cumsum(hists[..., lo:hi], axis=-1)
+    total = cum[..., -1:]
+    out = []
+    for q in qs:
+        rank = np.maximum(1, np.ceil(q / 100.0 * total))
+        idx = np.minimum(lo + (cum < rank).sum(axis=-1), BINS - 1)
+        out.append(np.where(total[..., 0] > 0, MIDPOINTS[idx], np.nan))
+    return np.stack(out, axis=-1)
 
 
 def percentile(hist: np.ndarray, q: float) -> float | None:

@@ -144,17 +144,18 @@ def read(s: Session, *, device: str | None = None, devices: Sequence[str] | None
         q = q.where(ResultRollup.bucket >= bucket_of(since))
     if until is not None:
         q = q.where(ResultRollup.bucket < until)
+    rows = s.connection().execute(q).all()
     index: dict[tuple[str, str], int] = {}
-    gidx: list[int] = []
-    counts: list[tuple[int, ...]] = []
-    blobs: list[bytes] = []
-    for row in s.execute(q):
-        g = (row[0], row[1]) if by_group else ("", "")
-        gidx.append(index.setdefault(g, len(index)))
-        counts.append(tuple(row[2:8]))
-        blobs.append(row[8])
-    n = len(index)
+    if by_group:
+        gidx = [index.setdefault((r[0], r[1]), len(index)) for r in rows]
+    else:
+        index[("", "")] = 0
+        gidx = [0] * len(rows)
+    n = len(index) if rows else 0
+    if not rows:
+        index.clear()
     total = np.zeros((n, len(COUNT_COLUMNS)), np.int64)
-    if counts:
-        np.add.at(total, np.asarray(gidx), np.asarray(counts, np.int64))
+    if rows:
+        np.add.at(total, np.asarray(gidx), np.array([r[2:8] for r in rows], np.int64))
+    blobs = [r[8] for r in rows]
     return Sums(list(index), total, sketch.dense(blobs, gidx, n))

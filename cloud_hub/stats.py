@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -29,14 +30,18 @@ def compute_stats(s: Session, device: str | None = None, since: float | None = N
     (`resolution_s`); percentiles are within 2.2% (cloud_hub/latency_sketch.py).
     """
     sums = rollups.read(s, device=device, since=since, until=until)
+    counts = np.vstack([sums.counts, sums.counts.sum(axis=0, keepdims=True)])
+    hists = np.concatenate([sums.hist, sums.hist.sum(axis=0, keepdims=True)])
+    # Per group and in total: every source, the edge's, the cloud's; p50, p95, p99.
+    every = sketch.percentiles(hists.sum(axis=1), (50, 95, 99))
+    edge = sketch.percentiles(hists[:, sketch.KIND_INDEX["edge"]], (50, 99))
+    cloud = sketch.percentiles(hists[:, sketch.KIND_INDEX["cloud"]], (50, 99))
+    rows = [_summary(counts[i], every[i], edge[i], cloud[i]) for i in range(len(counts))]
     order = sorted(range(len(sums.groups)), key=lambda i: sums.groups[i])
     return {
-        "groups": [{"device": sums.groups[i][0], "model": sums.groups[i][1],
-                    **_summary(sums.counts[i], sums.hist[i])} for i in order],
-        "total": _summary(sums.counts.sum(axis=0) if len(order) else
-                          np.zeros(len(rollups.COUNT_COLUMNS), np.int64),
-                          sums.hist.sum(axis=0) if len(order) else
-                          np.zeros((len(sketch.KINDS), sketch.BINS), np.int64)),
+        "groups": [{"device": sums.groups[i][0], "model": sums.groups[i][1], **rows[i]}
+                   for i in order],
+        "total": rows[-1],
         "resolution_s": rollups.BUCKET_S,
         "late_answers": _late(s, device, since, until),
         "offload": _offload(s, device),
@@ -73,12 +78,13 @@ def _late(s: Session, device: str | None, since: float | None,
             "edge_agreement": round(agree / len(rows), 4) if rows else None}
 
 
-def _summary(counts: np.ndarray, hist: np.ndarray) -> dict[str, Any]:
+def _ms(v: float) -> float | None:
+    return None if math.isnan(v) else round(float(v), 3)
+
+
+def _summary(counts: np.ndarray, every: np.ndarray, edge: np.ndarray,
+             cloud: np.ndarray) -> dict[str, Any]:
     n, off, answered, agree, degraded, nbytes = (int(x) for x in counts)
-    every = hist.sum(axis=0)
-    edge = hist[sketch.KIND_INDEX["edge"]]
-    cloud = hist[sketch.KIND_INDEX["cloud"]]
-    pct = sketch.percentile
     return {
         "count": n,
         "offloaded": off,
@@ -86,8 +92,8 @@ def _summary(counts: np.ndarray, hist: np.ndarray) -> dict[str, Any]:
         "cloud_answered": answered,
         "degraded": degraded,
         "agreement": round(agree / answered, 4) if answered else None,
-        "latency_ms": {"p50": pct(every, 50), "p95": pct(every, 95), "p99": pct(every, 99)},
-        "local_latency_ms": {"p50": pct(edge, 50), "p99": pct(edge, 99)},
-        "offload_latency_ms": {"p50": pct(cloud, 50), "p99": pct(cloud, 99)},
+        "latency_ms": {"p50": _ms(every[0]), "p95": _ms(every[1]), "p99": _ms(every[2])},
+        "local_latency_ms": {"p50": _ms(edge[0]), "p99": _ms(edge[1])},
+        "offload_latency_ms": {"p50": _ms(cloud[0]), "p99": _ms(cloud[1])},
         "bytes_offloaded": nbytes,
     }

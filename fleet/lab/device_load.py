@@ -16,6 +16,7 @@ acknowledged after the settle time.
 
 from __future__ import annotations
 
+import heapq
 import random
 import secrets
 import threading
@@ -29,6 +30,7 @@ from fleet.contract import protocol as p
 from fleet.transport.mqtt import MqttConfig, MqttSession
 
 TICK_S = 0.05
+HOUSEKEEPING_S = 0.5
 
 
 @dataclass
@@ -71,6 +73,9 @@ class DeviceLoad:
         self._active: list[_Device] = []
         self._pending: dict[str, _Pending] = {}
         self._expiry: deque[tuple[float, str]] = deque()
+        # Devices whose batch an answer started (on the network thread): the loop schedules
+        # their flush.
+        self._answered_first: list[_Device] = []
         self._id_prefix = secrets.token_hex(8)
         self._ids = 0
         self.rtt_ms: list[float] = []
@@ -176,39 +181,64 @@ class DeviceLoad:
         self.produced += 1
 
     def _loop(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(TICK_S):
+        """Inputs arrive as one Poisson process over all devices (each input to a device drawn
+        at random), at their own times rather than in ticks: a tick would send a burst of
+        offloads at once and measure the burst, not the hub. Batches are flushed when due;
+        resends and telemetry are looked at every HOUSEKEEPING_S."""
+        next_input = time.monotonic()
+        next_house = time.monotonic()
+        flushes: list[tuple[float, str]] = []
+        while not self._stop.is_set():
             now = time.monotonic()
-            dt, last = now - last, now
+            sends: list[tuple[_Device, list[tuple[str, bytes]] | None]] = []
             with self._lock:
-                active = list(self._active)
-                arrivals = self._rng.poisson(self.rate_hz * dt, len(active))
-                for d, n in zip(active, arrivals.tolist(), strict=True):
-                    for _ in range(n):
-                        self._input(d, now)
+                rate = self.rate_hz * len(self._active)
+                if rate <= 0:
+                    next_input = now + TICK_S
+                while next_input <= now and rate > 0:
+                    d = self._active[int(self._rng.integers(len(self._active)))]
+                    had = bool(d.batch)
+                    self._input(d, now)
+                    if not had and d.batch:
+                        heapq.heappush(flushes, (d.next_flush, d.id))
+                    next_input += float(self._rng.exponential(1.0 / rate))
                 while self._expiry and self._expiry[0][0] <= now:
                     _, rid = self._expiry.popleft()
                     pend = self._pending.pop(rid, None)
                     if pend is not None:  # no answer by the deadline: the edge answer stands
                         self.missed += 1
+                        had = bool(pend.device.batch)
                         self._record(pend.device, rid, pend.index, pend.edge_label, None, True,
                                      self.deadline_s * 1000.0, now)
-                sends: list[tuple[_Device, list[tuple[str, bytes]] | None]] = []
-                for d in active:
-                    if d.batch and now >= d.next_flush:
+                        if not had:
+                            heapq.heappush(flushes, (pend.device.next_flush, pend.device.id))
+                for d in self._answered_first:
+                    heapq.heappush(flushes, (d.next_flush, d.id))
+                self._answered_first.clear()
+                while flushes and flushes[0][0] <= now:
+                    _, dev = heapq.heappop(flushes)
+                    d = self._devices[dev]
+                    if d.batch:
                         sends.append((d, d.batch))
                         for rid, blob in d.batch:
                             d.unacked[rid] = (now, blob)
                         d.batch = []
-                    due = [(rid, blob) for rid, (t, blob) in d.unacked.items()
-                           if now - t >= self.resend_s] if d.unacked else []
-                    if due:
-                        for rid, blob in due:
-                            d.unacked[rid] = (now, blob)
-                        sends.append((d, due))
-                    if now >= d.next_telemetry:
-                        d.next_telemetry = now + self.telemetry_s
-                        sends.append((d, None))
+                if now >= next_house:
+                    next_house = now + HOUSEKEEPING_S
+                    for d in self._active:
+                        if d.unacked:
+                            due = [(rid, blob) for rid, (t, blob) in d.unacked.items()
+                                   if now - t >= self.resend_s]
+                            if due:
+                                for rid, blob in due:
+                                    d.unacked[rid] = (now, blob)
+                                sends.append((d, due))
+                        if now >= d.next_telemetry:
+                            d.next_telemetry = now + self.telemetry_s
+                            sends.append((d, None))
+                wake = min(next_input, next_house,
+                           flushes[0][0] if flushes else next_house,
+                           self._expiry[0][0] if self._expiry else next_house)
             for d, items in sends:
                 if items is None:
                     self._publish(d, p.Channel.TELEMETRY, p.encode_json(p.Kind.TELEMETRY, {
@@ -219,6 +249,9 @@ class DeviceLoad:
                     blobs = [blob for _, blob in items]
                     self._publish(d, p.Channel.RESULTS,
                                   p.ResultBatch(ids, blobs).encode(self.version))
+            delay = wake - time.monotonic()
+            if delay > 0:
+                self._stop.wait(min(delay, TICK_S))
 
     def _input(self, d: _Device, now: float) -> None:
         self.inputs += 1
@@ -251,8 +284,11 @@ class DeviceLoad:
                     self.rtt_ms.append(ms)
                     self.answered += 1
                     cloud = a.label if a.error is None else None
+                    had = bool(pend.device.batch)
                     self._record(pend.device, a.id, pend.index, pend.edge_label, cloud, True,
                                  ms, time.monotonic())
+                    if not had:
+                        self._answered_first.append(pend.device)
             elif channel is p.Channel.ACK:
                 ack = p.Ack.decode(payload)
                 with self._lock:
