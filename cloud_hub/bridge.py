@@ -8,7 +8,9 @@ install reports):
 - the ingest worker takes every results message waiting (up to BULK_MESSAGES) and stores them
   in one transaction (cloud_hub/ingest.py), then acknowledges each message; hard examples are
   answered late by the cloud model and stored per message;
-- the control worker writes status, reports and telemetry.
+- the control worker writes status and reports as they come, and every TELEMETRY_FLUSH_S the
+  newest telemetry of each device that sent some, all in one transaction (a fleet's heartbeats
+  are many small messages; one transaction each cost the hub more than its results).
 A malformed message or an unknown protocol version is counted and logged, never fatal.
 """
 
@@ -33,6 +35,7 @@ from cloud_hub.ingest import (
     ingest_results,
     record_status,
     record_telemetry,
+    record_telemetry_many,
 )
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.offloads import OffloadAnswerer
@@ -63,6 +66,7 @@ TICK_S = 1.0
 # Results messages the ingest worker stores in one transaction at most.
 BULK_MESSAGES = 256
 BULK_CHANNELS = frozenset({p.Channel.RESULTS, p.Channel.HARD})
+TELEMETRY_FLUSH_S = 0.5
 LOG_PAYLOAD_BYTES = 48
 
 
@@ -111,6 +115,8 @@ class Bridge:
         # burst always arrives, at most one write per tick per device.
         self._deferred: dict[tuple[str, p.Channel], bytes] = {}
         self._deferred_lock = threading.Lock()
+        # The newest telemetry of each device since the last flush (control worker).
+        self._telemetry: dict[str, bytes] = {}
         # The protocol version each device last wrote: answers and acks go back in it, so
         # agents of the release before (version 1) and of this one share a hub.
         self._wire: dict[str, int] = {}
@@ -149,6 +155,10 @@ class Bridge:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
+        try:
+            self.flush_telemetry()
+        except StoreError as exc:
+            log.warning("telemetry held at stop not stored: %s", exc)
         self.transport.stop()
 
     def _held(self) -> int:
@@ -242,6 +252,10 @@ class Bridge:
             self._bad("too_large", topic, payload,
                       ProtocolError(f"{len(payload)} bytes, at most {limit} on {channel.value}"))
             return
+        if channel is p.Channel.TELEMETRY:
+            with self._deferred_lock:
+                self._telemetry[device] = payload
+            return
         if channel is p.Channel.OFFLOAD:
             try:
                 off = p.Offload.decode(payload)
@@ -299,8 +313,16 @@ class Bridge:
                 log.exception("ingest of %d messages failed", len(batch))
 
     def _control_loop(self) -> None:
+        next_flush = time.monotonic() + TELEMETRY_FLUSH_S
         while not self._stop.is_set():
-            for item in self.control.next_batch():
+            if time.monotonic() >= next_flush:
+                next_flush = time.monotonic() + TELEMETRY_FLUSH_S
+                try:
+                    self.flush_telemetry()
+                except StoreError as exc:
+                    self.metrics.store_errors.inc()
+                    log.error("database error, telemetry not stored: %s", exc)
+            for item in self.control.next_batch(TELEMETRY_FLUSH_S / 2):
                 try:
                     self.handle_ingest(item)
                 except StoreError as exc:
@@ -311,6 +333,26 @@ class Bridge:
                 except Exception:
                     log.exception("ingest of a %s message from %s failed", item.channel.value,
                                   item.device)
+
+    def flush_telemetry(self) -> None:
+        """Store the newest telemetry of each device heard since the last flush, at once."""
+        with self._deferred_lock:
+            held, self._telemetry = self._telemetry, {}
+        items: list[tuple[str, dict[str, Any], int | None]] = []
+        for device, payload in held.items():
+            try:
+                f = p.decode_frame(payload, p.Kind.TELEMETRY)
+            except UnsupportedVersion as exc:
+                self._bad("version", p.topic(device, p.Channel.TELEMETRY), payload, exc)
+                continue
+            except ProtocolError as exc:
+                self._bad("malformed", p.topic(device, p.Channel.TELEMETRY), payload, exc)
+                continue
+            self._device_gauges(device, f.header)
+            items.append((device, f.header, f.version))
+        if items:
+            bad = record_telemetry_many(self.sessions, items)
+            self.metrics.bad_messages.labels("labels").inc(sum(1 for v in bad.values() if v))
 
     def handle_ingest(self, item: _Incoming) -> None:
         topic = p.topic(item.device, item.channel)

@@ -223,36 +223,56 @@ def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, A
                      wire_version: int | None = None) -> list[str]:
     """Store a device's telemetry; returns what was wrong with its labels (kept as they were
     then: a selector could not name them anyway), empty if nothing."""
+    return record_telemetry_many(sessions, [(device, telemetry, wire_version)])[device]
+
+
+def record_telemetry_many(sessions: sessionmaker,
+                          items: list[tuple[str, dict[str, Any], int | None]]
+                          ) -> dict[str, list[str]]:
+    """Store the telemetry of many devices (the newest of each) in one transaction; returns
+    per device what was wrong with its labels."""
     now = time.time()
-    bad: list[str] = []
+    problems: dict[str, list[str]] = {}
     try:
         with sessions.begin() as s:
-            dev = s.get(Device, device)
-            if dev is None:
-                dev = Device(id=device, first_seen=now, last_seen=now, online=True)
-                s.add(dev)
-            dev.last_seen = now
-            dev.online = True
-            dev.telemetry = telemetry
-            if wire_version is not None:
-                dev.wire_version = wire_version
-            dev.model = str(telemetry.get("model")) if telemetry.get("model") else dev.model
-            dev.backend = str(telemetry.get("backend")) if telemetry.get("backend") else dev.backend
-            if isinstance(telemetry.get("fidelity"), dict):
-                dev.fidelity = telemetry["fidelity"]
-            if isinstance(telemetry.get("offload"), dict):
-                dev.offload = telemetry["offload"]
-            labels = telemetry.get("labels")
-            if isinstance(labels, dict) and labels != (dev.reported_labels or {}):
-                labels = {str(k): str(v) for k, v in labels.items()}
-                bad = label_problems(labels)
-                if bad:
-                    log.warning("device %s reports labels the hub cannot select on: %s",
-                                device, "; ".join(bad[:3]))
-                else:
-                    dev.reported_labels = labels
+            ids = sorted({d for d, _, _ in items})
+            held = {dev.id: dev for dev in s.scalars(select(Device).where(Device.id.in_(ids)))}
+            for device, telemetry, wire_version in items:
+                dev = held.get(device)
+                if dev is None:
+                    dev = held[device] = Device(id=device, first_seen=now, last_seen=now,
+                                                online=True)
+                    s.add(dev)
+                problems[device] = _apply_telemetry(dev, telemetry, wire_version, now)
     except SQLAlchemyError as exc:
-        raise StoreError(f"could not store telemetry of {device}: {exc}") from None
+        raise StoreError(f"could not store the telemetry of {len(items)} devices: {exc}") \
+            from None
+    return problems
+
+
+def _apply_telemetry(dev: Device, telemetry: dict[str, Any], wire_version: int | None,
+                     now: float) -> list[str]:
+    bad: list[str] = []
+    dev.last_seen = now
+    dev.online = True
+    dev.telemetry = telemetry
+    if wire_version is not None:
+        dev.wire_version = wire_version
+    dev.model = str(telemetry.get("model")) if telemetry.get("model") else dev.model
+    dev.backend = str(telemetry.get("backend")) if telemetry.get("backend") else dev.backend
+    if isinstance(telemetry.get("fidelity"), dict):
+        dev.fidelity = telemetry["fidelity"]
+    if isinstance(telemetry.get("offload"), dict):
+        dev.offload = telemetry["offload"]
+    labels = telemetry.get("labels")
+    if isinstance(labels, dict) and labels != (dev.reported_labels or {}):
+        labels = {str(k): str(v) for k, v in labels.items()}
+        bad = label_problems(labels)
+        if bad:
+            log.warning("device %s reports labels the hub cannot select on: %s",
+                        dev.id, "; ".join(bad[:3]))
+        else:
+            dev.reported_labels = labels
     return bad
 
 

@@ -222,9 +222,15 @@ def test_bridge_records_status_and_telemetry(bridge_on_bus) -> None:
     assert gauge("ehi_device_outbox", {"device": "dev-7", "figure": "entries"}) == 42
     assert gauge("ehi_device_outbox", {"device": "dev-7", "figure": "dropped_full"}) == 3
     # Labels: kept when a selector can name them; otherwise the old ones stay, counted.
-    for labels in ({"site": "berlin"}, {"site": "two words"}):
-        bus.publish("ehi/v1/dev-7/telemetry", p.encode_json(p.Kind.TELEMETRY, {
-            "model": "digits-edge@1", "labels": labels}))
+    # (The hub stores each device's newest telemetry every half second: one at a time.)
+    def labels_are(want: dict[str, str]) -> bool:
+        with bridge.sessions() as s:
+            return s.get(Device, "dev-7").reported_labels == want
+    bus.publish("ehi/v1/dev-7/telemetry", p.encode_json(p.Kind.TELEMETRY, {
+        "model": "digits-edge@1", "labels": {"site": "berlin"}}))
+    assert wait_until(lambda: labels_are({"site": "berlin"}))
+    bus.publish("ehi/v1/dev-7/telemetry", p.encode_json(p.Kind.TELEMETRY, {
+        "model": "digits-edge@1", "labels": {"site": "two words"}}))
     assert wait_until(lambda: (gauge("ehi_hub_bad_messages_total", {"reason": "labels"})
                                or 0) == 1)
     with bridge.sessions() as s:
