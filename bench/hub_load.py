@@ -108,7 +108,7 @@ def ramp(args: argparse.Namespace, broker_port: int, hub_url: str, db_url: str
             time.sleep(args.step_s)
             dt = time.monotonic() - t0
             after = load.snapshot()
-            rtts = load.take_rtts()
+            rtts, hub_ms = load.take_rtts()
             inserted = scrape(hub_url, "ehi_hub_results_inserted_total") - inserted0
             dropped = scrape(hub_url, dropped_metric) + scrape(
                 hub_url, 'ehi_hub_bad_messages_total{reason="quota"') - dropped0
@@ -119,6 +119,7 @@ def ramp(args: argparse.Namespace, broker_port: int, hub_url: str, db_url: str
                 "offloads_per_s": round((after["offloads"] - before["offloads"]) / dt, 1),
                 "records_per_s_ingested": round(inserted / dt, 1),
                 "offload_p50_ms": pct(rtts, 50), "offload_p99_ms": pct(rtts, 99),
+                "hub_p50_ms": pct(hub_ms, 50), "hub_p99_ms": pct(hub_ms, 99),
                 "unanswered": int(after["missed"] - before["missed"]),
                 "oldest_unacked_s": round(lag, 2), "hub_dropped": int(dropped),
             }
@@ -129,7 +130,8 @@ def ramp(args: argparse.Namespace, broker_port: int, hub_url: str, db_url: str
             print(f"  {n:>5} devices: {step['inputs_per_s']:>7,.0f} inputs/s, "
                   f"{step['offloads_per_s']:>6,.0f} offloads/s, "
                   f"{step['records_per_s_ingested']:>7,.0f} records/s stored, offload p50 "
-                  f"{step['offload_p50_ms']} / p99 {step['offload_p99_ms']} ms, "
+                  f"{step['offload_p50_ms']} / p99 {step['offload_p99_ms']} ms (in the hub "
+                  f"{step['hub_p50_ms']} / {step['hub_p99_ms']}), "
                   f"unanswered {step['unanswered']}, oldest unacked {lag:.1f} s"
                   f"{'' if step['kept_up'] else '  <- behind'}", flush=True)
             if not step["kept_up"]:
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-s", type=float, default=20.0)
     ap.add_argument("--rate", type=float, default=1.0, help="inputs/s per device")
     ap.add_argument("--offload", type=float, default=0.2)
-    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=2)
     ap.add_argument("--stats-rows", type=int, default=1_000_000)
     ap.add_argument("--no-ingest", action="store_true")
     ap.add_argument("--no-batching", action="store_true")

@@ -63,8 +63,10 @@ QUOTA_WARN_EVERY_S = 60.0
 # they are not sent again, and a rollout waits on them.
 DEFERRED_CHANNELS = frozenset({p.Channel.STATUS, p.Channel.REPORTED})
 TICK_S = 1.0
-# Results messages the ingest worker stores in one transaction at most.
+# Results messages the ingest worker stores in one transaction at most, and how long it lets
+# them gather after the first (fewer, larger transactions; results are not waited on).
 BULK_MESSAGES = 256
+BULK_WAIT_S = 0.05
 BULK_CHANNELS = frozenset({p.Channel.RESULTS, p.Channel.HARD})
 TELEMETRY_FLUSH_S = 0.5
 LOG_PAYLOAD_BYTES = 48
@@ -94,7 +96,8 @@ class Bridge:
                                         batch_wait_ms=batch_wait_ms, queue_size=offload_queue,
                                         inline_max_ms=inline_max_ms)
         self.replica = replica
-        self.ingest: DynamicBatcher[_Incoming] = DynamicBatcher(BULK_MESSAGES, 0.0, ingest_queue)
+        self.ingest: DynamicBatcher[_Incoming] = DynamicBatcher(BULK_MESSAGES, BULK_WAIT_S,
+                                                                ingest_queue)
         self.control: DynamicBatcher[_Incoming] = DynamicBatcher(1, 0.0, control_queue)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -103,8 +103,7 @@ def _insert_pg(conn: Connection, rows: list[tuple[Any, ...]]) -> set[str]:
         cur.execute(f"INSERT INTO results ({_COLS}) SELECT {_COLS} FROM results_in "
                     "ON CONFLICT (id) DO NOTHING RETURNING id")
         inserted = {r[0] for r in cur.fetchall()}
-        cur.execute("TRUNCATE results_in")
-    return inserted
+    return inserted  # results_in empties itself at the commit
 
 
 def _insert_sqlite(conn: Connection, rows: list[tuple[Any, ...]]) -> set[str]:

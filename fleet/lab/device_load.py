@@ -17,6 +17,7 @@ acknowledged after the settle time.
 from __future__ import annotations
 
 import heapq
+import queue
 import random
 import secrets
 import threading
@@ -55,7 +56,7 @@ class DeviceLoad:
     def __init__(self, *, broker_port: int, x: np.ndarray, edge_labels: np.ndarray,
                  prefix: str = "load", rate_hz: float = 1.0, offload: float = 0.2,
                  deadline_ms: float = 250.0, flush_s: float = 0.2, resend_s: float = 5.0,
-                 telemetry_s: float = 10.0, connections: int = 8, seed: int = 0,
+                 telemetry_s: float = 10.0, connections: int = 2, seed: int = 0,
                  wire_version: int = p.PROTOCOL_VERSION) -> None:
         self.x = x
         self.edge_labels = edge_labels
@@ -76,9 +77,11 @@ class DeviceLoad:
         # Devices whose batch an answer started (on the network thread): the loop schedules
         # their flush.
         self._answered_first: list[_Device] = []
+        self._inbox: queue.SimpleQueue[tuple[float, str, bytes]] = queue.SimpleQueue()
         self._id_prefix = secrets.token_hex(8)
         self._ids = 0
         self.rtt_ms: list[float] = []
+        self.hub_ms: list[float] = []  # each answer's time inside the hub, as it says
         self.produced = 0
         self.acked = 0
         self.rejected = 0
@@ -137,10 +140,12 @@ class DeviceLoad:
                     "rejected": self.rejected,
                     "unacked": sum(len(d.unacked) + len(d.batch) for d in self._active)}
 
-    def take_rtts(self) -> list[float]:
+    def take_rtts(self) -> tuple[list[float], list[float]]:
+        """(round trips, time inside the hub) of the offloads answered since the last call."""
         with self._lock:
             out, self.rtt_ms = self.rtt_ms, []
-        return out
+            hub, self.hub_ms = self.hub_ms, []
+        return out, hub
 
     def oldest_unacked_s(self) -> float:
         now = time.monotonic()
@@ -192,6 +197,7 @@ class DeviceLoad:
             now = time.monotonic()
             sends: list[tuple[_Device, list[tuple[str, bytes]] | None]] = []
             with self._lock:
+                self._drain_inbox()
                 rate = self.rate_hz * len(self._active)
                 if rate <= 0:
                     next_input = now + TICK_S
@@ -271,17 +277,27 @@ class DeviceLoad:
                                  expiry_s=self.deadline_s)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        t = time.perf_counter()
-        try:
-            device, channel = p.parse_topic(topic)
-            if channel is p.Channel.ANSWER:
-                a = p.Answer.decode(payload)
-                with self._lock:
+        """On a network thread: only the arrival time is taken here; the loop does the rest
+        (a lock shared with the loop made answers wait behind it)."""
+        self._inbox.put((time.perf_counter(), topic, payload))
+
+    def _drain_inbox(self) -> None:
+        """Apply the answers and acks that arrived (the loop holds the lock)."""
+        while True:
+            try:
+                t, topic, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                device, channel = p.parse_topic(topic)
+                if channel is p.Channel.ANSWER:
+                    a = p.Answer.decode(payload)
                     pend = self._pending.pop(a.id, None)
                     if pend is None:
-                        return  # past its deadline: counted as missed
+                        continue  # past its deadline: counted as missed
                     ms = (t - pend.sent) * 1000.0
                     self.rtt_ms.append(ms)
+                    self.hub_ms.append(a.hub_ms)
                     self.answered += 1
                     cloud = a.label if a.error is None else None
                     had = bool(pend.device.batch)
@@ -289,17 +305,16 @@ class DeviceLoad:
                                  ms, time.monotonic())
                     if not had:
                         self._answered_first.append(pend.device)
-            elif channel is p.Channel.ACK:
-                ack = p.Ack.decode(payload)
-                with self._lock:
+                elif channel is p.Channel.ACK:
+                    ack = p.Ack.decode(payload)
                     d = self._devices.get(device)
                     if d is None:
-                        return
+                        continue
                     for rid in ack.ids:
                         if d.unacked.pop(rid, None) is not None:
                             self.acked += 1
                     for rid in ack.rejected:
                         if d.unacked.pop(rid, None) is not None:
                             self.rejected += 1
-        except Exception:  # a load generator keeps going; the figures show what was lost
-            return
+            except Exception:  # a load generator keeps going; the figures show what was lost
+                continue
