@@ -59,6 +59,8 @@ _PREFIX = struct.Struct(">2sBBI")
 _PREFIX_V2 = struct.Struct(">2sBBB")
 _HLEN = struct.Struct(">I")
 CODEC_NONE, CODEC_ZLIB, CODEC_ZLIB_DICT = 0, 1, 2
+# Offloads and hard examples whose tensor is larger than this are not compressed.
+COMPRESS_TENSOR_MAX = 4096
 # The preset dictionary of codec 2 (zlib with a dictionary, RFC 1950 FDICT): the keys and
 # common values of this protocol's headers, so that a small message (an offload, an answer,
 # a heartbeat) pays only for what varies. Part of the contract: it never changes; a different
@@ -209,6 +211,9 @@ class Frame:
     version: int = 1
 
 
+_RAW_TENSOR_KINDS = frozenset({Kind.OFFLOAD, Kind.HARD_EXAMPLES})
+
+
 def encode_frame(kind: Kind, header: dict[str, Any], body: bytes = b"",
                  version: int = 1) -> bytes:
     h = json.dumps(header, separators=(",", ":")).encode()
@@ -217,6 +222,9 @@ def encode_frame(kind: Kind, header: dict[str, Any], body: bytes = b"",
     if version != 2:
         raise UnsupportedVersion(f"cannot write protocol version {version}")
     inner = b"".join((_HLEN.pack(len(h)), h, body))
+    if kind in _RAW_TENSOR_KINDS and len(body) > COMPRESS_TENSOR_MAX:
+        # An image or a feature map: zlib gains little on it and costs milliseconds.
+        return _PREFIX_V2.pack(MAGIC, 2, int(kind), CODEC_NONE) + inner
     c = zlib.compressobj(6, zdict=ZDICT)
     packed = c.compress(inner) + c.flush()
     if len(packed) < len(inner):
