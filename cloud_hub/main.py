@@ -30,6 +30,7 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.rollouts import RolloutController
 from fleet.contract.signing import PrivateKey
 from fleet.inference.model import Model
+from fleet.transport.tuning import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
             app.state.rollouts = controller
             log.info("hub %s: cloud model %s on %s, broker %s:%d", settings.replica_id,
                      cloud.manifest.ref, cloud.backend.name, m.host, m.port)
+        freeze_startup_heap()
         try:
             yield
         finally:

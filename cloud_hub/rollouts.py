@@ -152,7 +152,7 @@ def figures(s: Session, devices: list[str], models: list[str], since: float | No
     n, off, answered, agree, _, _ = (int(x) for x in sums.counts[0])
     return Figures(n, off / n if n else None,
                    (answered - agree) / answered if answered else None,
-                   latency_sketch.percentile(sums.hist[0].sum(axis=0), 95), answered)
+                   latency_sketch.percentile(sums.hist[0].sum(axis=0), 95, sums.lo), answered)
 
 
 # ---------------------------------------------------------------------------- operations

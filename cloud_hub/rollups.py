@@ -116,11 +116,12 @@ def add(conn: Connection, replica: str, tallies: dict[Key, Tally]) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Sums:
-    """Rollup rows added up per group; `hist` is [group, kind, bin]."""
+    """Rollup rows added up per group; `hist` holds the bins from `lo` on."""
 
     groups: list[tuple[str, str]]
     counts: np.ndarray  # [group, 6]: results, offloaded, cloud_answered, agree, degraded, bytes
-    hist: np.ndarray
+    hist: np.ndarray    # [group, kind, bin - lo]
+    lo: int = 0
 
 
 COUNT_COLUMNS = ("results", "offloaded", "cloud_answered", "agree", "degraded",
@@ -146,16 +147,22 @@ def read(s: Session, *, device: str | None = None, devices: Sequence[str] | None
         q = q.where(ResultRollup.bucket < until)
     rows = s.connection().execute(q).all()
     index: dict[tuple[str, str], int] = {}
+    if not rows:
+        return Sums([], np.zeros((0, len(COUNT_COLUMNS)), np.int64),
+                   np.zeros((0, len(sketch.KINDS), 0), np.int64))
+    # One pass in C (strict=True checks 21,000 row iterators one by one: 10x slower).
+    columns = list(zip(*rows, strict=False))
     if by_group:
-        gidx = [index.setdefault((r[0], r[1]), len(index)) for r in rows]
+        gidx = [index.setdefault(k, len(index)) for k in zip(columns[0], columns[1],
+                                                             strict=True)]
     else:
         index[("", "")] = 0
         gidx = [0] * len(rows)
-    n = len(index) if rows else 0
-    if not rows:
-        index.clear()
-    total = np.zeros((n, len(COUNT_COLUMNS)), np.int64)
-    if rows:
-        np.add.at(total, np.asarray(gidx), np.array([r[2:8] for r in rows], np.int64))
-    blobs = [r[8] for r in rows]
-    return Sums(list(index), total, sketch.dense(blobs, gidx, n))
+    n = len(index)
+    owner = np.asarray(gidx, np.int64)
+    counts = np.array(columns[2:8], np.int64)  # [column, row]
+    total = np.stack([np.bincount(owner, weights=c, minlength=n) for c in counts],
+                     axis=1).astype(np.int64)
+    blobs = columns[8]
+    hist, lo = sketch.dense(blobs, gidx, n)
+    return Sums(list(index), total, hist, lo)

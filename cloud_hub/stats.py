@@ -33,9 +33,9 @@ def compute_stats(s: Session, device: str | None = None, since: float | None = N
     counts = np.vstack([sums.counts, sums.counts.sum(axis=0, keepdims=True)])
     hists = np.concatenate([sums.hist, sums.hist.sum(axis=0, keepdims=True)])
     # Per group and in total: every source, the edge's, the cloud's; p50, p95, p99.
-    every = sketch.percentiles(hists.sum(axis=1), (50, 95, 99))
-    edge = sketch.percentiles(hists[:, sketch.KIND_INDEX["edge"]], (50, 99))
-    cloud = sketch.percentiles(hists[:, sketch.KIND_INDEX["cloud"]], (50, 99))
+    every = sketch.percentiles(hists.sum(axis=1), (50, 95, 99), sums.lo)
+    edge = sketch.percentiles(hists[:, sketch.KIND_INDEX["edge"]], (50, 99), sums.lo)
+    cloud = sketch.percentiles(hists[:, sketch.KIND_INDEX["cloud"]], (50, 99), sums.lo)
     rows = [_summary(counts[i], every[i], edge[i], cloud[i]) for i in range(len(counts))]
     order = sorted(range(len(sums.groups)), key=lambda i: sums.groups[i])
     return {

@@ -19,7 +19,7 @@ from typing import Any
 from edge_agent.config import NO_BUNDLE
 from edge_agent.errors import AgentError, ConfigError
 from fleet.inference.errors import InferenceError
-from fleet.transport.tuning import tune_gil_switch_interval
+from fleet.transport.tuning import freeze_startup_heap, tune_gil_switch_interval
 
 log = logging.getLogger("edge_agent")
 
@@ -60,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The local API answers from the first moment, broker or not: a device whose network is
     # down still serves its application from the edge model.
     agent.start()
+    freeze_startup_heap()
     api = None
     if settings.local_api.port >= 0:
         la = settings.local_api

@@ -125,6 +125,18 @@ class Transport(Protocol):
     def stop(self, final: tuple[str, bytes, int, bool] | None = None) -> None: ...
 
 
+class _QuietStop(logging.Filter):
+    """paho's network loop logs "Client is not connected" as an error once when a client it
+    runs is stopped (the socket goes before the loop does): not an error, not logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger(__name__ + ".paho")
+_PAHO_LOG.addFilter(_QuietStop())
+
+
 class MqttSession:
     """A paho client running its network loop in a background thread."""
 
@@ -150,7 +162,7 @@ class MqttSession:
         if proto == mqtt.MQTTv311:
             kwargs["clean_session"] = True
         c = mqtt.Client(**kwargs)
-        c.enable_logger(logging.getLogger(__name__ + ".paho"))
+        c.enable_logger(_PAHO_LOG)
         if cfg.username:
             c.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:
