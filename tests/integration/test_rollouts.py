@@ -82,8 +82,10 @@ def test_devices_models_and_rollouts_through_the_cli(fleet_hub: tuple[HubServer,
                                                       kit: UpdateKit) -> None:
     hub, sim = fleet_hub
     h = ("--hub", hub.url)
-    assert wait_until(lambda: len(json.loads(fleet("devices", "list", "--json", *h)[1])) == 12,
-                      CONNECT_S)
+    # Every device known with the labels its telemetry reports (the hub stores telemetry every
+    # half second, after the device's status).
+    assert wait_until(lambda: sum(1 for d in json.loads(fleet("devices", "list", "--json", *h)[1])
+                                  if d.get("labels", {}).get("site")) == 12, CONNECT_S)
     first = sorted(sim.devices)[0]
     code, out = fleet("devices", "label", first, "hw=rpi4", *h)
     assert code == 0 and "hw=rpi4" in out and "site=berlin" in out
