@@ -35,7 +35,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "embedded": {"broker": "embedded", "env": {}},
 }
 METRICS = ("hybrid_accuracy", "offload_rate", "local_p50", "local_p99", "offload_p50",
-           "offload_p99", "seconds")
+           "offload_p99", "wire_per_input", "seconds")
 
 
 def flat(r: dict[str, Any]) -> dict[str, float]:
@@ -44,7 +44,10 @@ def flat(r: dict[str, Any]) -> dict[str, float]:
             "gap_recovered": gap_recovered(r) or 0.0,
             "bytes_ratio": r["bytes_offloaded"] / r["bytes_cloud_only"],
             **r["latency_ms"], "seconds": r["seconds"],
-            "delivered": float(r["results_at_hub"] == r["results_produced"])}
+            "delivered": float(r["results_at_hub"] == r["results_produced"]),
+            # Bytes on the agents' broker links per input (the kernel's count; -1: not counted).
+            "wire_per_input": float(r["wire_bytes"]["per_input"] or -1),
+            "wire_cloud_only_per_input": float(r["wire_bytes"]["cloud_only_per_input"])}
 
 
 def main(argv: list[str] | None = None) -> int:
