@@ -380,3 +380,31 @@ def test_agents_of_both_protocol_versions_share_a_hub(bridge_on_bus) -> None:
             assert p.Answer.decode(payload).error is None
     with bridge.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Result)) == 10
+
+
+def test_a_message_the_database_refuses_does_not_hold_back_the_others(
+        bridge_on_bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are stored together; if that transaction fails, each is stored alone, and only
+    the one the database refuses stays unacknowledged (its device sends it again)."""
+    import cloud_hub.bridge as bridge_mod
+    from cloud_hub.errors import StoreError
+
+    real = bridge_mod.ingest_results
+
+    def refusing(sessions, records, replica="hub-0"):  # type: ignore[no-untyped-def]
+        if any(r.device == "poison" for r in records):
+            raise StoreError("refused by the database")
+        return real(sessions, records, replica)
+
+    monkeypatch.setattr(bridge_mod, "ingest_results", refusing)
+    bridge, bus, inbox = bridge_on_bus
+    bridge.ingest.max_wait_s = 0.5  # let all three messages gather into one transaction
+    for dev in ("good-1", "poison", "good-2"):
+        recs = [record(i, device=dev).model_copy(update={"id": f"{dev}-{i}"}) for i in range(3)]
+        bus.publish(p.topic(dev, p.Channel.RESULTS), p.ResultBatch.of(recs).encode())
+    assert wait_until(lambda: len(inbox) == 2)
+    acked = sorted(t.split("/")[2] for t, _ in inbox)
+    assert acked == ["good-1", "good-2"]
+    with bridge.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Result)) == 6
+    assert bridge.metrics.registry.get_sample_value("ehi_hub_store_errors_total") >= 1
