@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 import numpy as np
 
+from cloud_hub.stats import percentile
 from fleet.contract import protocol as p
 from fleet.inference.cpu import cpu_name
 from fleet.lab.brokers import start_broker
@@ -80,10 +81,6 @@ def drop_database(url: str) -> None:
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), autocommit=True) as c:
         c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 2) if values else None
 
 
 # ---------------------------------------------------------------------------- 1. ramp
@@ -128,8 +125,8 @@ def ramp(args: argparse.Namespace, broker_port: int, hub_url: str, db_url: str
                 "inputs_per_s": round((after["inputs"] - before["inputs"]) / dt, 1),
                 "offloads_per_s": round((after["offloads"] - before["offloads"]) / dt, 1),
                 "records_per_s_ingested": round(inserted / dt, 1),
-                "offload_p50_ms": pct(rtts, 50), "offload_p99_ms": pct(rtts, 99),
-                "hub_p50_ms": pct(hub_ms, 50), "hub_p99_ms": pct(hub_ms, 99),
+                "offload_p50_ms": percentile(rtts, 50), "offload_p99_ms": percentile(rtts, 99),
+                "hub_p50_ms": percentile(hub_ms, 50), "hub_p99_ms": percentile(hub_ms, 99),
                 "unanswered": int(after["missed"] - before["missed"]),
                 "oldest_unacked_s": round(lag, 2), "hub_dropped": int(dropped),
             }
@@ -235,7 +232,7 @@ def stats_latency(hub_url: str, repeats: int = 10) -> dict[str, Any]:
                 times.append((time.perf_counter() - t0) * 1000.0)
                 r.raise_for_status()
                 sizes[name] = r.json()["total"]["count"]
-    return {"stats_p95_ms": pct(times, 95), "stats_p50_ms": pct(times, 50),
+    return {"stats_p95_ms": percentile(times, 95), "stats_p50_ms": percentile(times, 50),
             "counts": sizes}
 
 
@@ -361,8 +358,8 @@ def saturate(broker_port: int, seconds: float, devices: int = 32, in_flight: int
     time.sleep(1.0)
     for s in sessions:
         s.stop()
-    return {"answers_per_s": round(len(got) / dt, 1), "p50_ms": pct(got, 50),
-            "p99_ms": pct(got, 99), "errors": expired, "error_reasons": errors}
+    return {"answers_per_s": round(len(got) / dt, 1), "p50_ms": percentile(got, 50),
+            "p99_ms": percentile(got, 99), "errors": expired, "error_reasons": errors}
 
 
 # ---------------------------------------------------------------------------- main

@@ -34,7 +34,6 @@ from cloud_hub.ingest import (
     ingest_hard_examples,
     ingest_results,
     record_status,
-    record_telemetry,
     record_telemetry_many,
 )
 from cloud_hub.metrics import HubMetrics
@@ -77,6 +76,10 @@ class _Incoming:
     device: str
     channel: p.Channel
     payload: bytes
+
+
+# A results message decoded: the message, its valid records, {id: reason} for the others.
+_Decoded = tuple[_Incoming, list[p.ResultRecord], dict[str, str]]
 
 
 class Bridge:
@@ -221,6 +224,11 @@ class Bridge:
 
     # ------------------------------------------------------------------ MQTT thread
 
+    def _refuse(self, topic: str, payload: bytes, exc: ProtocolError) -> None:
+        """A message that does not decode: an unknown version or a malformed frame."""
+        self._bad("version" if isinstance(exc, UnsupportedVersion) else "malformed", topic,
+                  payload, exc)
+
     def _bad(self, reason: str, topic: str, payload: bytes, exc: Exception) -> None:
         self.metrics.bad_messages.labels(reason).inc()
         log.warning("refused a message on %s (%s): %s; payload starts %r", topic, reason, exc,
@@ -262,11 +270,8 @@ class Bridge:
         if channel is p.Channel.OFFLOAD:
             try:
                 off = p.Offload.decode(payload)
-            except UnsupportedVersion as exc:
-                self._bad("version", topic, payload, exc)
-                return
             except ProtocolError as exc:
-                self._bad("malformed", topic, payload, exc)
+                self._refuse(topic, payload, exc)
                 return
             self.offloads.submit(device, off)
         elif not self._queue_for(channel).offer(_Incoming(device, channel, payload)):
@@ -345,11 +350,8 @@ class Bridge:
         for device, payload in held.items():
             try:
                 f = p.decode_frame(payload, p.Kind.TELEMETRY)
-            except UnsupportedVersion as exc:
-                self._bad("version", p.topic(device, p.Channel.TELEMETRY), payload, exc)
-                continue
             except ProtocolError as exc:
-                self._bad("malformed", p.topic(device, p.Channel.TELEMETRY), payload, exc)
+                self._refuse(p.topic(device, p.Channel.TELEMETRY), payload, exc)
                 continue
             self._device_gauges(device, f.header)
             items.append((device, f.header, f.version))
@@ -358,18 +360,12 @@ class Bridge:
             self.metrics.bad_messages.labels("labels").inc(sum(1 for v in bad.values() if v))
 
     def handle_ingest(self, item: _Incoming) -> None:
+        """Store one hard-examples, status or report message (results are stored together by
+        `_ingest_results`; telemetry by `flush_telemetry`)."""
         topic = p.topic(item.device, item.channel)
         try:
-            if item.channel is p.Channel.RESULTS:
-                self._ingest_results([item])
-            elif item.channel is p.Channel.HARD:
+            if item.channel is p.Channel.HARD:
                 self._ingest_hard(item)
-            elif item.channel is p.Channel.TELEMETRY:
-                f = p.decode_frame(item.payload, p.Kind.TELEMETRY)
-                h = f.header
-                self._device_gauges(item.device, h)
-                if record_telemetry(self.sessions, item.device, h, f.version):
-                    self.metrics.bad_messages.labels("labels").inc()
             elif item.channel is p.Channel.STATUS:
                 h = p.decode_frame(item.payload, p.Kind.STATUS).header
                 record_status(self.sessions, item.device, h.get("state") == "online")
@@ -379,10 +375,8 @@ class Bridge:
                     raise ProtocolError(f"report names device {r.device!r}")
                 record_reported(self.sessions, item.device, r)
                 self.metrics.update_reports.labels(r.state.value).inc()
-        except UnsupportedVersion as exc:
-            self._bad("version", topic, item.payload, exc)
         except ProtocolError as exc:
-            self._bad("malformed", topic, item.payload, exc)
+            self._refuse(topic, item.payload, exc)
 
     def _device_gauges(self, device: str, h: dict[str, Any]) -> None:
         """The device's outbox, offload controller and fidelity, from its telemetry."""
@@ -408,23 +402,19 @@ class Bridge:
         message's ids to its device. If that transaction fails, each message is stored alone,
         so that one message the database refuses does not hold back the others (it is not
         acknowledged; its device sends it again)."""
-        decoded: list[tuple[_Incoming, list[p.ResultRecord], dict[str, str]]] = []
+        decoded: list[_Decoded] = []
         for item in items:
             try:
                 good, bad = p.ResultBatch.decode_lenient(item.payload)
-            except UnsupportedVersion as exc:
-                self._bad("version", p.topic(item.device, item.channel), item.payload, exc)
-                continue
             except ProtocolError as exc:
-                self._bad("malformed", p.topic(item.device, item.channel), item.payload, exc)
+                self._refuse(p.topic(item.device, item.channel), item.payload, exc)
                 continue
             for r in good:
                 if r.device != item.device:
                     bad[r.id] = f"record names device {r.device!r} but came from {item.device!r}"
             decoded.append((item, [r for r in good if r.id not in bad], bad))
         try:
-            outcome = ingest_results(self.sessions, [r for _, good, _ in decoded for r in good],
-                                     self.replica)
+            self._store_results(decoded)
         except StoreError:
             if len(decoded) == 1:
                 raise
@@ -432,17 +422,22 @@ class Bridge:
                         len(decoded))
             failed: StoreError | None = None
             stored = 0
-            for item, _, _ in decoded:
+            for one in decoded:
                 try:
-                    self._ingest_results([item])
+                    self._store_results([one])
                     stored += 1
                 except StoreError as exc:
                     failed = exc
                     self.metrics.store_errors.inc()
-                    log.error("database error, results of %s not stored: %s", item.device, exc)
+                    log.error("database error, results of %s not stored: %s", one[0].device,
+                              exc)
             if failed is not None and not stored:
                 raise failed from None  # the database, not a message: wait, then go on
-            return
+
+    def _store_results(self, decoded: list[_Decoded]) -> None:
+        """One transaction for the decoded messages, then an ack to each; raises StoreError."""
+        outcome = ingest_results(self.sessions, [r for _, good, _ in decoded for r in good],
+                                 self.replica)
         self.metrics.results_inserted.inc(len(outcome.inserted))
         self.metrics.results_duplicate.inc(len(outcome.duplicates))
         for item, good, bad in decoded:

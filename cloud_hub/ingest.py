@@ -165,20 +165,12 @@ def ingest_results(sessions: sessionmaker, records: list[ResultRecord],
                 inserted = _insert_sqlite(conn, rows)
             else:
                 raise StoreError(f"ingest supports SQLite and PostgreSQL, not {name}")
-            seen: set[str] = set()
-            fresh: list[str] = []
-            dup: list[str] = []
-            for r in records:
-                if r.id in inserted and r.id not in seen:
-                    fresh.append(r.id)
-                else:
-                    dup.append(r.id)
-                seen.add(r.id)
+            fresh, dup, committed = _split([r.id for r in records], set(by_id) - inserted)
             _touch_many(conn, [r.device for r in records], [by_id[i].device for i in dup], now)
             rollups.add(conn, replica, rollups.tally(by_id[i] for i in fresh))
     except SQLAlchemyError as exc:
         raise StoreError(f"could not store {len(records)} results: {exc}") from None
-    return IngestOutcome(fresh, dup, list(by_id))
+    return IngestOutcome(fresh, dup, committed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,13 +208,6 @@ def _hard_row(a: LateAnswer, device: str, now: float) -> dict[str, Any]:
             "cloud_label": a.label, "cloud_confidence": a.confidence, "cloud_model": a.model,
             "dtype": ex.input.dtype.name, "shape": list(ex.input.shape),
             "data": tensor_bytes(ex.input)}
-
-
-def record_telemetry(sessions: sessionmaker, device: str, telemetry: dict[str, Any],
-                     wire_version: int | None = None) -> list[str]:
-    """Store a device's telemetry; returns what was wrong with its labels (kept as they were
-    then: a selector could not name them anyway), empty if nothing."""
-    return record_telemetry_many(sessions, [(device, telemetry, wire_version)])[device]
 
 
 def record_telemetry_many(sessions: sessionmaker,

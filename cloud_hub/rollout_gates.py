@@ -25,8 +25,6 @@ from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Any, NamedTuple
 
-import numpy as np
-
 
 @dataclass(frozen=True, slots=True)
 class RolloutPolicy:
@@ -68,13 +66,6 @@ class Figures:
     disagreement: float | None  # among offloaded inputs that have a cloud answer
     p95_ms: float | None
     answered: int = 0           # offloaded inputs with a cloud answer (disagreement's sample)
-
-    @classmethod
-    def of(cls, offloaded: list[bool], disagree: list[bool], latency_ms: list[float]) -> Figures:
-        n = len(offloaded)
-        return cls(n, (sum(offloaded) / n) if n else None,
-                   (sum(disagree) / len(disagree)) if disagree else None,
-                   float(np.percentile(latency_ms, 95)) if latency_ms else None, len(disagree))
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,18 +70,16 @@ def tally(rows: Iterable[Any]) -> dict[Key, Tally]:
     return out
 
 
+COUNT_COLUMNS = ("results", "offloaded", "cloud_answered", "agree", "degraded",
+                 "bytes_offloaded")
+_KEY_COLUMNS = ("device", "model", "bucket", "replica")
+# Counters added by the database; the histogram as merged by `add`.
 _UPSERT = text(
-    "INSERT INTO result_rollups (device, model, bucket, replica, results, offloaded, "
-    "cloud_answered, agree, degraded, bytes_offloaded, latency) VALUES (:device, :model, "
-    ":bucket, :replica, :results, :offloaded, :cloud_answered, :agree, :degraded, "
-    ":bytes_offloaded, :latency) ON CONFLICT (device, model, bucket, replica) DO UPDATE SET "
-    "results = result_rollups.results + excluded.results, "
-    "offloaded = result_rollups.offloaded + excluded.offloaded, "
-    "cloud_answered = result_rollups.cloud_answered + excluded.cloud_answered, "
-    "agree = result_rollups.agree + excluded.agree, "
-    "degraded = result_rollups.degraded + excluded.degraded, "
-    "bytes_offloaded = result_rollups.bytes_offloaded + excluded.bytes_offloaded, "
-    "latency = excluded.latency")
+    f"INSERT INTO result_rollups ({', '.join((*_KEY_COLUMNS, *COUNT_COLUMNS, 'latency'))}) "
+    f"VALUES ({', '.join(f':{c}' for c in (*_KEY_COLUMNS, *COUNT_COLUMNS, 'latency'))}) "
+    f"ON CONFLICT ({', '.join(_KEY_COLUMNS)}) DO UPDATE SET "
+    + ", ".join(f"{c} = result_rollups.{c} + excluded.{c}" for c in COUNT_COLUMNS)
+    + ", latency = excluded.latency")
 
 
 def add(conn: Connection, replica: str, tallies: dict[Key, Tally]) -> None:
@@ -107,9 +105,7 @@ def add(conn: Connection, replica: str, tallies: dict[Key, Tally]) -> None:
         if key in held:
             sketch.merge_into(merged, held[key])
         params.append({"device": key[0], "model": key[1], "bucket": key[2], "replica": replica,
-                       "results": t.results, "offloaded": t.offloaded,
-                       "cloud_answered": t.cloud_answered, "agree": t.agree,
-                       "degraded": t.degraded, "bytes_offloaded": t.bytes_offloaded,
+                       **{c: getattr(t, c) for c in COUNT_COLUMNS},
                        "latency": sketch.encode(merged)})
     conn.execute(_UPSERT, params)
 
@@ -122,10 +118,6 @@ class Sums:
     counts: np.ndarray  # [group, 6]: results, offloaded, cloud_answered, agree, degraded, bytes
     hist: np.ndarray    # [group, kind, bin - lo]
     lo: int = 0
-
-
-COUNT_COLUMNS = ("results", "offloaded", "cloud_answered", "agree", "degraded",
-                 "bytes_offloaded")
 
 
 def read(s: Session, *, device: str | None = None, devices: Sequence[str] | None = None,

@@ -97,7 +97,7 @@ class DeviceLoad:
         self._sessions = [MqttSession(MqttConfig(port=broker_port, protocol="5",
                                                  client_id=f"{prefix}-{run}-{i}"),
                                       self._on_message, subs) for i in range(connections)]
-        random.seed(seed)
+        self._pick = random.Random(seed)
 
     # ------------------------------------------------------------------ control
 
@@ -123,7 +123,7 @@ class DeviceLoad:
             while len(self._active) < n:
                 d = _Device(f"{self.prefix}-{len(self._active):05d}")
                 now = time.monotonic()
-                d.next_telemetry = now + random.uniform(0, self.telemetry_s)
+                d.next_telemetry = now + self._pick.uniform(0, self.telemetry_s)
                 self._devices[d.id] = d
                 self._active.append(d)
                 self._publish(d, p.Channel.STATUS, p.status_payload("online", d.id, self.version),
