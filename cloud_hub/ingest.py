@@ -237,8 +237,9 @@ def record_telemetry_many(sessions: sessionmaker,
 def _apply_telemetry(dev: Device, telemetry: dict[str, Any], wire_version: int | None,
                      now: float) -> list[str]:
     bad: list[str] = []
+    # Online or not is the status channel's to say (retained, and the broker's last will):
+    # telemetry stored a moment after an offline status must not bring the device back.
     dev.last_seen = now
-    dev.online = True
     dev.telemetry = telemetry
     if wire_version is not None:
         dev.wire_version = wire_version

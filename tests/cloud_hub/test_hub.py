@@ -408,3 +408,23 @@ def test_a_message_the_database_refuses_does_not_hold_back_the_others(
     with bridge.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Result)) == 6
     assert bridge.metrics.registry.get_sample_value("ehi_hub_store_errors_total") >= 1
+
+
+def test_telemetry_stored_after_an_offline_status_keeps_the_device_offline(
+        bridge_on_bus) -> None:
+    """Telemetry is stored every half second; the last will that came after it is what the
+    device's state ends as."""
+    from cloud_hub.db import Device
+
+    bridge, bus, _ = bridge_on_bus
+    bus.publish("ehi/v1/dev-9/status", p.status_payload("online", "dev-9"))
+    bus.publish("ehi/v1/dev-9/telemetry", p.encode_json(p.Kind.TELEMETRY, {"model": "m@1"}))
+    bus.publish("ehi/v1/dev-9/status", p.status_payload("offline", "dev-9"))
+
+    def stored() -> Device | None:
+        with bridge.sessions() as s:
+            d = s.get(Device, "dev-9")
+            return d if d is not None and d.telemetry is not None else None
+    assert wait_until(lambda: stored() is not None)
+    time.sleep(0.1)
+    assert stored().online is False  # type: ignore[union-attr]
