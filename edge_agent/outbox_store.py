@@ -29,10 +29,9 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from edge_agent.errors import ConfigError
 
@@ -57,8 +56,9 @@ class EntryKind(IntEnum):
     HARD = 1  # a hard example awaiting a (late) cloud answer
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One outbox entry (a tuple: the answering path makes one per input)."""
+
     seq: int
     kind: EntryKind
     id: str

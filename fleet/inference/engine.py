@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,17 +14,23 @@ from fleet.inference.backends import BackendOptions, InferenceBackend
 from fleet.inference.errors import InputError
 from fleet.inference.fidelity import FidelityMode
 from fleet.inference.model import Model, read_bundle, select_backend
-from fleet.inference.policy import CONFIDENCE_POLICIES, HardExamplePolicy, softmax
+from fleet.inference.policy import (
+    CONFIDENCE_POLICIES,
+    SCALAR_MAX_CLASSES,
+    HardExamplePolicy,
+    softmax,
+    softmax_one,
+)
 
 DEFAULT_POLICY = "max_prob"
 DEFAULT_THRESHOLD = 0.2
 
 
-@dataclass(frozen=True, slots=True)
-class LocalResult:
+class LocalResult(NamedTuple):
+    """What the edge model made of one input (a tuple: the hot path builds one per input)."""
+
     label: int
     confidence: float
-    probs: np.ndarray
     score: float
     hard: bool
     edge_ms: float
@@ -96,10 +101,17 @@ class Engine(Model):
             raise InputError(str(exc)) from None
         if x.shape[0] != 1:
             raise InputError(f"submit one sample at a time, got a batch of {x.shape[0]}")
-        probs = softmax(self.backend.run(x))[0]
-        label = int(probs.argmax())
-        decision = self.policy.decide(probs)
-        return LocalResult(label, float(probs[label]), probs, decision.score, decision.hard,
+        logits = self.backend.run(x)[0]
+        policy = self.policy
+        if logits.size <= SCALAR_MAX_CLASSES:
+            probs, label = softmax_one(logits)
+            score = policy.score_one(probs, label)
+            confidence = probs[label]
+        else:
+            p = softmax(logits)
+            label = int(p.argmax())
+            score, confidence = float(policy.scores(p)[0]), float(p[label])
+        return LocalResult(label, confidence, score, score > policy.threshold,
                            (time.perf_counter() - t0) * 1000.0)
 
     def run_batch(self, raw: np.ndarray) -> list[LocalResult]:
@@ -113,6 +125,6 @@ class Engine(Model):
         labels = probs.argmax(axis=1)
         scores = self.policy.scores(probs)
         per_input_ms = (time.perf_counter() - t0) * 1000.0 / len(probs)
-        return [LocalResult(int(lab), float(p[lab]), p, float(s), bool(s > self.policy.threshold),
+        return [LocalResult(int(lab), float(p[lab]), float(s), bool(s > self.policy.threshold),
                             per_input_ms)
                 for lab, p, s in zip(labels, probs, scores, strict=True)]

@@ -14,12 +14,19 @@ threshold sweep, the fitting and the AUROC of "score predicts an edge error" uni
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 ScoreFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# The same score for one input's probabilities as plain floats, with its top class.
+OneScoreFn = Callable[[Sequence[float], int, np.random.Generator], float]
+
+# Up to this many classes, one input's softmax and score run on Python floats: numpy's fixed
+# cost per call (about 0.4 us, 0.8 for a reduction) is most of the work on ten classes.
+SCALAR_MAX_CLASSES = 64
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -29,6 +36,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(z)
     out: np.ndarray = e / e.sum(axis=-1, keepdims=True)
     return out
+
+
+def softmax_one(logits: np.ndarray) -> tuple[list[float], int]:
+    """One input's probabilities as floats (float64, as `softmax`) and its top class.
+
+    Computed on Python floats: for a small model's handful of classes four times cheaper than
+    numpy's calls, and equal to `softmax` up to the summation's rounding (1e-16)."""
+    v = logits.tolist()
+    top = max(v)
+    label = v.index(top)
+    e = [math.exp(a - top) for a in v]
+    total = math.fsum(e)
+    return [a / total for a in e], label
 
 
 def _max_prob(p: np.ndarray, _rng: np.random.Generator) -> np.ndarray:
@@ -62,6 +82,24 @@ def _ones(p: np.ndarray, _rng: np.random.Generator) -> np.ndarray:
     return np.ones(p.shape[0])
 
 
+def _max_prob_one(p: Sequence[float], label: int, _rng: np.random.Generator) -> float:
+    return 1.0 - p[label]
+
+
+def _margin_one(p: Sequence[float], label: int, _rng: np.random.Generator) -> float:
+    second = max((q for i, q in enumerate(p) if i != label), default=0.0)
+    return 1.0 - (p[label] - second)
+
+
+def _entropy_one(p: Sequence[float], _label: int, _rng: np.random.Generator) -> float:
+    h = -math.fsum(q * math.log(q) for q in (min(max(q, 1e-12), 1.0) for q in p))
+    return min(max(h / math.log(len(p)), 0.0), 1.0)
+
+
+def _random_one(_p: Sequence[float], _label: int, rng: np.random.Generator) -> float:
+    return float(rng.random())
+
+
 SCORES: dict[str, ScoreFn] = {
     "max_prob": _max_prob,
     "margin": _margin,
@@ -69,6 +107,14 @@ SCORES: dict[str, ScoreFn] = {
     "random": _random,
     "edge_only": _zeros,
     "cloud_only": _ones,
+}
+SCORES_ONE: dict[str, OneScoreFn] = {
+    "max_prob": _max_prob_one,
+    "margin": _margin_one,
+    "entropy": _entropy_one,
+    "random": _random_one,
+    "edge_only": lambda _p, _label, _rng: 0.0,
+    "cloud_only": lambda _p, _label, _rng: 1.0,
 }
 # Policies whose threshold is fitted on validation data; the others are baselines.
 CONFIDENCE_POLICIES = ("max_prob", "margin", "entropy")
@@ -91,6 +137,7 @@ class HardExamplePolicy:
         self.name = name
         self.threshold = BASELINE_THRESHOLDS.get(name, threshold)
         self._score = SCORES[name]
+        self._score_one = SCORES_ONE[name]
         self._rng = np.random.default_rng(seed)
 
     def scores(self, probs: np.ndarray) -> np.ndarray:
@@ -99,6 +146,10 @@ class HardExamplePolicy:
     def decide(self, probs: np.ndarray) -> Decision:
         s = float(self.scores(probs)[0])
         return Decision(score=s, hard=s > self.threshold)
+
+    def score_one(self, probs: Sequence[float], label: int) -> float:
+        """`scores` of one input's probabilities given as floats, with their top class."""
+        return self._score_one(probs, label, self._rng)
 
     def __repr__(self) -> str:
         return f"HardExamplePolicy({self.name!r}, threshold={self.threshold:.4g})"

@@ -9,6 +9,7 @@ A manifest's `preprocessing` is a list of steps:
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,20 +24,34 @@ _MAX_BUFFERS = 8
 
 # A step works in place on a float32 working array and returns it (or a view of it).
 Step = Callable[[np.ndarray], np.ndarray]
+# A first step may instead read the raw batch and write the working array: the copy into
+# float32 and the step's first operation in one pass.
+IntoStep = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+_ZERO32, _ONE32 = np.float32(0.0), np.float32(1.0)
 
 
 def _minmax(spec: dict[str, Any]) -> Step:
+    into = _minmax_into(spec)
+    return lambda x: into(x, x)
+
+
+def _minmax_into(spec: dict[str, Any]) -> IntoStep:
     lo, hi = float(spec["min"]), float(spec["max"])
     if hi <= lo:
         raise BundleError(f"minmax step needs max > min, got {lo}..{hi}")
     scale = np.float32(1.0 / (hi - lo))
     lo32 = np.float32(lo)
 
-    def step(x: np.ndarray) -> np.ndarray:
+    def step(src: np.ndarray, out: np.ndarray) -> np.ndarray:
         if lo32:
-            np.subtract(x, lo32, out=x)
-        np.multiply(x, scale, out=x)
-        return np.clip(x, 0.0, 1.0, out=x)
+            np.subtract(src, lo32, out=out)
+            np.multiply(out, scale, out=out)
+        else:
+            np.multiply(src, scale, out=out)
+        # np.clip's Python wrapper costs twice these two ufuncs on a small input.
+        np.minimum(out, _ONE32, out=out)
+        return np.maximum(out, _ZERO32, out=out)
 
     return step
 
@@ -63,6 +78,10 @@ def _transpose(spec: dict[str, Any]) -> Step:
     return lambda x: x.transpose(axes)
 
 
+_INTO_STEPS: dict[str, Callable[[dict[str, Any]], IntoStep]] = {
+    "minmax": _minmax_into,
+}
+
 _STEPS: dict[str, Callable[[dict[str, Any]], Step]] = {
     "minmax": _minmax,
     "standardize": _standardize,
@@ -79,6 +98,8 @@ class Preprocessor:
         self._sample_shape = tuple(s for s in raw_input.shape)
         self._local = threading.local()
         self._steps: list[Step] = []
+        # The first step, when it can read the raw batch itself (see `_start`).
+        self._into: IntoStep | None = None
         for spec in steps:
             kind = spec.get("type")
             if kind not in _STEPS:
@@ -87,6 +108,11 @@ class Preprocessor:
                 self._steps.append(_STEPS[kind](spec))
             except KeyError as exc:
                 raise BundleError(f"preprocessing step {kind!r} is missing {exc}") from None
+        if steps and steps[0].get("type") in _INTO_STEPS:
+            self._into = _INTO_STEPS[steps[0]["type"]](steps[0])
+        self._rest = self._steps[1:] if self._into is not None else self._steps
+        # Zeros to test a float input's finiteness with one dot product (see `check`).
+        self._zeros: dict[tuple[np.dtype[Any], int], np.ndarray] = {}
 
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> Preprocessor:
@@ -104,9 +130,24 @@ class Preprocessor:
             raise ProtocolError(
                 f"input shape {list(x.shape)} does not match {list(self._sample_shape)} "
                 f"(one sample) or [N, {', '.join(map(str, self._sample_shape))}] (a batch)")
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
+        if x.dtype.kind == "f" and not self._finite(x):
             raise ProtocolError("input contains NaN or infinity")
         return x
+
+    def _finite(self, x: np.ndarray) -> bool:
+        """Whether every element is finite. 0 * inf and 0 * NaN are NaN and 0 * a finite
+        number is 0, so the dot product with zeros is NaN exactly when an element is not
+        finite, and cannot overflow: one BLAS call instead of isfinite's temporary and its
+        reduction (0.4 against 1.1 us on a digit)."""
+        if x.dtype not in (np.float32, np.float64):
+            return bool(np.isfinite(x).all())
+        key = (x.dtype, x.size)
+        zeros = self._zeros.get(key)
+        if zeros is None:
+            if len(self._zeros) >= _MAX_BUFFERS:
+                self._zeros.clear()
+            zeros = self._zeros[key] = np.zeros(x.size, dtype=x.dtype)
+        return not math.isnan(np.vdot(x, zeros))
 
     def check_sample(self, x: np.ndarray) -> np.ndarray:
         """One raw sample, validated (for callers that batch samples themselves)."""
@@ -124,19 +165,30 @@ class Preprocessor:
         """
         batch = self.check(x)
         if not reuse:
-            work = batch.astype(np.float32)  # a copy: the steps work in place
-            for step in self._steps:
+            work = self._start(batch, np.empty(batch.shape, dtype=np.float32))
+            for step in self._rest:
                 work = step(work)
             return np.ascontiguousarray(work)
-        work = self._buffer("work", batch.shape)
-        np.copyto(work, batch, casting="unsafe")
-        for step in self._steps:
+        work = self._start(batch, self._buffer("work", batch.shape))
+        for step in self._rest:
             work = step(work)
         if work.flags.c_contiguous:
             return work
         out = self._buffer("out", work.shape)
         np.copyto(out, work)
         return out
+
+    def _start(self, batch: np.ndarray, work: np.ndarray) -> np.ndarray:
+        """Copy the raw batch into the float32 working array, applying the first step on the
+        way where it can read the raw dtype exactly as its float32 copy (every uint8 or
+        float32 input): the same numbers as copying first, one pass fewer."""
+        if self._into is not None and np.can_cast(batch.dtype, np.float32, "safe"):
+            return self._into(batch, work)
+        with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf, then clipped
+            np.copyto(work, batch, casting="unsafe")
+        if self._into is not None:
+            return self._into(work, work)
+        return work
 
     def _buffer(self, role: str, shape: tuple[int, ...]) -> np.ndarray:
         bufs: dict[tuple[str, tuple[int, ...]], np.ndarray] = self._local.__dict__.setdefault(

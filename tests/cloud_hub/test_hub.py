@@ -6,6 +6,7 @@ import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -391,7 +392,8 @@ def test_a_message_the_database_refuses_does_not_hold_back_the_others(
 
     real = bridge_mod.ingest_results
 
-    def refusing(sessions, records, replica="hub-0"):  # type: ignore[no-untyped-def]
+    def refusing(sessions: Any, records: list[p.ResultRecord],
+                 replica: str = "hub-0") -> Any:
         if any(r.device == "poison" for r in records):
             raise StoreError("refused by the database")
         return real(sessions, records, replica)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fleet.inference.policy import HardExamplePolicy, softmax
+from fleet.inference.policy import HardExamplePolicy, softmax, softmax_one
 from models.digits.evaluate import auroc, cascade_curve
 
 
@@ -59,3 +59,27 @@ def test_auroc_and_cascade_curve() -> None:
     i = int(np.argmin(np.abs(rate - 0.5)))
     assert acc[i] == 1.0                               # offloading the two hard ones suffices
     assert acc[-1] == 0.5 and rate[-1] == 0.0
+
+
+@pytest.mark.parametrize("name", ["max_prob", "margin", "entropy", "edge_only", "cloud_only"])
+def test_one_input_path_agrees_with_the_batch_path(name: str) -> None:
+    """The engine scores one input on Python floats (softmax_one, score_one) and a batch with
+    numpy (softmax, scores): the same label, probabilities and score, to rounding."""
+    rng = np.random.default_rng(7)
+    pol = HardExamplePolicy(name, 0.1)
+    for _ in range(500):
+        k = int(rng.integers(2, 20))
+        logits = (rng.normal(size=k) * rng.uniform(0.1, 40)).astype(np.float32)
+        probs, label = softmax_one(logits)
+        batch = softmax(logits[None])
+        assert label == int(batch[0].argmax())
+        assert np.allclose(probs, batch[0], rtol=0, atol=1e-15)
+        assert pol.score_one(probs, label) == pytest.approx(float(pol.scores(batch)[0]),
+                                                            rel=0, abs=1e-12)
+
+
+def test_one_input_random_policy_draws_the_same_stream() -> None:
+    one, many = HardExamplePolicy("random", 0.5, seed=3), HardExamplePolicy("random", 0.5, seed=3)
+    p = [0.5, 0.5]
+    assert [one.score_one(p, 0) for _ in range(5)] == [
+        float(many.scores(np.array(p))[0]) for _ in range(5)]
