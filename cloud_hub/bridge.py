@@ -213,7 +213,7 @@ class Bridge:
 
     def publish_desired(self, topic: str, payload: bytes) -> bool:
         """Publish a desired-model assignment, retained, so an offline device gets it later."""
-        return self.transport.publish(topic, payload, qos=1, retain=True)
+        return self.transport.publish(topic, payload, qos=p.QOS[p.Channel.DESIRED], retain=True)
 
     def _on_connect(self) -> None:
         self._connected_at = time.monotonic()
@@ -294,7 +294,8 @@ class Bridge:
 
     def _answer(self, device: str, answer: p.Answer) -> None:
         self.transport.publish(p.topic(device, p.Channel.ANSWER),
-                               answer.encode(self.wire_version(device)), qos=1)
+                               answer.encode(self.wire_version(device)),
+                               qos=p.QOS[p.Channel.ANSWER])
 
     def wire_version(self, device: str) -> int:
         """The version to write to `device` in: the one it last wrote (1 if not known)."""
@@ -447,7 +448,8 @@ class Bridge:
                             item.device, next(iter(bad.items())))
             ack = p.Ack(list(dict.fromkeys(r.id for r in good)), bad)
             self.transport.publish(p.topic(item.device, p.Channel.ACK),
-                                   ack.encode(self.wire_version(item.device)), qos=1)
+                                   ack.encode(self.wire_version(item.device)),
+                                   qos=p.QOS[p.Channel.ACK])
 
     def _ingest_hard(self, item: _Incoming) -> None:
         """Answer hard examples with the cloud model, store them with the answer, then ack."""
@@ -467,4 +469,5 @@ class Bridge:
                         next(iter(bad.items())))
         ack = p.Ack(outcome.committed, bad, of="hard")
         self.transport.publish(p.topic(item.device, p.Channel.ACK),
-                               ack.encode(self.wire_version(item.device)), qos=1)
+                               ack.encode(self.wire_version(item.device)),
+                                   qos=p.QOS[p.Channel.ACK])

@@ -144,10 +144,10 @@ class Agent:
         self._topics = {c: p.topic(self.device, c) for c in p.Channel}
         will = Will(self._topics[p.Channel.STATUS],
                     p.status_payload("offline", self.device, settings.wire_version))
-        subs = [(self._topics[p.Channel.ANSWER], 1), (self._topics[p.Channel.ACK], 1)]
+        subs = [(self._topics[c], p.QOS[c]) for c in (p.Channel.ANSWER, p.Channel.ACK)]
         self.updater: Updater | None = None
         if self.slots is not None:
-            subs.append((self._topics[p.Channel.DESIRED], 1))
+            subs.append((self._topics[p.Channel.DESIRED], p.QOS[p.Channel.DESIRED]))
             self.updater = self._make_updater(self.slots)
         factory = transport_factory or self._mqtt_factory
         self.transport = factory(self._on_message, subs, self._on_connect, will)
@@ -244,7 +244,8 @@ class Agent:
 
     def _publish_report(self, report: Reported) -> None:
         self.transport.publish(self._topics[p.Channel.REPORTED],
-                               report.encode(self.wire_version), qos=1, retain=True)
+                               report.encode(self.wire_version),
+                               qos=p.QOS[p.Channel.REPORTED], retain=True)
 
     def _mqtt_factory(self, on_message: Callable[[str, bytes], None],
                       subs: list[tuple[str, int]], on_connect: Callable[[], None],
@@ -411,7 +412,8 @@ class Agent:
                             edge_label=local.label, edge_score=local.score
                             ).encode(self.wire_version)
         self.counters.inc("offloaded")
-        if not self.transport.publish(self._topics[p.Channel.OFFLOAD], payload, qos=1,
+        if not self.transport.publish(self._topics[p.Channel.OFFLOAD], payload,
+                                      qos=p.QOS[p.Channel.OFFLOAD],
                                       expiry_s=deadline_s):
             self.pending.cancel(rid)
             return 0
@@ -485,7 +487,7 @@ class Agent:
     def _on_connect(self) -> None:
         self.transport.publish(self._topics[p.Channel.STATUS],
                                p.status_payload("online", self.device, self.wire_version),
-                               qos=1, retain=True)
+                               qos=p.QOS[p.Channel.STATUS], retain=True)
         if self.updater is not None:
             self.updater.publish_report()
         self.outbox.resend_all()  # also wakes the sender
@@ -523,4 +525,5 @@ class Agent:
     def publish_telemetry(self) -> None:
         self.transport.publish(self._topics[p.Channel.TELEMETRY],
                                p.encode_json(p.Kind.TELEMETRY, self.telemetry(),
-                                             self.wire_version), qos=0)
+                                             self.wire_version),
+                               qos=p.QOS[p.Channel.TELEMETRY])

@@ -122,7 +122,8 @@ class ResultSender:
                 payload = (p.ResultBatch(batch.ids, blobs).encode(self.wire_version)
                            if kind is EntryKind.RESULT
                            else p.encode_hard_batch(batch.ids, blobs, self.wire_version))
-                if not self.transport.publish(self._topic(channel), payload, qos=1):
+                if not self.transport.publish(self._topic(channel), payload,
+                                              qos=p.QOS[channel]):
                     return sent
                 self.outbox.mark_sent(batch)
                 self._drain.take(len(batch))

@@ -133,7 +133,7 @@ def test_preprocessing_finiteness_check_is_exact(dtype: type) -> None:
     """The finiteness test is a dot product with zeros: one NaN or infinity anywhere is
     caught, and huge finite numbers (whose sum would overflow) are not refused."""
     pre = Preprocessor.for_manifest(load_bundle(EDGE_BUNDLE).manifest)
-    big = np.full((3, 8, 8), np.finfo(dtype).max, dtype=dtype)
+    big: np.ndarray = np.full((3, 8, 8), np.finfo(dtype).max, dtype=dtype)
     assert pre(big).max() == 1.0
     for bad in (np.nan, np.inf, -np.inf):
         for at in ((0, 0, 0), (2, 7, 7), (1, 3, 4)):
@@ -151,7 +151,7 @@ def test_preprocessing_gives_the_same_numbers_for_every_input_dtype(dtype: type)
     the steps, in both the fresh and the reused-buffer paths."""
     pre = Preprocessor.for_manifest(load_bundle(EDGE_BUNDLE).manifest)
     rng = np.random.default_rng(5)
-    x = rng.uniform(-3, 20, size=(4, 8, 8)).astype(dtype)
+    x: np.ndarray = rng.uniform(-3, 20, size=(4, 8, 8)).astype(dtype)
     want = np.clip(x.astype(np.float32) * np.float32(1 / 16), 0, 1).reshape(4, 1, 8, 8)
     assert np.array_equal(pre(x), want)
     assert np.array_equal(pre(x, reuse=True), want)
