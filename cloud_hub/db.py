@@ -96,15 +96,8 @@ class Result(Base):
     offload_bytes: Mapped[int] = mapped_column(Integer)
 
 
-class ResultRollup(Base):
-    """Running sums of the results of one device on one model in one minute, as one hub
-    replica stored them: what /v1/stats and the rollout gates read instead of result rows.
-
-    Each replica adds to its own rows only (`replica` is in the key), so replicas never write
-    the same row; readers add the replicas up. `latency` is a sparse histogram
-    (cloud_hub/latency_sketch.py) of every result's latency by source."""
-
-    __tablename__ = "result_rollups"
+class _RollupColumns:
+    """The columns of a rollup row (see ResultRollup)."""
 
     device: Mapped[str] = mapped_column(String(64), primary_key=True)
     model: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -117,6 +110,24 @@ class ResultRollup(Base):
     degraded: Mapped[int] = mapped_column(BigInteger)
     bytes_offloaded: Mapped[int] = mapped_column(BigInteger)
     latency: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ResultRollup(_RollupColumns, Base):
+    """Running sums of the results of one device on one model in one minute, as one hub
+    replica stored them: what /v1/stats and the rollout gates read instead of result rows.
+
+    Each replica adds to its own rows only (`replica` is in the key), so replicas never write
+    the same row; readers add the replicas up. `latency` is a sparse histogram
+    (cloud_hub/latency_sketch.py) of every result's latency by source."""
+
+    __tablename__ = "result_rollups"
+
+
+class ResultRollupHour(_RollupColumns, Base):
+    """The same sums per hour, kept beside the minutes in the same transaction: a window of
+    whole hours, or no window, reads 60 times fewer rows (cloud_hub/rollups.py)."""
+
+    __tablename__ = "result_rollups_hour"
 
 
 class HardExample(Base):

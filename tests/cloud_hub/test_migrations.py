@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 
-from cloud_hub.db import Base, init_db, make_engine
+from cloud_hub.db import Base, ResultRollupHour, init_db, make_engine
 
 
 def test_migrations_match_the_models(database_url: str) -> None:
@@ -21,7 +21,7 @@ def test_migrations_match_the_models(database_url: str) -> None:
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
             assert diff == [], f"models and migrations differ; add a migration: {diff}"
             version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
-        assert version == "0009"
+        assert version == "0010"
         assert {"devices", "results", "hard_examples", "models", "rollback_directives",
                 "desired_models"} <= set(inspect(eng).get_table_names())
     finally:
@@ -75,6 +75,37 @@ def test_upgrade_to_0008_sums_the_results_already_stored(database_url: str) -> N
             sums = read(s, by_group=False)
         assert sums.counts.tolist() == [[30, 10, 10, 0, 0, 3000]]
         assert int(sums.hist.sum()) == 30
+    finally:
+        eng.dispose()
+
+
+def test_upgrade_to_0010_adds_up_the_minutes_into_hours(database_url: str) -> None:
+    """The hour rows are added up from every replica's minute rows: a read with no window,
+    now from the hours, gives what the minutes held."""
+    from alembic import command
+
+    from cloud_hub import rollups
+    from cloud_hub.db import alembic_config, session_factory
+    from tests.cloud_hub.test_hub import record
+
+    recs = [record(i, device=f"d{i % 3}", ts=500.0 + i * 211.0) for i in range(90)]
+    eng = make_engine(database_url)
+    try:
+        with eng.begin() as conn:
+            command.upgrade(alembic_config(conn), "0009")
+            rollups.add_span(conn, rollups.MINUTE, "hub-a", rollups.tally(recs[:40]))
+            rollups.add_span(conn, rollups.MINUTE, "hub-b", rollups.tally(recs[40:]))
+        init_db(eng)
+        with session_factory(eng)() as s:
+            assert rollups.plan(None, None) == [(rollups.HOUR, None, None)]
+            sums = rollups.read(s)
+            hours = s.execute(select(ResultRollupHour.bucket, ResultRollupHour.replica)).all()
+        assert len({b for b, _ in hours}) == 6 and {r for _, r in hours} == {"hub-a", "hub-b"}
+        by_device = {g[0]: c for g, c in zip(sums.groups, sums.counts.tolist(), strict=True)}
+        for d in ("d0", "d1", "d2"):
+            mine = [r for r in recs if r.device == d]
+            assert by_device[d][:2] == [len(mine), sum(r.offloaded for r in mine)]
+        assert int(sums.hist.sum()) == 90
     finally:
         eng.dispose()
 

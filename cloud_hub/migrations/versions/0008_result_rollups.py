@@ -53,7 +53,8 @@ def _backfill() -> None:
         if not rows:
             return
         last = rows[-1].n
-        rollups.add(conn, "migration", rollups.tally(rows))
+        # Minutes only: the hour rows (revision 0010) are added up from these.
+        rollups.add_span(conn, rollups.MINUTE, "migration", rollups.tally(rows))
 
 
 def downgrade() -> None:
