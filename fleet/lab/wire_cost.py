@@ -33,8 +33,9 @@ def cloud_only_bytes_per_input(x: np.ndarray, device: str, model_ref: str, cloud
                                deadline_ms: float, protocol: Literal["3.1.1", "5"] = "3.1.1",
                                version: int = p.PROTOCOL_VERSION) -> float:
     """A device's link, per input, if every input went to the cloud and came back answered:
-    the offload and its PUBACK, the answer and its PUBACK, as the agent and hub encode them
-    (ids as the agent draws them; the offload's message expiry on MQTT 5)."""
+    the offload and the answer as the agent and hub encode them, at the contract's QoS (with
+    a PUBACK each at QoS 1; ids as the agent draws them; the offload's message expiry on
+    MQTT 5)."""
     total = 0
     prefix = "0123456789abcdef"
     up = p.topic(device, p.Channel.OFFLOAD)
@@ -44,6 +45,8 @@ def cloud_only_bytes_per_input(x: np.ndarray, device: str, model_ref: str, cloud
         off = p.Offload(id=rid, model=model_ref, input=xi, deadline_ms=deadline_ms,
                         sent_at=1_764_000_000.123456, edge_label=0, edge_score=0.0).encode(version)
         ans = p.Answer(rid, 0, 0.987654, cloud_ref, hub_ms=0.123).encode(version)
-        total += publish_bytes(up, len(off), 1, protocol, properties=5)
-        total += publish_bytes(down, len(ans), 1, protocol) + 2 * PUBACK_BYTES
+        for topic, payload, qos, props in (
+                (up, off, p.QOS[p.Channel.OFFLOAD], 5), (down, ans, p.QOS[p.Channel.ANSWER], 0)):
+            total += publish_bytes(topic, len(payload), qos, protocol, properties=props)
+            total += PUBACK_BYTES if qos else 0
     return total / max(1, len(x))
