@@ -47,6 +47,10 @@ class _BoundedServer(ThreadingHTTPServer):
     """One thread per connection, at most `max_connections` of them."""
 
     daemon_threads = True
+    # The listen backlog: socketserver's default of 5 let a burst of connections overflow the
+    # accept queue (the kernel dropped or reset them; a client waited 1 s for its SYN to be
+    # sent again, or saw "connection reset"). Connections beyond `max_connections` get a 503.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: Any, max_connections: int,
                  on_refused: Any) -> None:
