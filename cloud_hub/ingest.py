@@ -243,9 +243,16 @@ def _apply_telemetry(dev: Device, telemetry: dict[str, Any], wire_version: int |
     dev.telemetry = telemetry
     if wire_version is not None:
         dev.wire_version = wire_version
-    dev.model = str(telemetry.get("model")) if telemetry.get("model") else dev.model
+    # The model and its fidelity are also in update reports, stored at once, while telemetry
+    # waits up to half a second: a heartbeat older than the last report (both on the device's
+    # clock) must not take the model back to the one before an install.
+    ts = telemetry.get("ts")
+    current = (dev.reported_at is None or not isinstance(ts, int | float)
+               or ts >= dev.reported_at)
+    if current and telemetry.get("model"):
+        dev.model = str(telemetry["model"])
     dev.backend = str(telemetry.get("backend")) if telemetry.get("backend") else dev.backend
-    if isinstance(telemetry.get("fidelity"), dict):
+    if current and isinstance(telemetry.get("fidelity"), dict):
         dev.fidelity = telemetry["fidelity"]
     if isinstance(telemetry.get("offload"), dict):
         dev.offload = telemetry["offload"]

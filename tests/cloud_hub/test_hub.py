@@ -412,6 +412,31 @@ def test_a_message_the_database_refuses_does_not_hold_back_the_others(
     assert bridge.metrics.registry.get_sample_value("ehi_hub_store_errors_total") >= 1
 
 
+def test_telemetry_older_than_an_update_report_does_not_undo_it(database_url: str) -> None:
+    """A heartbeat sent before an install but stored after its report (telemetry waits up to
+    half a second, reports do not) leaves the device on the model it reported; a newer
+    heartbeat still says what the device runs."""
+    from cloud_hub.assignments import record_reported
+    from cloud_hub.db import Device
+    from cloud_hub.ingest import record_telemetry_many
+    from fleet.contract.assignment import Reported, UpdateState
+
+    eng = make_engine(database_url)
+    init_db(eng)
+    sessions = session_factory(eng)
+    try:
+        record_telemetry_many(sessions, [("dev-5", {"ts": 100.0, "model": "m@1"}, 2)])
+        record_reported(sessions, "dev-5", Reported("dev-5", "m@2", UpdateState.IDLE, ts=110.0))
+        record_telemetry_many(sessions, [("dev-5", {"ts": 105.0, "model": "m@1"}, 2)])
+        with sessions() as s:
+            assert s.get(Device, "dev-5").model == "m@2"  # type: ignore[union-attr]
+        record_telemetry_many(sessions, [("dev-5", {"ts": 120.0, "model": "m@1"}, 2)])
+        with sessions() as s:
+            assert s.get(Device, "dev-5").model == "m@1"  # type: ignore[union-attr]
+    finally:
+        eng.dispose()
+
+
 def test_telemetry_stored_after_an_offline_status_keeps_the_device_offline(
         bridge_on_bus) -> None:
     """Telemetry is stored every half second; the last will that came after it is what the
