@@ -429,10 +429,10 @@ def test_telemetry_older_than_an_update_report_does_not_undo_it(database_url: st
         record_reported(sessions, "dev-5", Reported("dev-5", "m@2", UpdateState.IDLE, ts=110.0))
         record_telemetry_many(sessions, [("dev-5", {"ts": 105.0, "model": "m@1"}, 2)])
         with sessions() as s:
-            assert s.get(Device, "dev-5").model == "m@2"  # type: ignore[union-attr]
+            assert s.get(Device, "dev-5").model == "m@2"
         record_telemetry_many(sessions, [("dev-5", {"ts": 120.0, "model": "m@1"}, 2)])
         with sessions() as s:
-            assert s.get(Device, "dev-5").model == "m@1"  # type: ignore[union-attr]
+            assert s.get(Device, "dev-5").model == "m@1"
     finally:
         eng.dispose()
 
