@@ -47,12 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 import numpy as np
 
-from cloud_hub.stats import percentile
 from fleet.contract import protocol as p
 from fleet.inference.cpu import cpu_name
 from fleet.lab.brokers import start_broker
 from fleet.lab.device_load import DeviceLoad
 from fleet.lab.hub_metrics import scrape
+from fleet.lab.percentiles import percentile
 from fleet.lab.processes import ProcessGroup, start_hub, wait_until, work_folder
 from fleet.transport.mqtt import MqttConfig, MqttSession
 from fleet.transport.ports import free_port

@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from cloud_hub.stats import percentile
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
 from fleet.contract import protocol as p
 from fleet.inference.cpu import cpu_name
 from fleet.lab.brokers import start_broker
+from fleet.lab.percentiles import percentile
 from fleet.lab.processes import ProcessGroup, start_hub, wait_until, work_folder
 from fleet.transport.ports import free_port
 from fleet.transport.tuning import tune_gil_switch_interval

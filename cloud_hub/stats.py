@@ -15,11 +15,6 @@ from cloud_hub import rollups
 from cloud_hub.db import Device, HardExample, filter_results
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """The `q`th percentile of `values` to 3 decimals (None for none)."""
-    return round(float(np.percentile(values, q)), 3) if values else None
-
-
 def compute_stats(s: Session, device: str | None = None, since: float | None = None,
                   until: float | None = None) -> dict[str, Any]:
     """Count, offload rate, edge-cloud agreement on offloaded inputs, latency percentiles and

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from cloud_hub.stats import percentile
 from edge_agent.config import TomlValue, write_settings
 from fleet.cli.hub_client import HubClient, HubClientError
 from fleet.contract.errors import FleetError
 from fleet.contract.protocol import Offload
 from fleet.lab.brokers import RunningBroker, start_broker
+from fleet.lab.percentiles import percentile
 from fleet.lab.processes import ManagedProcess, ProcessGroup, start_hub, work_folder
 from fleet.lab.wire_cost import cloud_only_bytes_per_input
 from fleet.transport.ports import free_port
