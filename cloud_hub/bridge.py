@@ -247,6 +247,8 @@ class Bridge:
             self._bad("topic", topic, payload, exc)
             return
         self.metrics.messages.labels(channel.value).inc()
+        # Status and reports are retained: the broker hands the hub copies written before the
+        # device's last upgrade, which say nothing of the version it speaks now.
         if channel is not p.Channel.STATUS and channel is not p.Channel.REPORTED:
             v = p.frame_version(payload)
             if v in p.SUPPORTED_VERSIONS:
