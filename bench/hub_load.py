@@ -2,9 +2,10 @@
 
     python bench/hub_load.py [--steps 250,500,1000,1500] [--step-s 20] [--rate 1] [--offload 0.2]
                              [--stats-rows 1000000] [--parts ramp,stats,batching,ingest]
-                             [--json PATH]
+                             [--roles one|split] [--json PATH]
 
-Starts its own Mosquitto, a fresh PostgreSQL database on 127.0.0.1 and `cloud-hub serve`, then:
+Starts its own Mosquitto, a fresh PostgreSQL database on 127.0.0.1 and `cloud-hub serve` (with
+`--roles split`, two: one answering offloads, one storing the rest), then:
 
 1. **Ramp** (`fleet/lab/device_load.py`): devices at `--rate` inputs/s each, `--offload` of them
    offloaded to the hub's cloud model (deadline 250 ms), result batches every 0.2 s resent until
@@ -86,7 +87,7 @@ def drop_database(url: str) -> None:
 # ---------------------------------------------------------------------------- 1. ramp
 
 
-def ramp(args: argparse.Namespace, broker_port: int, hub_url: str, db_url: str
+def ramp(args: argparse.Namespace, broker_port: int, hub_urls: list[str], db_url: str
          ) -> dict[str, Any]:
     data = np.load(STREAMS_FILE)
     x, y = data["mixed_x"], data["mixed_y"]
@@ -108,17 +109,17 @@ def ramp(args: argparse.Namespace, broker_port: int, hub_url: str, db_url: str
             time.sleep(2.0)  # the new devices' first messages
             load.take_rtts()
             before = load.snapshot()
-            inserted0 = scrape(hub_url, "ehi_hub_results_inserted_total")
-            dropped0 = scrape(hub_url, dropped_metric) + scrape(
-                hub_url, 'ehi_hub_bad_messages_total{reason="quota"')
+            inserted0 = _scrape_all(hub_urls, "ehi_hub_results_inserted_total")
+            dropped0 = _scrape_all(hub_urls, dropped_metric) + _scrape_all(
+                hub_urls, 'ehi_hub_bad_messages_total{reason="quota"')
             t0 = time.monotonic()
             time.sleep(args.step_s)
             dt = time.monotonic() - t0
             after = load.snapshot()
             rtts, hub_ms = load.take_rtts()
-            inserted = scrape(hub_url, "ehi_hub_results_inserted_total") - inserted0
-            dropped = scrape(hub_url, dropped_metric) + scrape(
-                hub_url, 'ehi_hub_bad_messages_total{reason="quota"') - dropped0
+            inserted = _scrape_all(hub_urls, "ehi_hub_results_inserted_total") - inserted0
+            dropped = _scrape_all(hub_urls, dropped_metric) + _scrape_all(
+                hub_urls, 'ehi_hub_bad_messages_total{reason="quota"') - dropped0
             lag = load.oldest_unacked_s()
             step = {
                 "devices": n,
@@ -218,6 +219,10 @@ def fill_results(db_url: str, rows: int, devices: int = 1000, span_s: float = 12
         ingest_results(sessions, recs, "bench-fill")
     eng.dispose()
     return time.monotonic() - t0
+
+
+def _scrape_all(urls: list[str], metric: str) -> float:
+    return sum(scrape(u, metric) for u in urls)
 
 
 def stats_latency(hub_url: str, repeats: int = 10) -> dict[str, Any]:
@@ -405,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="ramp,stats,batching,ingest",
                     type=lambda v: set(v.split(",")), help="which parts to run")
     ap.add_argument("--batching-s", type=float, default=20.0)
+    ap.add_argument("--roles", choices=("one", "split"), default="one",
+                    help="one hub process, or two: one answering offloads, one storing the "
+                         "rest (EHI_HUB_ROLES)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     tune_gil_switch_interval()  # as the agents this stands for do
@@ -416,14 +424,29 @@ def main(argv: list[str] | None = None) -> int:
             broker = start_broker(group, workdir, "mosquitto")
             port = free_port()
             hub_url = f"http://127.0.0.1:{port}"
+            hub_env = {"EHI_HUB_MQTT__PROTOCOL": "5"}
+            if args.roles == "split":
+                hub_env["EHI_HUB_ROLES"] = "store"
             main_hub = start_hub(group, workdir, port=port, broker_port=broker.port,
                                  log_path=workdir / "hub.log", database_url=db_url,
-                                 env={"EHI_HUB_MQTT__PROTOCOL": "5"})
+                                 env=hub_env)
             wait_until(lambda: _ready(hub_url), 60.0, 0.2)
+            hub_urls = [hub_url]
+            r["roles"] = args.roles
+            if args.roles == "split":
+                a_port = free_port()
+                (workdir / "answer").mkdir(exist_ok=True)
+                answer_hub = start_hub(
+                    group, workdir / "answer", port=a_port, broker_port=broker.port,
+                    log_path=workdir / "hub-answer.log", database_url=db_url,
+                    env={**hub_env, "EHI_HUB_ROLES": "answer", "EHI_HUB_REPLICA_ID": "hub-answer",
+                         "EHI_HUB_MIGRATE_ON_START": "false"})
+                hub_urls.append(f"http://127.0.0.1:{a_port}")
+                wait_until(lambda: _ready(hub_urls[1]), 60.0, 0.2)
             r["devices"] = r["lost"] = None
             if "ramp" in args.parts:
                 print("ramp", flush=True)
-                r["ramp"] = ramp(args, broker.port, hub_url, db_url)
+                r["ramp"] = ramp(args, broker.port, hub_urls, db_url)
                 kept = [s for s in r["ramp"]["steps"] if s["kept_up"]]
                 best = kept[-1] if kept else r["ramp"]["steps"][0]
                 r.update({k: best[k] for k in ("inputs_per_s", "offloads_per_s",
@@ -444,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             if "batching" in args.parts:
                 print("batching", flush=True)
                 main_hub.stop()  # the perf model's hubs alone answer offloads
+                if args.roles == "split":
+                    answer_hub.stop()
                 b = batching(workdir, group, broker.port, args.batching_s)
                 r["batching"] = b
                 r["batching_ratio"] = b["batching_ratio"]

@@ -39,6 +39,7 @@ from cloud_hub.ingest import (
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.offloads import OffloadAnswerer
 from cloud_hub.rate_limit import RateLimiter
+from cloud_hub.roles import ALL_ROLES, channels_of, parse_roles
 from fleet.contract import protocol as p
 from fleet.contract.assignment import Reported
 from fleet.contract.errors import ProtocolError, UnsupportedVersion
@@ -91,7 +92,7 @@ class Bridge:
                  share_group: str = p.HUB_SHARE_GROUP, replica: str = "hub-0",
                  heartbeat_s: float = HEARTBEAT_S,
                  quotas: dict[p.Channel, tuple[float, int]] | None = None,
-                 control_queue: int = 10_000) -> None:
+                 control_queue: int = 10_000, roles: frozenset[str] = ALL_ROLES) -> None:
         self.model = CloudModel(model)
         self.sessions = sessions
         self.metrics = metrics
@@ -104,9 +105,11 @@ class Bridge:
         self.control: DynamicBatcher[_Incoming] = DynamicBatcher(1, 0.0, control_queue)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.roles = parse_roles(",".join(roles))
+        channels = channels_of(self.roles)
         subs = [(p.hub_filter(c, shared, share_group), p.QOS[c]) for c in
                 (p.Channel.OFFLOAD, p.Channel.RESULTS, p.Channel.TELEMETRY, p.Channel.STATUS,
-                 p.Channel.HARD, p.Channel.REPORTED)]
+                 p.Channel.HARD, p.Channel.REPORTED) if c in channels]
         self._heartbeat_topic = p.hub_heartbeat_topic(replica)
         subs.append((self._heartbeat_topic, 0))
         self.heartbeat_s = heartbeat_s

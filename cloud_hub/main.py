@@ -66,7 +66,8 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
                             ingest_queue=settings.ingest_queue,
                             inline_max_ms=settings.inline_max_ms, mqtt=cfg, shared=m.shared,
                             share_group=m.share_group, replica=settings.replica_id,
-                            quotas=settings.device_quota.buckets())
+                            quotas=settings.device_quota.buckets(),
+                            roles=settings.role_set())
             bridge.start()
             app.state.bridge = bridge
             controller = RolloutController(app.state.sessions, app.state.hub_key,
@@ -75,8 +76,8 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
                                            metrics=app.state.metrics)
             controller.start()
             app.state.rollouts = controller
-            log.info("hub %s: cloud model %s on %s, broker %s:%d", settings.replica_id,
-                     cloud.manifest.ref, cloud.backend.name, m.host, m.port)
+            log.info("hub %s (%s): cloud model %s on %s, broker %s:%d", settings.replica_id,
+                     settings.roles, cloud.manifest.ref, cloud.backend.name, m.host, m.port)
         freeze_startup_heap()
         try:
             yield

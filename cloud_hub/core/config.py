@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cloud_hub.auth import AuthSettings
+from cloud_hub.roles import parse_roles
 from fleet.contract.errors import BundleError
 from fleet.contract.protocol import HUB_SHARE_GROUP, NAME_PATTERN, Channel
 from fleet.contract.signing import PublicKey
@@ -66,6 +67,9 @@ class HubSettings(BaseSettings):
     threads: int = Field(1, ge=1, le=64)
     # This replica's name: its MQTT client id, its heartbeat topic, its metrics label.
     replica_id: str = Field("hub-0", pattern=NAME_PATTERN)
+    # What this process takes from the devices (cloud_hub/roles.py): "answer" (offloads),
+    # "store" (results, hard examples, telemetry, status, reports), or both.
+    roles: str = "answer,store"
     mqtt: HubMqtt = HubMqtt()
     # Dynamic batching of offloads: up to `batch_max` inputs, waiting at most `batch_wait_ms` for
     # a batch to fill. 0 ms takes only what is already queued (lowest latency).
@@ -107,6 +111,14 @@ class HubSettings(BaseSettings):
 
     def trusted(self) -> list[PublicKey]:
         return [PublicKey.from_text(k) for k in self.trusted_keys]
+
+    @field_validator("roles")
+    @classmethod
+    def _roles_known(cls, v: str) -> str:
+        return ",".join(sorted(parse_roles(v)))
+
+    def role_set(self) -> frozenset[str]:
+        return parse_roles(self.roles)
 
     @field_validator("trusted_keys")
     @classmethod
