@@ -475,4 +475,4 @@ class Bridge:
         ack = p.Ack(outcome.committed, bad, of="hard")
         self.transport.publish(p.topic(item.device, p.Channel.ACK),
                                ack.encode(self.wire_version(item.device)),
-                                   qos=p.QOS[p.Channel.ACK])
+                               qos=p.QOS[p.Channel.ACK])
