@@ -136,6 +136,17 @@ class ProcessGroup:
 HUB_START_TIMEOUT_S = 60.0
 
 
+def migrate_hub_database(database_url: str) -> None:
+    """`cloud-hub migrate` once, as the manifests' Job runs it before the replicas start;
+    raises FleetError with its output if it fails."""
+    from fleet.contract.errors import FleetError
+
+    done = subprocess.run([sys.executable, "-m", "cloud_hub.cli", "migrate", "--database-url",
+                           database_url], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise FleetError(f"cloud-hub migrate failed:\n{done.stdout}{done.stderr}")
+
+
 def start_hub(group: ProcessGroup, workdir: Path, *, port: int, broker_port: int,
               log_path: Path, database_url: str | None = None,
               env: dict[str, str] | None = None) -> ManagedProcess:

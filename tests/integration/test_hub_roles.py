@@ -6,8 +6,6 @@ the other's messages."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from cloud_hub.roles import parse_roles
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
 from fleet.lab.brokers import mosquitto_path, start_broker
-from fleet.lab.processes import ProcessGroup, start_hub
+from fleet.lab.processes import ProcessGroup, migrate_hub_database, start_hub
 from fleet.transport.ports import free_port
 from models import EDGE_BUNDLE
 from tests.conftest import need, wait_until
@@ -34,10 +32,7 @@ def _metric(url: str, name: str, label: str) -> float:
 
 def test_answer_and_store_roles_in_two_processes(database_url: str, tmp_path: Path) -> None:
     need(mosquitto_path() is not None, "mosquitto is not installed")
-    migrate = subprocess.run([sys.executable, "-m", "cloud_hub.cli", "migrate",
-                              "--database-url", database_url], capture_output=True, text=True,
-                             check=False)
-    assert migrate.returncode == 0, migrate.stderr
+    migrate_hub_database(database_url)
     with ProcessGroup() as group:
         broker = start_broker(group, tmp_path, "mosquitto")
         urls = {}

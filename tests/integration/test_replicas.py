@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
 from fleet.contract.bundle import pack_bundle
 from fleet.lab.brokers import mosquitto_path, start_broker
-from fleet.lab.processes import ProcessGroup, start_hub
+from fleet.lab.processes import ProcessGroup, migrate_hub_database, start_hub
 from fleet.transport.ports import free_port
 from models import EDGE_BUNDLE
 from tests.conftest import need, wait_until
@@ -41,10 +39,7 @@ def test_two_replicas_share_the_work_and_one_leaves_on_sigterm(
     env = {"EHI_HUB_MIGRATE_ON_START": "false", "EHI_HUB_ARTIFACT_STORE": "database",
            "EHI_HUB_TRUSTED_KEYS": f'["{kit.pub.to_text()}"]',
            "EHI_HUB_ASSIGNMENT_KEY": str(tmp_path / "hub.key")}
-    migrate = subprocess.run([sys.executable, "-m", "cloud_hub.cli", "migrate",
-                              "--database-url", database_url], capture_output=True, text=True,
-                             check=False)
-    assert migrate.returncode == 0, migrate.stderr
+    migrate_hub_database(database_url)
     with ProcessGroup() as group:
         broker = start_broker(group, tmp_path, "mosquitto")
         hubs = {}
