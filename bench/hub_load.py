@@ -371,7 +371,8 @@ def saturate(broker_port: int, seconds: float, devices: int = 32, in_flight: int
 
 
 def table(r: dict[str, Any]) -> str:
-    rows = [("cpu", r["machine"]["cpu"])]
+    rows = [("cpu", r["machine"]["cpu"]),
+            ("hub processes", "two (answer, store)" if r.get("roles") == "split" else "one")]
     if "ramp" in r:
         ramp_r = r["ramp"]
         rows += [
