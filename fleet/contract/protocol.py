@@ -155,11 +155,12 @@ class Channel(StrEnum):
 
 
 # An offload and its answer live for one deadline (200 ms by default): MQTT sends a QoS 1
-# message again only after a reconnect, when the agent has long answered from the edge model,
-# so QoS 1 would buy them nothing but two PUBACKs per offload on the critical path (the
+# message again only after a reconnect, by when the agent has answered from the edge model,
+# so QoS 1 would buy them little but two PUBACKs per offload on the critical path (the
 # request/response floor through Mosquitto is 0.27 ms at QoS 0 against 0.53 at QoS 1). An
-# offload lost on the way is a fallback to the edge answer, counted; the hard example then
-# goes to the hub durably on `hard` when `late_answers` is on.
+# offload lost on the way (also one in flight at a reconnect under a long deadline) is a
+# fallback to the edge answer, counted; the hard example then goes to the hub durably on
+# `hard` when `late_answers` is on.
 QOS: dict[Channel, int] = {
     Channel.OFFLOAD: 0, Channel.ANSWER: 0, Channel.RESULTS: 1, Channel.ACK: 1,
     Channel.TELEMETRY: 0, Channel.STATUS: 1, Channel.HARD: 1, Channel.DESIRED: 1,
