@@ -21,7 +21,7 @@ from tests.conftest import need
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ["base", "overlays/dev", "overlays/prod"]
+OVERLAYS = ["base", "overlays/dev", "overlays/prod", "overlays/prod-split"]
 # Kubernetes minor versions of the k3s releases supported at the time of writing.
 K8S_VERSIONS = ["1.33.0", "1.34.0", "1.35.0"]
 BIN = Path(sys.executable).parent
@@ -55,6 +55,18 @@ def test_overlays_render_and_validate_strictly(overlay: str, tmp_path: Path) -> 
                 "Ingress"} <= {k for k, _ in kinds}
     if overlay == "overlays/dev":
         assert ("StatefulSet", "postgres") in kinds
+    if overlay == "overlays/prod-split":
+        roles = {}
+        for d in docs:
+            if d["kind"] == "StatefulSet" and d["metadata"]["name"].startswith("cloud-hub"):
+                env = d["spec"]["template"]["spec"]["containers"][0]["env"]
+                roles[d["metadata"]["name"]] = [e["value"] for e in env
+                                                if e["name"] == "EHI_HUB_ROLES"]
+                assert d["spec"]["selector"]["matchLabels"] == \
+                    d["spec"]["template"]["metadata"]["labels"]
+        assert roles == {"cloud-hub": ["store"], "cloud-hub-answer": ["answer"]}
+        assert ("Service", "cloud-hub-answer") in kinds
+        assert ("PodDisruptionBudget", "cloud-hub-answer") in kinds
 
 
 def _containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -66,15 +78,16 @@ def _containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+@pytest.mark.parametrize("overlay", ["overlays/prod", "overlays/prod-split"])
 def test_what_the_manifests_tell_the_daemons_is_what_they_accept(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hub's and the agent's environment (ConfigMaps resolved, Secrets and downward-API
     values given stand-ins) loads as settings, and their arguments parse as commands."""
     from cloud_hub.cli import main as hub_main  # noqa: F401  (the entry point exists)
     from cloud_hub.core.config import HubSettings
     from edge_agent.config import AgentSettings
 
-    docs = _render("overlays/prod")
+    docs = _render(overlay)
     configmaps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
     # The operator's step (deploy/README.md): the fleet's public keys in place of the empty lists.
     from fleet.contract.signing import generate_keys
@@ -116,7 +129,8 @@ def test_what_the_manifests_tell_the_daemons_is_what_they_accept(
             cls()
         assert args[0] in (("serve", "migrate") if image == "cloud-hub" else ("run",)), args
         checked.add(owner)
-    assert checked == {"cloud-hub", "cloud-hub-migrate", "edge-agent"}
+    want = {"cloud-hub", "cloud-hub-migrate", "edge-agent"}
+    assert checked == (want | {"cloud-hub-answer"} if overlay.endswith("split") else want)
 
 
 def test_dockerfiles_pass_hadolint() -> None:
