@@ -1,9 +1,11 @@
 """Run what the prod overlay says, as processes on this machine, and break it.
 
-    python bench/cluster.py [--agents 4] [--seconds 40] [--rate 20] [--json PATH] [--keep]
+    python bench/cluster.py [--overlay prod|prod-split] [--agents 4] [--seconds 40] [--rate 20]
+                            [--json PATH] [--keep]
 
 There is no Kubernetes here, so this bench does what the kubelet would with the rendered
-`deploy/k3s/overlays/prod`: for the hub StatefulSet (its replica count), the migration Job,
+`deploy/k3s/overlays/prod` (or `prod-split`, where a second hub StatefulSet answers the
+offloads): for the hub StatefulSets (their replica counts), the migration Job,
 Mosquitto and the agent DaemonSet it takes each container's command, arguments and
 environment (ConfigMaps and Secrets resolved; `$(POD_NAME)`, `$(NODE_NAME)` substituted),
 maps each volume's mount path to a local folder holding what the Secret would hold, and starts
@@ -59,20 +61,26 @@ from fleet.transport.ports import free_port
 from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAY = ROOT / "deploy" / "k3s" / "overlays" / "prod"
+OVERLAYS = ROOT / "deploy" / "k3s" / "overlays"
 PG_ADMIN_URL = os.environ.get("EHI_TEST_PG_URL",
                               "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 BIN = Path(sys.executable).parent
 
 
-def render() -> list[dict[str, Any]]:
-    out = subprocess.run(["kubectl", "kustomize", str(OVERLAY)], capture_output=True,
+def render(overlay: str = "prod") -> list[dict[str, Any]]:
+    out = subprocess.run(["kubectl", "kustomize", str(OVERLAYS / overlay)], capture_output=True,
                          text=True, check=True)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def hub_roles(workload: dict[str, Any]) -> str:
+    """The roles a hub StatefulSet's pods take (EHI_HUB_ROLES; both when unset)."""
+    env = workload["spec"]["template"]["spec"]["containers"][0].get("env", [])
+    return next((e["value"] for e in env if e["name"] == "EHI_HUB_ROLES"), "answer,store")
 
 
 class Pod:
@@ -129,6 +137,7 @@ def fresh_database() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--overlay", choices=("prod", "prod-split"), default="prod")
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--rate", type=float, default=20.0, help="inputs per second per agent")
@@ -141,20 +150,26 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # paho 2.2 logs an error per simulated session as the fleet disconnects at the end
     logging.getLogger("fleet.transport.mqtt.paho").setLevel(logging.CRITICAL)
-    docs = render()
+    docs = render(args.overlay)
     hub_set = find(docs, "StatefulSet", "cloud-hub")
     replicas = int(hub_set["spec"]["replicas"])
     grace = float(hub_set["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
+    # Every hub StatefulSet's pods: cloud-hub-0.. and, split, cloud-hub-answer-0..
+    hub_sets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "StatefulSet"
+                and d["metadata"]["name"].startswith("cloud-hub")}
+    set_of = {f"{n}-{i}": d for n, d in hub_sets.items() for i in range(d["spec"]["replicas"])}
     configmaps = {d["metadata"]["name"]: dict(d["data"]) for d in docs if d["kind"] == "ConfigMap"}
     run: list[dict[str, Any]] = []
-    out: dict[str, Any] = {"replicas": replicas, "agents": args.agents,
+    out: dict[str, Any] = {"overlay": args.overlay, "replicas": replicas, "agents": args.agents,
+                           "hub_roles": {n: hub_roles(d) for n, d in hub_sets.items()},
                            "cpu": platform.processor() or platform.machine(),
                            "grace_period_s": grace}
     with work_folder(None, "ehi-cluster-", args.keep) as work, ProcessGroup() as group:
         # -- Secrets, as deploy/README.md makes them
-        hubs = [f"cloud-hub-{i}" for i in range(replicas)]
+        hubs = [f"cloud-hub-{i}" for i in range(replicas)]  # the Service's, faults' replicas
+        all_hubs = list(set_of)
         nodes = [f"node-{i}" for i in range(args.agents)]
-        pki = Pki.init(work / "pki", hubs=tuple(hubs))
+        pki = Pki.init(work / "pki", hubs=tuple(all_hubs))
         for n in nodes:
             pki.enroll(n)
         sims = [f"sim-{i:04d}" for i in range(args.devices)]
@@ -178,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         ca = (pki.root / "ca.crt").read_bytes()
         hub_mqtt = _secret_dir(work / "secrets" / "hub-mqtt", {"ca.crt": ca} | {
             f"{h}.{x}": (pki.root / "hubs" / h / f"client.{x}").read_bytes()
-            for h in hubs for x in ("crt", "key")})
+            for h in all_hubs for x in ("crt", "key")})
         agent_mqtt = _secret_dir(work / "secrets" / "edge-agent-mqtt", {"ca.crt": ca} | {
             f"{n}.{x}": (pki.root / "devices" / n / f"client.{x}").read_bytes()
             for n in nodes for x in ("crt", "key")})
@@ -213,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                        "state": work / "state" / name, "tmp": work / "tmp" / name}
             for v in volumes.values():
                 v.mkdir(parents=True, exist_ok=True)
-            pod = Pod(hub_set, "hub", name, configmaps, secrets, volumes,
+            workload = set_of[name]
+            pod = Pod(workload, "hub", name, configmaps, secrets, volumes,
                       {"metadata.name": name})
             port = ports.setdefault(name, free_port())
             env = {**pod.env, "EHI_HUB_MQTT__HOST": "127.0.0.1",
@@ -225,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             argv[argv.index("--port") + 1] = str(port)
             procs[name] = group.start(name, argv, work / f"{name}.log", env=env)
             if len([x for x in run if x["workload"].startswith("StatefulSet/cloud-hub")]) < \
-                    replicas:
-                run.append({"workload": f"StatefulSet/cloud-hub ({name})",
+                    len(set_of):
+                run.append({"workload": f"StatefulSet/{workload['metadata']['name']} ({name})",
                             "command": pod.command, "env": sorted(pod.env),
                             "changed": f"--host 127.0.0.1 --port {port}; broker 127.0.0.1:"
                                        f"{broker_port}; EHI_HUB_CLOUD_BUNDLE (image ENV); "
@@ -235,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         def url(name: str) -> str:
             return f"http://127.0.0.1:{ports[name]}"
 
-        for h in hubs:
+        for h in all_hubs:
             start_replica(h)
-        for h in hubs:
+        for h in all_hubs:
             assert wait_until(functools.partial(_ready, url(h)), 90), procs[h].tail()
 
         # -- the agents (the DaemonSet on each node)
@@ -339,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         for t in threads:
             t.join(15)
-        for h in hubs:
+        for h in all_hubs:
             assert wait_until(functools.partial(_ready, url(h)), 90), procs[h].tail()
         produced = sum(answers.values())
         api = httpx.Client(base_url=url(hubs[-1]), timeout=60,
@@ -407,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             "lost": max(0, produced - len(refs)), "duplicates_in_db": rows - len(refs),
             "answers_not_200": errors["count"],
             "offloads_answered_by": {h: scrape(url(h), "ehi_hub_offloads_answered_total")
-                                     for h in hubs},
+                                     for h in all_hubs},
             "rollout_completed": rollout_completed, "faults": faults,
             "manifest_commands_run": run,
         }
@@ -422,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     ok = (out["lost"] == 0 and out["duplicates_in_db"] == 0 and out["rollout_completed"]
           and out["sigterm_exit_seconds"] <= grace
-          and all(v > 0 for v in out["offloads_answered_by"].values()))
+          # every replica that answers answered offloads; one that only stores, none
+          and all((v > 0) == ("answer" in hub_roles(set_of[h]))
+                  for h, v in out["offloads_answered_by"].items()))
     return 0 if ok else 1
 
 
@@ -435,6 +453,8 @@ def _ready(u: str) -> bool:
 
 def table(r: dict[str, Any]) -> str:
     rows = [
+        ("overlay, hub roles", f"{r['overlay']}: " + ", ".join(
+            f"{k} {v}" for k, v in r["hub_roles"].items())),
         ("hub replicas / agents / simulated devices", f"{r['replicas']} / {r['agents']} / "
                                                       f"{r['simulated_devices']}"),
         ("simulated results at the hub (sent once: no outbox)", f"{r['sim_results_at_hub']:,}"),
