@@ -67,6 +67,9 @@ def test_overlays_render_and_validate_strictly(overlay: str, tmp_path: Path) -> 
         assert roles == {"cloud-hub": ["store"], "cloud-hub-answer": ["answer"]}
         assert ("Service", "cloud-hub-answer") in kinds
         assert ("PodDisruptionBudget", "cloud-hub-answer") in kinds
+        hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+                   and d["metadata"]["name"] == "cloud-hub-answer")
+        assert hpa["spec"]["scaleTargetRef"]["name"] == "cloud-hub-answer"
 
 
 def _containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
