@@ -24,6 +24,7 @@ new version to every agent after the traffic; and the count of every result in t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import http.client
 import json
@@ -135,6 +136,14 @@ def fresh_database() -> str:
     return f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
 
 
+def drop_database(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--overlay", choices=("prod", "prod-split"), default="prod")
@@ -164,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                            "hub_roles": {n: hub_roles(d) for n, d in hub_sets.items()},
                            "cpu": platform.processor() or platform.machine(),
                            "grace_period_s": grace}
-    with work_folder(None, "ehi-cluster-", args.keep) as work, ProcessGroup() as group:
+    # The cleanup stack exits last: the database goes after every process that used it.
+    with contextlib.ExitStack() as cleanup, \
+            work_folder(None, "ehi-cluster-", args.keep) as work, ProcessGroup() as group:
         # -- Secrets, as deploy/README.md makes them
         hubs = [f"cloud-hub-{i}" for i in range(replicas)]  # the Service's, faults' replicas
         all_hubs = list(set_of)
@@ -185,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "EHI_AGENT_UPDATE__TRUSTED_KEYS": keys,
                                     "EHI_AGENT_UPDATE__HUB_KEYS": json.dumps([hub_pub.to_text()])}
         token = uuid.uuid4().hex
-        secrets = {"hub-secrets": {"database-url": fresh_database(), "api-token": token,
+        db_url = fresh_database()
+        if not args.keep:
+            cleanup.callback(drop_database, db_url)
+        secrets = {"hub-secrets": {"database-url": db_url, "api-token": token,
                                    "share-group": pki.share_group}}
         hub_secret_dir = _secret_dir(work / "secrets" / "hub-secrets", {
             "hub-assignment.key": (work / "hub-assignment.key").read_bytes(),
