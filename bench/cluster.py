@@ -55,6 +55,7 @@ from fleet.identity.pki import Pki
 from fleet.inference.model import Model
 from fleet.lab.bundle_copy import copy_bundle
 from fleet.lab.hub_metrics import scrape
+from fleet.lab.pg_databases import create_database, drop_database
 from fleet.lab.processes import ManagedProcess, ProcessGroup, wait_for_port, wait_until, work_folder
 from fleet.lab.sim_fleet import SimFleet
 from fleet.transport.mqtt import BrokerSettings, MqttConfig
@@ -63,8 +64,6 @@ from models import CLOUD_BUNDLE, EDGE_BUNDLE, STREAMS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = ROOT / "deploy" / "k3s" / "overlays"
-PG_ADMIN_URL = os.environ.get("EHI_TEST_PG_URL",
-                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 BIN = Path(sys.executable).parent
 
 
@@ -127,23 +126,6 @@ def _secret_dir(folder: Path, files: dict[str, bytes]) -> Path:
     return folder
 
 
-def fresh_database() -> str:
-    import psycopg
-
-    name = f"ehi_cluster_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    return f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-
-
-def drop_database(url: str) -> None:
-    import psycopg
-
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--overlay", choices=("prod", "prod-split"), default="prod")
@@ -196,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "EHI_AGENT_UPDATE__TRUSTED_KEYS": keys,
                                     "EHI_AGENT_UPDATE__HUB_KEYS": json.dumps([hub_pub.to_text()])}
         token = uuid.uuid4().hex
-        db_url = fresh_database()
+        db_url = create_database("ehi_cluster_")
         if not args.keep:
             cleanup.callback(drop_database, db_url)
         secrets = {"hub-secrets": {"database-url": db_url, "api-token": token,

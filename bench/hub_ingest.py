@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -29,9 +28,8 @@ from cloud_hub.db import init_db, make_engine, session_factory
 from cloud_hub.ingest import ingest_results
 from fleet.contract import protocol as p
 from fleet.inference.cpu import cpu_name
+from fleet.lab.pg_databases import create_database, drop_database
 
-PG_ADMIN_URL = os.environ.get("EHI_TEST_PG_URL",
-                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 BATCHES = (1, 10, 100, 1000, 10_000)
 
 
@@ -47,24 +45,13 @@ def records(n: int, run: str, batch: int) -> list[p.ResultRecord]:
         offload_bytes=300 if i % 5 == 0 else 0) for i in range(n)]
 
 
-def pg_database() -> tuple[str, str] | None:
+def pg_database() -> str | None:
+    """A fresh database on the local PostgreSQL, or None when there is no server (the SQLite
+    rows only)."""
     try:
-        import psycopg
-
-        name = f"ehi_ingest_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), autocommit=True,
-                             connect_timeout=3) as c:
-            c.execute(f'CREATE DATABASE "{name}"')
-        return f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}", name
-    except Exception:  # no server: the SQLite rows only
+        return create_database("ehi_ingest_")
+    except Exception:
         return None
-
-
-def drop_pg(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def one_run(url: str, n: int, batch: int) -> dict[str, float]:
@@ -102,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                 pg = pg_database()
                 targets = [("sqlite", f"sqlite:///{tmp}/run-{r}-{batch}.db")]
                 if pg is not None:
-                    targets.append(("postgresql", pg[0]))
+                    targets.append(("postgresql", pg))
                 try:
                     for name, url in targets:
                         results.setdefault(name, {}).setdefault(batch, []).append(
                             one_run(url, n, batch))
                 finally:
                     if pg is not None:
-                        drop_pg(pg[1])
+                        drop_database(pg)
     out: dict[str, Any] = {"cpu": cpu_name(),
                            "records": args.records, "repeats": args.repeats, "rows": []}
     for db, by_batch in results.items():

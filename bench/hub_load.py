@@ -54,34 +54,15 @@ from fleet.lab.brokers import start_broker
 from fleet.lab.device_load import DeviceLoad
 from fleet.lab.hub_metrics import scrape
 from fleet.lab.percentiles import percentile
+from fleet.lab.pg_databases import create_database, drop_database
 from fleet.lab.processes import ProcessGroup, start_hub, wait_until, work_folder
 from fleet.transport.mqtt import MqttConfig, MqttSession
 from fleet.transport.ports import free_port
 from fleet.transport.tuning import tune_gil_switch_interval
 from models import STREAMS_FILE
 
-PG_ADMIN_URL = os.environ.get("EHI_TEST_PG_URL",
-                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 P99_TARGET_MS = 50.0
 SETTLE_S = 15.0
-
-
-def pg_database() -> str:
-    import psycopg
-
-    name = f"ehi_load_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), autocommit=True,
-                         connect_timeout=3) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    return f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-
-
-def drop_database(url: str) -> None:
-    import psycopg
-
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # ---------------------------------------------------------------------------- 1. ramp
@@ -170,8 +151,8 @@ def _count(url: str, sql: str) -> int:
 
 
 def ingest_max() -> dict[str, float]:
-    from hub_ingest import drop_pg, one_run
-    from hub_ingest import pg_database as ingest_db  # bench/hub_ingest.py, beside this file
+    from hub_ingest import one_run  # bench/hub_ingest.py, beside this file
+    from hub_ingest import pg_database as ingest_db
 
     out: dict[str, float] = {}
     for batch in (1000, 10_000):
@@ -181,9 +162,9 @@ def ingest_max() -> dict[str, float]:
             if made is None:
                 return {}
             try:
-                runs.append(one_run(made[0], 50_000, batch))
+                runs.append(one_run(made, 50_000, batch))
             finally:
-                drop_pg(made[1])
+                drop_database(made)
         out[str(batch)] = round(statistics.median(r["records_per_s"] for r in runs), 0)
     return out
 
@@ -419,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_gil_switch_interval()  # as the agents this stands for do
     r: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "cpu": cpu_name(),
                                      "python": platform.python_version()}}
-    db_url = pg_database()
+    db_url = create_database("ehi_load_")
     try:
         with work_folder(None, "ehi-hub-load-", False) as workdir, ProcessGroup() as group:
             broker = start_broker(group, workdir, "mosquitto")

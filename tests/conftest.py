@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet.lab.brokers import RunningBroker, mosquitto_path, start_broker
+from fleet.lab.pg_databases import PG_ADMIN_URL, create_database, drop_database
 from fleet.lab.processes import ProcessGroup, wait_until
 from tests.updates import UpdateKit
 
 __all__ = ["need", "wait_until"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-PG_ADMIN_URL = os.environ.get("EHI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 def need(condition: bool, why: str) -> None:
@@ -130,18 +129,11 @@ def _pg_available() -> bool:
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards."""
     need(_pg_available(), f"PostgreSQL is not reachable at {PG_ADMIN_URL}")
-    import psycopg
-
-    name = f"ehi_test_{uuid.uuid4().hex[:12]}"
-    admin = PG_ADMIN_URL.replace("+psycopg", "")
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    url = create_database("ehi_test_")
     try:
-        yield f"{base}/{name}"
+        yield url
     finally:
-        with psycopg.connect(admin, autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(url)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
