@@ -39,7 +39,7 @@ from cloud_hub.ingest import (
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.offloads import OffloadAnswerer
 from cloud_hub.rate_limit import RateLimiter
-from cloud_hub.roles import ALL_ROLES, channels_of, parse_roles
+from cloud_hub.roles import ALL_ROLES, channels_of
 from fleet.contract import protocol as p
 from fleet.contract.assignment import Reported
 from fleet.contract.errors import ProtocolError, UnsupportedVersion
@@ -105,11 +105,10 @@ class Bridge:
         self.control: DynamicBatcher[_Incoming] = DynamicBatcher(1, 0.0, control_queue)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.roles = parse_roles(",".join(roles))
-        channels = channels_of(self.roles)
-        subs = [(p.hub_filter(c, shared, share_group), p.QOS[c]) for c in
-                (p.Channel.OFFLOAD, p.Channel.RESULTS, p.Channel.TELEMETRY, p.Channel.STATUS,
-                 p.Channel.HARD, p.Channel.REPORTED) if c in channels]
+        self.roles = roles
+        channels = channels_of(roles)
+        subs = [(p.hub_filter(c, shared, share_group), p.QOS[c]) for c in p.Channel
+                if c in channels]
         self._heartbeat_topic = p.hub_heartbeat_topic(replica)
         subs.append((self._heartbeat_topic, 0))
         self.heartbeat_s = heartbeat_s

@@ -30,4 +30,10 @@ def parse_roles(spec: str) -> frozenset[str]:
 
 
 def channels_of(roles: frozenset[str]) -> frozenset[p.Channel]:
+    """The channels a process of these roles subscribes to; raises ValueError for an empty or
+    unknown role."""
+    unknown = sorted(roles - ALL_ROLES)
+    if not roles or unknown:
+        raise ValueError(f"unknown hub roles {unknown}; choose one or more of "
+                         f"{sorted(ALL_ROLES)}")
     return frozenset().union(*(ROLE_CHANNELS[r] for r in roles))

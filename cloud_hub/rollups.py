@@ -73,13 +73,10 @@ def tally(rows: Iterable[Any]) -> dict[Key, Tally]:
     """Sums of result rows (anything with the record's attributes) per device, model, minute."""
     out: dict[Key, Tally] = {}
     for r in rows:
-        key = (r.device, r.model, bucket_of(r.ts))
-        t = out.get(key)
-        if t is None:
-            t = out[key] = Tally()
-        t.add(offloaded=r.offloaded, cloud_label=r.cloud_label, edge_label=r.edge_label,
-              degraded=r.degraded, source=r.source, latency_ms=r.latency_ms,
-              offload_bytes=r.offload_bytes)
+        _slot(out, r.device, r.model, bucket_of(r.ts), MINUTE).add(
+            offloaded=r.offloaded, cloud_label=r.cloud_label, edge_label=r.edge_label,
+            degraded=r.degraded, source=r.source, latency_ms=r.latency_ms,
+            offload_bytes=r.offload_bytes)
     return out
 
 
@@ -111,28 +108,29 @@ MINUTE = Span(BUCKET_S, ResultRollup, _upsert("result_rollups"))
 HOUR = Span(HOUR_S, ResultRollupHour, _upsert("result_rollups_hour"))
 
 
+def _slot(tallies: dict[Key, Tally], device: str, model: str, bucket: int,
+          span: Span) -> Tally:
+    """The tally of the `span` bucket holding `bucket`, made empty if new."""
+    key = (device, model, bucket - bucket % span.seconds)
+    t = tallies.get(key)
+    if t is None:
+        t = tallies[key] = Tally()
+    return t
+
+
 def coarsen(tallies: dict[Key, Tally], span: Span) -> dict[Key, Tally]:
     """Minute tallies added up per `span` bucket."""
     out: dict[Key, Tally] = {}
     for (device, model, bucket), t in tallies.items():
-        key = (device, model, bucket - bucket % span.seconds)
-        into = out.get(key)
-        if into is None:
-            into = out[key] = Tally()
-        into.merge(t)
+        _slot(out, device, model, bucket, span).merge(t)
     return out
 
 
 def tally_row(tallies: dict[Key, Tally], row: Any, span: Span) -> None:
     """Add a rollup row (device, model, bucket, the counters, latency) to `tallies` at its
     `span` bucket."""
-    key = (row.device, row.model, int(row.bucket) - int(row.bucket) % span.seconds)
-    t = tallies.get(key)
-    if t is None:
-        t = tallies[key] = Tally()
-    for c in COUNT_COLUMNS:
-        setattr(t, c, getattr(t, c) + int(getattr(row, c)))
-    sketch.merge_into(t.latency, row.latency)
+    _slot(tallies, row.device, row.model, int(row.bucket), span).merge(Tally(
+        **{c: int(getattr(row, c)) for c in COUNT_COLUMNS}, latency=sketch.decode(row.latency)))
 
 
 def add(conn: Connection, replica: str, tallies: dict[Key, Tally]) -> None:

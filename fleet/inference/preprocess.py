@@ -97,20 +97,21 @@ class Preprocessor:
         self.raw_input = raw_input
         self._sample_shape = tuple(s for s in raw_input.shape)
         self._local = threading.local()
+        # The steps after `_into`: the first step, when it can read the raw batch itself
+        # (see `_start`).
         self._steps: list[Step] = []
-        # The first step, when it can read the raw batch itself (see `_start`).
         self._into: IntoStep | None = None
-        for spec in steps:
+        for i, spec in enumerate(steps):
             kind = spec.get("type")
             if kind not in _STEPS:
                 raise BundleError(f"unknown preprocessing step {kind!r}; known: {sorted(_STEPS)}")
             try:
-                self._steps.append(_STEPS[kind](spec))
+                if i == 0 and kind in _INTO_STEPS:
+                    self._into = _INTO_STEPS[kind](spec)
+                else:
+                    self._steps.append(_STEPS[kind](spec))
             except KeyError as exc:
                 raise BundleError(f"preprocessing step {kind!r} is missing {exc}") from None
-        if steps and steps[0].get("type") in _INTO_STEPS:
-            self._into = _INTO_STEPS[steps[0]["type"]](steps[0])
-        self._rest = self._steps[1:] if self._into is not None else self._steps
         # Zeros to test a float input's finiteness with one dot product (see `check`).
         self._zeros: dict[tuple[np.dtype[Any], int], np.ndarray] = {}
 
@@ -166,11 +167,11 @@ class Preprocessor:
         batch = self.check(x)
         if not reuse:
             work = self._start(batch, np.empty(batch.shape, dtype=np.float32))
-            for step in self._rest:
+            for step in self._steps:
                 work = step(work)
             return np.ascontiguousarray(work)
         work = self._start(batch, self._buffer("work", batch.shape))
-        for step in self._rest:
+        for step in self._steps:
             work = step(work)
         if work.flags.c_contiguous:
             return work
