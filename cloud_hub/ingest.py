@@ -19,6 +19,7 @@ from cloud_hub.db import Device, HardExample, Result
 from cloud_hub.errors import StoreError
 from fleet.contract.protocol import HardExample as WireHardExample
 from fleet.contract.protocol import ResultRecord, tensor_bytes
+from fleet.contract.protocol import Telemetry as WireTelemetry
 from fleet.contract.selectors import label_problems
 
 log = logging.getLogger(__name__)
@@ -211,54 +212,48 @@ def _hard_row(a: LateAnswer, device: str, now: float) -> dict[str, Any]:
 
 
 def record_telemetry_many(sessions: sessionmaker,
-                          items: list[tuple[str, dict[str, Any], int | None]]
-                          ) -> dict[str, list[str]]:
+                          items: list[tuple[str, WireTelemetry]]) -> dict[str, list[str]]:
     """Store the telemetry of many devices (the newest of each) in one transaction; returns
     per device what was wrong with its labels."""
     now = time.time()
     problems: dict[str, list[str]] = {}
     try:
         with sessions.begin() as s:
-            ids = sorted({d for d, _, _ in items})
+            ids = sorted({d for d, _ in items})
             held = {dev.id: dev for dev in s.scalars(select(Device).where(Device.id.in_(ids)))}
-            for device, telemetry, wire_version in items:
+            for device, telemetry in items:
                 dev = held.get(device)
                 if dev is None:
                     dev = held[device] = Device(id=device, first_seen=now, last_seen=now,
                                                 online=True)
                     s.add(dev)
-                problems[device] = _apply_telemetry(dev, telemetry, wire_version, now)
+                problems[device] = _apply_telemetry(dev, telemetry, now)
     except SQLAlchemyError as exc:
         raise StoreError(f"could not store the telemetry of {len(items)} devices: {exc}") \
             from None
     return problems
 
 
-def _apply_telemetry(dev: Device, telemetry: dict[str, Any], wire_version: int | None,
-                     now: float) -> list[str]:
+def _apply_telemetry(dev: Device, t: WireTelemetry, now: float) -> list[str]:
     bad: list[str] = []
     # Online or not is the status channel's to say (retained, and the broker's last will):
     # telemetry stored a moment after an offline status must not bring the device back.
     dev.last_seen = now
-    dev.telemetry = telemetry
-    if wire_version is not None:
-        dev.wire_version = wire_version
+    dev.telemetry = t.header
+    dev.wire_version = t.version
     # The model and its fidelity are also in update reports, stored at once, while telemetry
     # waits up to half a second: a heartbeat older than the last report (both on the device's
     # clock) must not take the model back to the one before an install.
-    ts = telemetry.get("ts")
-    current = (dev.reported_at is None or not isinstance(ts, int | float)
-               or ts >= dev.reported_at)
-    if current and telemetry.get("model"):
-        dev.model = str(telemetry["model"])
-    dev.backend = str(telemetry.get("backend")) if telemetry.get("backend") else dev.backend
-    if current and isinstance(telemetry.get("fidelity"), dict):
-        dev.fidelity = telemetry["fidelity"]
-    if isinstance(telemetry.get("offload"), dict):
-        dev.offload = telemetry["offload"]
-    labels = telemetry.get("labels")
-    if isinstance(labels, dict) and labels != (dev.reported_labels or {}):
-        labels = {str(k): str(v) for k, v in labels.items()}
+    current = dev.reported_at is None or t.ts is None or t.ts >= dev.reported_at
+    if current and t.model:
+        dev.model = t.model
+    dev.backend = t.backend or dev.backend
+    if current and t.fidelity is not None:
+        dev.fidelity = t.fidelity
+    if t.offload is not None:
+        dev.offload = t.offload
+    labels = t.labels
+    if labels is not None and labels != (dev.reported_labels or {}):
         bad = label_problems(labels)
         if bad:
             log.warning("device %s reports labels the hub cannot select on: %s",

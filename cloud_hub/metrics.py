@@ -14,6 +14,18 @@ class HubMetrics:
         self.bad_messages = Counter("ehi_hub_bad_messages_total",
                                     "Messages refused (malformed, unknown version, wrong device)",
                                     ["reason"], registry=r)
+        # Every message refused at the boundary or by the database, by channel and reason
+        # (reasons: fleet.contract.errors.ProtocolError.reason, and "store" for one the
+        # database refused alone, "internal" for an unexpected failure while decoding it).
+        self.refused = Counter("ehi_hub_refused_messages_total",
+                               "Messages refused, by channel and reason", ["channel", "reason"],
+                               registry=r)
+        self.worker_errors = Counter("ehi_hub_worker_errors_total",
+                                     "Steps of a hub worker that raised (the worker goes on)",
+                                     ["worker"], registry=r)
+        self.worker_up = Gauge("ehi_hub_worker_up", "1 while a hub worker runs and makes "
+                               "progress, 0 when it has ended or stalled (set when /readyz or "
+                               "/metrics is read)", ["worker"], registry=r)
         self.results_inserted = Counter("ehi_hub_results_inserted_total",
                                         "Result records stored", registry=r)
         self.results_duplicate = Counter("ehi_hub_results_duplicate_total",

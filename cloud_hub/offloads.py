@@ -68,18 +68,16 @@ class OffloadAnswerer:
                 and not self._worker_busy.is_set()
                 and self._infer_ms_ewma < self.inline_max_ms)
 
-    def loop(self, stop: threading.Event) -> None:
-        """The worker thread: batches until `stop`."""
-        while not stop.is_set():
-            batch = self.queue.next_batch()
-            if batch:
-                self._worker_busy.set()
-                try:
-                    self.answer_batch(batch)
-                except Exception:
-                    log.exception("offload batch of %d failed", len(batch))
-                finally:
-                    self._worker_busy.clear()
+    def step(self) -> None:
+        """One batch of the worker (run supervised: cloud_hub/supervisor.py). A batch that
+        raises is not answered: its devices answer at the edge by the deadline."""
+        batch = self.queue.next_batch()
+        if batch:
+            self._worker_busy.set()
+            try:
+                self.answer_batch(batch)
+            finally:
+                self._worker_busy.clear()
 
     def answer_batch(self, batch: list[PendingOffload]) -> None:
         now = time.time()

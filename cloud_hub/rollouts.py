@@ -39,6 +39,7 @@ from cloud_hub.errors import Conflict, Invalid, NotFound, RegistryError, Unavail
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.registry import get_model
 from cloud_hub.rollout_gates import Figures, RolloutPolicy, judge_stage
+from cloud_hub.supervisor import STALL_S, Worker
 from fleet.contract.selectors import Selector, SelectorError, parse_selector
 from fleet.contract.signing import PrivateKey
 
@@ -307,29 +308,32 @@ class RolloutController:
         self.tick_s = tick_s
         self.holder = holder or f"hub-{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Supervised (cloud_hub/supervisor.py): no exception ends it, and /readyz sees a hang.
+        self.worker = Worker("rollouts", self._tick, self._stop, metrics,
+                             stall_s=max(STALL_S, 10 * tick_s))
+        self._first = True
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="rollouts", daemon=True)
-        self._thread.start()
+        self.worker.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self.worker.join(timeout=10)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.tick_s):
-            try:
-                leading = self.lead()
-                if self.metrics is not None:
-                    self.metrics.rollout_leader.set(1 if leading else 0)
-                if leading:
-                    self.step_all()
-            except SQLAlchemyError as exc:
-                log.error("rollout controller: database error (retrying): %s", exc)
-            except Exception:
-                log.exception("rollout controller step failed")
+    def _tick(self) -> float:
+        """One round: take or renew the lease, step every rollout if this replica leads."""
+        if self._first:  # the first round comes one tick after the start, as every other
+            self._first = False
+            return self.tick_s
+        try:
+            leading = self.lead()
+            if self.metrics is not None:
+                self.metrics.rollout_leader.set(1 if leading else 0)
+            if leading:
+                self.step_all()
+        except SQLAlchemyError as exc:
+            log.error("rollout controller: database error (retrying): %s", exc)
+        return self.tick_s
 
     def lead(self, now: float | None = None) -> bool:
         """Take or renew the lease; True if this replica runs the rollouts."""

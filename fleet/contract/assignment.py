@@ -36,9 +36,12 @@ from typing import Any
 from fleet.contract import protocol as p
 from fleet.contract.bundle import parse_time
 from fleet.contract.errors import BundleError, ProtocolError
+from fleet.contract.protocol.bounds import integer, number, required_text, text
 from fleet.contract.signing import PrivateKey, PublicKey, SignatureError, verify_manifest
 
 ASSIGNMENT = "assignment"
+# The longest error text a report keeps (the hub's column).
+MAX_ERROR = 1024
 ROLLBACK = "rollback"
 
 
@@ -206,22 +209,20 @@ class Reported:
 
     @classmethod
     def decode(cls, payload: bytes) -> Reported:
+        """Every field held to what the hub's columns keep (an over-long error text is cut,
+        not refused: it is for people)."""
         h = p.decode_frame(payload, p.Kind.REPORTED).header
         try:
-            state = UpdateState(str(h.get("state")))
+            state = UpdateState(str(h.get("state"))[:16])
         except ValueError:
-            raise ProtocolError(f"unknown update state {h.get('state')!r}") from None
-        model, device = h.get("model"), h.get("device")
-        if not isinstance(model, str) or not isinstance(device, str):
-            raise ProtocolError("reported state needs 'device' and 'model' strings")
-        seq, ts = h.get("seq", 0), h.get("ts", 0.0)
+            raise ProtocolError(f"unknown update state {str(h.get('state'))[:20]!r}",
+                                "field") from None
         fidelity = h.get("fidelity")
-        return cls(device, model, state, _opt(h, "target"), _opt(h, "error"), _opt(h, "code"),
-                   seq if isinstance(seq, int) else 0,
-                   float(ts) if isinstance(ts, int | float) else 0.0,
+        error = h.get("error")
+        return cls(required_text(h, "device", 64), required_text(h, "model", p.MAX_MODEL_REF),
+                   state, text(h, "target", p.MAX_MODEL_REF, optional=True),
+                   None if error is None else str(error)[:MAX_ERROR],
+                   text(h, "code", 32, optional=True),
+                   integer(h, "seq", 0, p.I64_MAX, default=0),
+                   number(h, "ts", 0.0, p.MAX_TS, default=0.0),
                    fidelity if isinstance(fidelity, dict) else None)
-
-
-def _opt(h: dict[str, Any], key: str) -> str | None:
-    v = h.get(key)
-    return None if v is None else str(v)

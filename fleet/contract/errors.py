@@ -16,11 +16,21 @@ class FleetError(Exception):
 
 
 class ProtocolError(FleetError):
-    """A message that cannot be decoded, or whose content breaks the wire contract."""
+    """A message that cannot be decoded, or whose content breaks the wire contract.
+
+    `reason` names the kind of fault in a word (a metric label): "malformed", "version",
+    "depth", "text", "number", "field", "too_large"."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class UnsupportedVersion(ProtocolError):
     """A message carrying a protocol version this build does not speak."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "version")
 
 
 class BundleError(FleetError):

@@ -385,12 +385,13 @@ def test_agents_of_both_protocol_versions_share_a_hub(bridge_on_bus) -> None:
 
 def test_a_message_the_database_refuses_does_not_hold_back_the_others(
         bridge_on_bus, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are stored together; if that transaction fails, each is stored alone, and only
-    the one the database refuses stays unacknowledged (its device sends it again)."""
-    import cloud_hub.bridge as bridge_mod
+    """Messages are stored together; if that transaction fails, they are stored apart, and only
+    the one the database refuses alone (while it answers) is refused: its records acknowledged
+    as rejected, so that its device stops sending them."""
+    import cloud_hub.ingest_worker as worker_mod
     from cloud_hub.errors import StoreError
 
-    real = bridge_mod.ingest_results
+    real = worker_mod.ingest_results
 
     def refusing(sessions: Any, records: list[p.ResultRecord],
                  replica: str = "hub-0") -> Any:
@@ -398,18 +399,22 @@ def test_a_message_the_database_refuses_does_not_hold_back_the_others(
             raise StoreError("refused by the database")
         return real(sessions, records, replica)
 
-    monkeypatch.setattr(bridge_mod, "ingest_results", refusing)
+    monkeypatch.setattr(worker_mod, "ingest_results", refusing)
     bridge, bus, inbox = bridge_on_bus
     bridge.ingest.max_wait_s = 0.5  # let all three messages gather into one transaction
     for dev in ("good-1", "poison", "good-2"):
         recs = [record(i, device=dev).model_copy(update={"id": f"{dev}-{i}"}) for i in range(3)]
         bus.publish(p.topic(dev, p.Channel.RESULTS), p.ResultBatch.of(recs).encode())
-    assert wait_until(lambda: len(inbox) == 2)
-    acked = sorted(t.split("/")[2] for t, _ in inbox)
-    assert acked == ["good-1", "good-2"]
+    assert wait_until(lambda: len(inbox) == 3)
+    acks = {t.split("/")[2]: p.Ack.decode(payload) for t, payload in inbox}
+    assert sorted(acks["good-1"].ids) == [f"good-1-{i}" for i in range(3)]
+    assert sorted(acks["good-2"].ids) == [f"good-2-{i}" for i in range(3)]
+    assert acks["poison"].ids == [] and sorted(acks["poison"].rejected) == \
+        [f"poison-{i}" for i in range(3)]
     with bridge.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Result)) == 6
-    assert bridge.metrics.registry.get_sample_value("ehi_hub_store_errors_total") >= 1
+    assert bridge.metrics.registry.get_sample_value(
+        "ehi_hub_refused_messages_total", {"channel": "results", "reason": "store"}) == 1
 
 
 def test_telemetry_older_than_an_update_report_does_not_undo_it(database_url: str) -> None:
@@ -421,16 +426,19 @@ def test_telemetry_older_than_an_update_report_does_not_undo_it(database_url: st
     from cloud_hub.ingest import record_telemetry_many
     from fleet.contract.assignment import Reported, UpdateState
 
+    def telemetry(h: dict[str, Any]) -> p.Telemetry:
+        return p.Telemetry.decode(p.encode_json(p.Kind.TELEMETRY, h, 2))
+
     eng = make_engine(database_url)
     init_db(eng)
     sessions = session_factory(eng)
     try:
-        record_telemetry_many(sessions, [("dev-5", {"ts": 100.0, "model": "m@1"}, 2)])
+        record_telemetry_many(sessions, [("dev-5", telemetry({"ts": 100.0, "model": "m@1"}))])
         record_reported(sessions, "dev-5", Reported("dev-5", "m@2", UpdateState.IDLE, ts=110.0))
-        record_telemetry_many(sessions, [("dev-5", {"ts": 105.0, "model": "m@1"}, 2)])
+        record_telemetry_many(sessions, [("dev-5", telemetry({"ts": 105.0, "model": "m@1"}))])
         with sessions() as s:
             assert s.get(Device, "dev-5").model == "m@2"
-        record_telemetry_many(sessions, [("dev-5", {"ts": 120.0, "model": "m@1"}, 2)])
+        record_telemetry_many(sessions, [("dev-5", telemetry({"ts": 120.0, "model": "m@1"}))])
         with sessions() as s:
             assert s.get(Device, "dev-5").model == "m@1"
     finally:

@@ -1,0 +1,65 @@
+"""Storing many devices' messages together without letting one of them cost the others.
+
+Messages are stored in one transaction when they can be. If that fails, whatever the exception
+(SQLAlchemy's, or a driver's that it does not wrap, such as a value COPY cannot write), the
+database is asked whether it answers at all: if not, nothing is refused and the caller backs
+off (devices send again what was not acknowledged). If it answers, the messages are split in
+halves and each half stored alone, until only the messages that fail alone remain; each of
+those is tried once more (a transient conflict passes then) and refused: counted, logged, and
+never holding back another device's data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.orm import sessionmaker
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def database_answers(sessions: sessionmaker) -> bool:
+    """True if the database runs a trivial query: a failure was the data's, not its own."""
+    try:
+        with sessions() as s:
+            s.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+
+
+def store_apart(items: Sequence[T], store: Callable[[Sequence[T]], None],
+                refuse: Callable[[T, Exception], None],
+                answers: Callable[[], bool]) -> bool:
+    """Store `items` together, or apart as far as needed; refuse those that fail alone.
+
+    Returns False when the database does not answer (the caller backs off; the items not
+    stored are neither acknowledged nor refused)."""
+    if not items:
+        return True
+    try:
+        store(items)
+        return True
+    except Exception as exc:
+        failure = exc
+    if not answers():
+        log.error("database does not answer: %d messages not stored now (%s)", len(items),
+                  failure)
+        return False
+    if len(items) == 1:
+        try:
+            store(items)
+            return True
+        except Exception as exc:
+            if not answers():
+                return False
+            refuse(items[0], exc)
+            return True
+    mid = len(items) // 2
+    return (store_apart(items[:mid], store, refuse, answers)
+            and store_apart(items[mid:], store, refuse, answers))

@@ -1,0 +1,48 @@
+"""The preset dictionary of frame codec 2 (zlib with a dictionary, RFC 1950 FDICT)."""
+
+# The keys and common values of this protocol's headers, so that a small message (an offload,
+# an answer, a heartbeat) pays only for what varies. Part of the contract: it never changes; a
+# different dictionary would be another codec. zlib matches nearer strings more cheaply: the
+# most frequent messages come last.
+ZDICT = (
+    b'{"device":"","replayed":0,"ts":17,"uptime_s":,"model":"","backend":"onnxruntime",'
+    b'"openvino","policy":"max_prob","margin","entropy","threshold":,"fidelity":{"bundle":"",'
+    b'"samples":,"agreement":1.0,"min_agreement":0.995,"faithful":true,"accuracy":0.9,'
+    b'"reference_accuracy":0.9,"manifest_threshold":,"offload_at_manifest":0.2,'
+    b'"reference_offload":0.2,"budget":0.2,"calibrated_threshold":,"cpu":"Intel(R) Xeon(R) '
+    b'Processor","AMD EPYC","cpu_flags":["sse4_1","avx","avx2","fma","f16c","avx512f",'
+    b'"avx512bw","avx512vl","avx512_vnni","avx_vnni","avx512_bf16","amx_int8","amx_bf16"],'
+    b'"refused":{},"threshold_source":"calibrated","manifest"},"offload":{"mode":"threshold",'
+    b'"budget","target":,"recent_rate":,"drift":,"drifting":false,"source":"calibrated"},'
+    b'"labels":{},"queues":{"offloads_pending":0,"outbox":0},"outbox":{"entries":0,"bytes":0,'
+    b'"results":0,"hard_examples":0,"oldest_age_s":0.0,"results_produced":0,'
+    b'"results_acked":0,"hard_produced":0,"hard_acked":0,"rejected":0,"dropped_full":0,'
+    b'"dropped_expired":0,"resent":0},"counters":{"inputs":0,"offloaded":0,"cloud_answers":0,'
+    b'"fallbacks":0,"input_errors":0,"offload_busy":0,"bad_messages":0,"hub_errors":0,'
+    b'"late_queued":0,"outbox_full":0,"connections_refused":0,"late_answers":0},"update":'
+    b'{"state":"idle","target":null,"code":null},"system":{"cpu_percent":0.0,'
+    b'"process_cpu_percent":0.0,"rss_mb":0.0,"memory_percent":0.0,"memory_available_mb":0.0,'
+    b'"load_avg":[0.0,0.0,0.0]},"mqtt_bytes":{"sent":0,"received":0}}'
+    b'{"ids":[],"strings":{"device":[""],"model":["-edge@1"],"backend":["onnxruntime"],'
+    b'"policy":["max_prob"],"cloud_model":["-cloud@1",null],"source":["edge","cloud",'
+    b'"edge_fallback"]},"input_ref":[null,"mixed:","clean:","shifted:"],"columns":[["device",'
+    b'"<u2"],["model","<u2"],["backend","<u2"],["policy","<u2"],["cloud_model","<u2"],'
+    b'["source","<u2"],["seq","<i8"],["ts","<f8"],["score","<f4"],["edge_label","<i4"],'
+    b'["edge_confidence","<f4"],["offloaded","u1"],["has_cloud_label","u1"],["cloud_label",'
+    b'"<i4"],["final_label","<i4"],["degraded","u1"],["latency_ms","<f4"],["edge_ms","<f4"],'
+    b'["offload_bytes","<u4"]]}'
+    b'{"id":"","device":"","seq":1,"ts":1764000000.0,"input_ref":null,"model":"digits-edge@1",'
+    b'"backend":"onnxruntime","policy":"max_prob","score":0.0,"edge_label":1,'
+    b'"edge_confidence":0.9,"offloaded":false,"cloud_label":null,"cloud_model":null,'
+    b'"final_label":1,"source":"edge","degraded":false,"latency_ms":0.1,"edge_ms":0.05,'
+    b'"offload_bytes":0}{"id":"","device":"","seq":2,"ts":1764000000.0,"input_ref":null,'
+    b'"model":"digits-edge@1","backend":"onnxruntime","policy":"max_prob","score":0.5,'
+    b'"edge_label":3,"edge_confidence":0.5,"offloaded":true,"cloud_label":3,'
+    b'"cloud_model":"digits-cloud@1","final_label":3,"source":"cloud","degraded":false,'
+    b'"latency_ms":2.0,"edge_ms":0.05,"offload_bytes":263}'
+    b'{"ids":["'
+    b'","rejected":{},"of":"results"}'
+    b'{"id":"","label":,"confidence":0.99,"model":"digits-cloud@1","hub_ms":0.1}'
+    b'{"id":"","model":"digits-edge@1","deadline_ms":250.0,"sent_at":1764000000.0,'
+    b'"edge_label":,"edge_score":0.0,"tensor":{"dtype":"float32","shape":[1,8,8]}}'
+)
