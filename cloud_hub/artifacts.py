@@ -3,7 +3,9 @@ and the hub's database (every replica reads what any stored) behind it, and an i
 beside it for unit tests.
 
 Files are immutable once stored: a (name, version) is written once, from a verified staging
-folder, by renaming a complete copy into place.
+folder. `put` stores the files and registers them (the caller's `register` adds the registry row
+to the session) as one step: two uploads of one name@version at the same moment cannot mix
+(the loser's registry row fails on its unique key, and it leaves no file behind).
 """
 
 from __future__ import annotations
@@ -13,14 +15,29 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Protocol
 
 from sqlalchemy import delete as sa_delete
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_hub.errors import NotFound, StoreError
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (a file made for it), held across processes."""
+    import fcntl
+
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class ArtifactNotFound(NotFound):
@@ -34,9 +51,15 @@ def _safe_rel(path: str) -> PurePosixPath:
     return p
 
 
+Register = Callable[[Session], None]
+
+
 class ArtifactStore(Protocol):
-    def put(self, name: str, version: int, staging: Path) -> None:
-        """Store every file under `staging` as bundle `name@version`."""
+    def put(self, name: str, version: int, staging: Path, session: Session,
+            register: Register) -> None:
+        """Store every file under `staging` as bundle `name@version` and commit `session` after
+        `register(session)`, atomically: on any failure (IntegrityError when the version
+        exists) nothing is stored and nothing is committed."""
 
     def size(self, name: str, version: int, path: str) -> int: ...
 
@@ -55,16 +78,28 @@ class LocalArtifactStore:
     def _dir(self, name: str, version: int) -> Path:
         return self.root / str(_safe_rel(name)) / str(int(version))
 
-    def put(self, name: str, version: int, staging: Path) -> None:
+    def put(self, name: str, version: int, staging: Path, session: Session,
+            register: Register) -> None:
         final = self._dir(name, version)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=final.parent))
         try:
             shutil.copytree(staging, tmp, dirs_exist_ok=True, symlinks=True)
-            if final.exists():
-                shutil.rmtree(final)  # a leftover of a failed earlier upload of this version
-            os.replace(tmp, final)
+            # One upload of name@version at a time past this point (also across processes on
+            # this disk): the registry row is claimed before the folder moves into place.
+            with _locked(final.parent / f".{version}.lock"):
+                register(session)
+                session.flush()  # IntegrityError here if name@version is registered
+                if final.exists():
+                    shutil.rmtree(final)  # a leftover of an upload that failed to register
+                os.replace(tmp, final)
+                try:
+                    session.commit()
+                except BaseException:
+                    shutil.rmtree(final, ignore_errors=True)
+                    raise
         except BaseException:
+            session.rollback()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
@@ -91,10 +126,17 @@ class MemoryArtifactStore:
         self._files: dict[tuple[str, int, str], bytes] = {}
         self._lock = threading.Lock()
 
-    def put(self, name: str, version: int, staging: Path) -> None:
+    def put(self, name: str, version: int, staging: Path, session: Session,
+            register: Register) -> None:
         files = {(name, version, f.relative_to(staging).as_posix()): f.read_bytes()
                  for f in staging.rglob("*") if f.is_file()}
         with self._lock:
+            try:
+                register(session)
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
             self._files.update(files)
 
     def _get(self, name: str, version: int, path: str) -> bytes:
@@ -126,12 +168,17 @@ class DatabaseArtifactStore:
     def __init__(self, sessions: sessionmaker) -> None:
         self.sessions = sessions
 
-    def put(self, name: str, version: int, staging: Path) -> None:
+    def put(self, name: str, version: int, staging: Path, session: Session,
+            register: Register) -> None:
+        """The files and the registry row in the caller's one transaction."""
         from cloud_hub.db import ArtifactChunk, ArtifactFile
 
+        s = session
         try:
-            with self.sessions.begin() as s:
-                self._delete(s, name, version)  # a leftover of a failed earlier upload
+            try:
+                register(s)
+                s.flush()  # IntegrityError here if name@version is registered
+                self._delete(s, name, version)  # a leftover written by an older release
                 for f in sorted(p for p in staging.rglob("*") if p.is_file()):
                     rel = f.relative_to(staging).as_posix()
                     s.add(ArtifactFile(name=name, version=version, path=rel,
@@ -143,6 +190,12 @@ class DatabaseArtifactStore:
                                                 data=chunk))
                             s.flush()  # one chunk in memory at a time
                             seq += 1
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+        except IntegrityError:
+            raise
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot store {name}@{version}: {exc}") from None
 

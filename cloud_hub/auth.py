@@ -26,16 +26,22 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field
 
 from cloud_hub.errors import HubError
+from fleet.contract.protocol import short_text
 
 ROLES = ("viewer", "operator", "admin")
 RANK = {r: i for i, r in enumerate(ROLES)}
 Role = Literal["viewer", "operator", "admin"]
 ALGORITHMS_EXTERNAL = ["RS256", "ES256", "PS256", "EdDSA"]
+
+
+# A bearer token longer than this is refused unread (ours are about 300 characters; an issuer's
+# with many claims a few thousand).
+MAX_TOKEN_CHARS = 16_384
 
 
 class AuthError(HubError):
@@ -61,10 +67,21 @@ class AuthSettings(BaseModel):
     audience: str = "ehi-hub"
     # Devices download bundle files and the hub's key without a token.
     open_downloads: bool = True
-    # Requests per second per caller (its token's subject, or its address), with bursts of
-    # `burst`; beyond it 429 with Retry-After. 0: no limit.
+    # Requests per second per caller (its token's subject, or its address without one), with
+    # bursts of `burst`, in every mode and on every route but the probes; beyond it 429 with
+    # Retry-After. 0: no limit.
     rate_per_s: float = Field(50.0, ge=0)
     burst: int = Field(200, ge=1)
+    # Every request from one address, before its token is looked at (refused ones included):
+    # what one address may cost the hub, whoever it claims to be. 0: no limit.
+    address_rate_per_s: float = Field(200.0, ge=0)
+    address_burst: int = Field(1000, ge=1)
+    # Refused attempts (401, 403) from one address: beyond these, 429 without looking at the
+    # token, and no audit row (a flood of bad tokens cannot grow or bury the audit log).
+    refused_per_s: float = Field(1.0, ge=0)
+    refused_burst: int = Field(20, ge=1)
+    # Audit rows of refused attempts kept at most (the oldest go first); changes are all kept.
+    audit_refused_max: int = Field(10_000, ge=100)
     # A request body larger than this is refused (413); bundle uploads have their own limit.
     max_body_bytes: int = Field(1 << 20, ge=1024)
 
@@ -139,7 +156,14 @@ class Authenticator:
             return Principal("api-token", "admin", "token")
         if self.settings.mode != "jwt":
             raise AuthError("this token is not the hub's API token")
-        return self._verify(token)
+        if len(token) > MAX_TOKEN_CHARS:
+            raise AuthError(f"token of {len(token)} characters (at most {MAX_TOKEN_CHARS})")
+        try:
+            return self._verify(token)
+        except AuthError:
+            raise
+        except Exception as exc:
+            raise AuthError(f"token refused: {type(exc).__name__}") from None
 
     def _verify(self, token: str) -> Principal:
         jwt = _jwt()
@@ -165,12 +189,17 @@ class Authenticator:
                 raise AuthError(f"a token signed with {header.get('alg')!r} and no issuer keys "
                                 "configured (EHI_HUB_AUTH__JWKS_FILE)")
         except (jwt.PyJWTError, KeyError) as exc:
-            raise AuthError(f"token refused: {exc}") from None
+            raise AuthError(f"token refused: {str(exc)[:200]}") from None
         roles = claims.get("roles", claims.get("role", []))
         roles = [roles] if isinstance(roles, str) else roles
-        known = [r for r in roles if r in RANK] if isinstance(roles, list) else []
-        role = max(known, key=RANK.__getitem__) if known else None
-        return Principal(str(claims["sub"])[:128], role, via)
+        # A claim of another shape grants nothing (it is a token, not a request to refuse).
+        known = [r for r in roles if isinstance(r, str) and r in RANK] \
+            if isinstance(roles, list) else []
+        role = cast(Role, max(known, key=RANK.__getitem__)) if known else None
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not sub:
+            raise AuthError("token refused: its subject ('sub') must be a non-empty string")
+        return Principal(short_text(sub, 128), role, via)
 
 
 def _read_or_make_secret(path: Path) -> bytes:

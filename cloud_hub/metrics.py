@@ -75,6 +75,10 @@ class HubMetrics:
                                     "Seconds since the hub last received a message", registry=r)
         self.rate_limited = Counter("ehi_hub_api_rate_limited_total",
                                     "API requests refused with 429", registry=r)
+        self.api_limited = Counter("ehi_hub_api_limited_total",
+                                   "API requests refused with 429, by the limit that refused "
+                                   "them: address, refused (attempts), caller", ["limit"],
+                                   registry=r)
         # Which replica these figures are of (Prometheus adds `instance`; this names the
         # replica as the hub does, for joins and dashboards).
         self.replica = Gauge("ehi_hub_replica_info", "This hub replica", ["replica"],

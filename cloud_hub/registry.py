@@ -12,7 +12,6 @@ Then the staged bundle is stored.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -32,7 +31,8 @@ from cloud_hub.db import ModelVersion, RollbackDirective
 from cloud_hub.errors import BundleRejected, Conflict, NotFound
 from fleet.contract.assignment import ROLLBACK, check_rollback
 from fleet.contract.bundle import MANIFEST_NAME, Manifest
-from fleet.contract.errors import BundleError
+from fleet.contract.errors import BundleError, ProtocolError
+from fleet.contract.protocol import parse_header
 from fleet.contract.signing import PublicKey, SignatureError, verify_manifest
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,11 @@ def unpack_bundle(archive: Path, staging: Path, max_bytes: int,
         raise BundleRejected("the hub trusts no bundle-signing key: set EHI_HUB_TRUSTED_KEYS "
                              "(the public keys from `fleet keys generate`)")
     members, raw, top = scan(archive, max_bytes, MANIFEST_NAME)
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleRejected(f"{MANIFEST_NAME} is not valid JSON: {exc}") from None
+    try:  # bounded before anything reads it: depth, strings, numbers (as a wire header)
+        doc = parse_header(raw)
+    except ProtocolError as exc:
+        raise BundleRejected(f"{MANIFEST_NAME} is not valid JSON within the hub's bounds: "
+                             f"{exc}") from None
     if not isinstance(doc, dict):
         raise BundleRejected(f"{MANIFEST_NAME} must be a JSON object")
     try:
@@ -95,14 +96,11 @@ def accept_upload(session: Session, store: ArtifactStore, archive: Path, work_di
                                                        ModelVersion.version == m.version)):
             raise Conflict(f"{m.ref} is already in the registry: versions are immutable, "
                            "build and sign a new version")
-        store.put(m.name, m.version, staging)
         row = ModelVersion(name=m.name, version=m.version, manifest=u.document,
                            total_bytes=m.total_bytes, keyid=u.keyid, uploaded_at=time.time())
-        session.add(row)
-        try:
-            session.commit()
+        try:  # the files and the row as one step: a concurrent upload of m.ref loses whole
+            store.put(m.name, m.version, staging, session, lambda s: s.add(row))
         except IntegrityError:
-            session.rollback()
             raise Conflict(f"{m.ref} is already in the registry") from None
         log.info("registry: accepted %s (%d bytes, key %s)", m.ref, m.total_bytes, u.keyid)
         return row

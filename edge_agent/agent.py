@@ -22,6 +22,7 @@ import numpy as np
 
 from edge_agent.config import NO_BUNDLE, AgentSettings
 from edge_agent.errors import AgentBusy, ConfigError
+from edge_agent.hub_liveness import HubLiveness
 from edge_agent.offload import PendingOffloads
 from edge_agent.offload_budget import OffloadController
 from edge_agent.outbox import Outbox, OutboxFull, OutboxLimits
@@ -101,7 +102,7 @@ def open_outbox(settings: AgentSettings) -> Outbox:
     store: Store = (SqliteStore(settings.outbox_path(), rs.fsync) if rs.store == "sqlite"
                     else MemoryStore())
     return Outbox(store, OutboxLimits(rs.max_entries, rs.max_bytes, rs.max_age_s, rs.on_full),
-                  rs.resend_after_s)
+                  rs.resend_after_s, rs.resend_max_s)
 
 
 class Agent:
@@ -127,6 +128,7 @@ class Agent:
         self._offload_lock = threading.Lock()
         self._configure_offload(self.engine)
         self.pending = PendingOffloads(settings.offload.max_pending)
+        self.hub = HubLiveness()
         self.outbox = open_outbox(settings)
         self.counters = Counters()
         tp = settings.throughput
@@ -314,6 +316,8 @@ class Agent:
             return self._finish(engine, rid, raw, local, None, 0, t0, input_ref)
         sent = self._offload_send(engine, rid, raw, local, deadline_s)
         answer = self.pending.wait(rid, deadline_s) if sent else None
+        if sent and answer is None:
+            self.hub.missed()
         return self._finish(engine, rid, raw, local, answer, sent, t0, input_ref)
 
     def infer_batch(self, raws: np.ndarray, input_refs: list[str | None] | None = None,
@@ -340,6 +344,8 @@ class Agent:
         for i, (rid, loc, nbytes, ref) in enumerate(zip(rids, locals_, sent, refs, strict=True)):
             answer = (self.pending.wait(rid, max(0.0, end - time.perf_counter()))
                       if nbytes else None)
+            if nbytes and answer is None:
+                self.hub.missed()
             out.append(self._finish(engine, rid, raws[i], loc, answer, nbytes, t0, ref))
         return out
 
@@ -402,8 +408,8 @@ class Agent:
     def _offload_send(self, engine: Engine, rid: str, raw: np.ndarray, local: LocalResult,
                       deadline_s: float) -> int:
         """Publish an offload and register its waiter; returns the bytes sent, 0 if not sent."""
-        if not self.transport.connected:
-            return 0
+        if not self.transport.connected or not self.hub.may_offload():
+            return 0  # answered from the edge at once (and, with late_answers, later by the hub)
         if not self.pending.open(rid):
             self.counters.inc("offload_busy")
             return 0
@@ -454,7 +460,8 @@ class Agent:
             if degraded and self.settings.offload.late_answers:
                 reason: p.HardReason = (
                     "hub_error" if answer is not None else "deadline" if offload_bytes
-                    else "offline" if not self.transport.connected else "busy")
+                    else "offline" if not self.transport.connected or self.hub.down
+                    else "busy")
                 self.outbox.add(EntryKind.HARD, rid, p.HardExample(
                     rid, engine.manifest.ref, np.asarray(raw), now, local.label, local.score,
                     reason).blob())
@@ -476,8 +483,12 @@ class Agent:
             _device, channel = p.parse_topic(topic)
             if channel is p.Channel.ANSWER:
                 self.pending.deliver(p.Answer.decode(payload))
+                if self.hub.down:
+                    self.outbox.hub_heard()  # the hub is back: what waits is sent now
+                self.hub.heard()
             elif channel is p.Channel.ACK:
                 self.sender.queue_ack(p.Ack.decode(payload))
+                self.hub.heard()
             elif channel is p.Channel.DESIRED and self.updater is not None:
                 self.updater.offer(payload)  # checked and acted on by the updater's thread
         except ProtocolError as exc:
@@ -498,6 +509,16 @@ class Agent:
         while not self._stop.wait(self.settings.telemetry_interval_s):
             self.publish_telemetry()
 
+    def health(self) -> dict[str, Any]:
+        """What /healthz says: "ok" only while the broker is connected and the hub answers
+        ("degraded" otherwise: the agent still answers every input from the edge)."""
+        connected = self.transport.connected
+        hub = self.hub.state()
+        return {"status": "ok" if connected and hub["reachable"] else "degraded",
+                "model": self.model_ref, "backend": self.engine.backend.name,
+                "connected": connected, "broker": {"connected": connected}, "hub": hub,
+                "outbox": len(self.outbox)}
+
     def telemetry(self) -> dict[str, Any]:
         return {
             "device": self.device, "ts": time.time(), "uptime_s": time.time() - self.started_at,
@@ -506,6 +527,7 @@ class Agent:
             "fidelity": self.engine.fidelity_summary(), "offload": self.offload_state(),
             "labels": self.settings.labels,
             "queues": {"offloads_pending": len(self.pending), "outbox": len(self.outbox)},
+            "hub": self.hub.state(),
             "outbox": self.outbox.stats().to_dict(),
             "counters": {**self.counters.snapshot(), "late_answers": self.pending.late_answers},
             "update": (None if self.updater is None else

@@ -83,8 +83,12 @@ class ResultsSettings(BaseModel):
     batch_max_bytes: int = Field(256 << 10, ge=1 << 12, le=4 << 20)
     # A batch is sent when full or this long after its first record.
     flush_interval_s: float = Field(0.2, gt=0)
-    # Unacknowledged entries are sent again after this long (the hub ingests idempotently).
+    # Unacknowledged entries are sent again after this long (the hub ingests idempotently);
+    # each further resend without an ack between waits twice as long (with +-25% jitter, so a
+    # fleet does not resend in step), up to `resend_max_s`. An ack or a cloud answer (the hub
+    # is back) starts again from `resend_after_s`.
     resend_after_s: float = Field(5.0, gt=0)
+    resend_max_s: float = Field(120.0, gt=0)
     # Draining a backlog after an outage: at most this many entries per second, and at most
     # `max_inflight` sent and not yet acknowledged, so a fleet coming back does not flood the hub.
     drain_rate: float = Field(2000.0, gt=0)

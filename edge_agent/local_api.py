@@ -13,15 +13,21 @@
 
 The stdlib server keeps the agent free of a web framework; one thread per connection, at most
 `max_connections` of them (a connection beyond gets 503 and is closed), each closed after
-`idle_timeout_s` without a byte from its client.
+`idle_timeout_s` without a byte from its client, and a request whose headers and body have not
+all arrived REQUEST_DEADLINE_S after its first byte is cut off (a body trickled a byte at a time
+cannot hold a connection). Every malformed request gets a 400 that says why; nothing that the
+hub could not store (an over-long or non-UTF-8 `input_ref`) is accepted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -31,7 +37,7 @@ from edge_agent.agent import Agent
 from edge_agent.errors import AgentBusy
 from edge_agent.metrics import render as render_metrics
 from fleet.contract.errors import ProtocolError
-from fleet.contract.protocol import decode_tensor
+from fleet.contract.protocol import MAX_INPUT_REF, check_string, decode_tensor, parse_header
 from fleet.inference.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,52 @@ _BUSY_BODY = b'{"error": "too many connections to the agent; retry later"}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
          b"Connection: close\r\nRetry-After: 1\r\nContent-Length: "
          + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+# A request must have arrived whole (headers and body) this long after its first byte.
+REQUEST_DEADLINE_S = 10.0
+# How often the watchdog looks for requests past their deadline.
+WATCHDOG_TICK_S = 0.5
+# Elements of one list in a JSON body (a row of an input): more than the wire's header bound,
+# as an application's input may be a long flat vector.
+MAX_JSON_ITEMS = 1 << 20
+
+
+class _Watchdog:
+    """Cuts off connections whose request has not arrived whole by its deadline: one thread for
+    all of them, so a request costs a dict entry, not a timer."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+        self._armed: dict[int, tuple[float, socket.socket]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.cut = 0
+        self._thread = threading.Thread(target=self._run, name="local-api-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def arm(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._armed[id(sock)] = (time.monotonic() + self.deadline_s, sock)
+
+    def disarm(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._armed.pop(id(sock), None)
+
+    def _run(self) -> None:
+        while not self._stop.wait(WATCHDOG_TICK_S):
+            now = time.monotonic()
+            with self._lock:
+                late = [k for k, (t, _) in self._armed.items() if t < now]
+                socks = [self._armed.pop(k)[1] for k in late]
+            for sk in socks:
+                self.cut += 1
+                with contextlib.suppress(OSError):
+                    sk.shutdown(socket.SHUT_RDWR)  # the handler's read ends; it closes
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class _BoundedServer(ThreadingHTTPServer):
@@ -87,6 +139,7 @@ class LocalApi:
         self.agent = agent
         self.max_body = max_body_bytes
         self.sample_shape = agent.engine.manifest.raw_input.shape
+        self.watchdog = _Watchdog(REQUEST_DEADLINE_S)
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -99,8 +152,17 @@ class LocalApi:
 
             def handle_one_request(self) -> None:
                 try:
-                    super().handle_one_request()
-                except TimeoutError:
+                    # Idle until a request's first byte (at most `timeout`); from then on the
+                    # whole request has REQUEST_DEADLINE_S.
+                    if not self.rfile.peek(1):  # type: ignore[attr-defined]
+                        self.close_connection = True
+                        return
+                    api.watchdog.arm(self.connection)
+                    try:
+                        super().handle_one_request()
+                    finally:
+                        api.watchdog.disarm(self.connection)
+                except (TimeoutError, ConnectionError, OSError):
                     self.close_connection = True
 
             def log_message(self, fmt: str, *args: Any) -> None:
@@ -108,10 +170,9 @@ class LocalApi:
                     log.debug("local api: %s", fmt % args)
 
             def do_GET(self) -> None:
+                api.watchdog.disarm(self.connection)
                 if self.path == "/healthz":
-                    self._send(200, {"status": "ok", "model": agent.model_ref,
-                                     "backend": agent.engine.backend.name,
-                                     "connected": agent.transport.connected})
+                    self._send(200, agent.health())
                 elif self.path == "/v1/telemetry":
                     self._send(200, agent.telemetry())
                 elif self.path == "/metrics":
@@ -125,6 +186,14 @@ class LocalApi:
                     self._send(404, {"error": f"no route {self.path}"})
 
             def do_POST(self) -> None:
+                try:
+                    self._post()
+                except Exception:  # a bug costs this request a 500, never the connection
+                    log.exception("local API: request failed")
+                    self.close_connection = True
+                    self._send(500, {"error": "the agent failed on this request; see its log"})
+
+            def _post(self) -> None:
                 if self.path != "/v1/infer":
                     self._send(404, {"error": f"no route {self.path}"})
                     return
@@ -141,6 +210,12 @@ class LocalApi:
                                               f"{api.max_body}-byte limit"})
                     return
                 body = self.rfile.read(length)
+                api.watchdog.disarm(self.connection)
+                if len(body) < length:  # cut off by the watchdog, or the client went away
+                    self.close_connection = True
+                    self._send(408, {"error": f"the body did not arrive within "
+                                              f"{REQUEST_DEADLINE_S:g} s"})
+                    return
                 try:
                     raw, deadline, ref = api.parse(self.headers.get("Content-Type", ""),
                                                    self.headers, body)
@@ -177,30 +252,31 @@ class LocalApi:
 
     @staticmethod
     def parse(ctype: str, headers: Any, body: bytes) -> tuple[np.ndarray, float | None, str | None]:
+        """The input, deadline and reference of a request; ProtocolError (a 400) for anything
+        malformed."""
         if ctype.startswith("application/octet-stream"):
+            spec = headers.get("X-EHI-Shape", "")
+            if len(spec) > MAX_SHAPE_HEADER:
+                raise ProtocolError(f"X-EHI-Shape of {len(spec)} characters")
             try:
-                shape = [int(s) for s in headers.get("X-EHI-Shape", "").split(",") if s.strip()]
+                shape = [int(s) for s in spec.split(",") if s.strip()]
             except ValueError:
                 raise ProtocolError("X-EHI-Shape must be comma-separated integers") from None
             raw = decode_tensor({"dtype": headers.get("X-EHI-Dtype", "float32"), "shape": shape},
                                 body)
             return raw, _deadline(headers.get("X-EHI-Deadline-Ms")), \
-                headers.get("X-EHI-Input-Ref")
+                _input_ref(headers.get("X-EHI-Input-Ref"))
         try:
-            obj = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"body is not JSON: {exc}") from None
+            obj = parse_header(body, max_items=MAX_JSON_ITEMS)
+        except ProtocolError as exc:
+            raise ProtocolError(f"body is not JSON the agent takes: {exc}") from None
         if not isinstance(obj, dict) or "input" not in obj:
             raise ProtocolError('JSON body needs an "input" array')
         try:
             raw = np.asarray(obj["input"], dtype=np.float32)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ProtocolError('"input" must be a rectangular array of numbers') from None
-        ref = obj.get("input_ref")
-        if ref is not None and (not isinstance(ref, str) or len(ref) > MAX_INPUT_REF):
-            raise ProtocolError(f'"input_ref" must be a string of at most {MAX_INPUT_REF} '
-                                "characters")
-        return raw, _deadline(obj.get("deadline_ms")), ref
+        return raw, _deadline(obj.get("deadline_ms")), _input_ref(obj.get("input_ref"))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._server.serve_forever, name="local-api",
@@ -209,12 +285,24 @@ class LocalApi:
         log.info("local API on http://%s:%d", *self._server.server_address[:2])
 
     def stop(self) -> None:
+        self.watchdog.stop()
         self._server.shutdown()
         self._server.server_close()
 
 
-# An application's reference for an input: stored with its result.
-MAX_INPUT_REF = 256
+# The longest X-EHI-Shape header read (eight dimensions need a few dozen characters).
+MAX_SHAPE_HEADER = 256
+
+
+def _input_ref(ref: Any) -> str | None:
+    """An application's reference for an input, stored with its result: what the hub's column
+    holds (at most MAX_INPUT_REF characters, no NUL, valid UTF-8)."""
+    if ref is None:
+        return None
+    if not isinstance(ref, str) or len(ref) > MAX_INPUT_REF:
+        raise ProtocolError(f'"input_ref" must be a string of at most {MAX_INPUT_REF} '
+                            "characters")
+    return check_string(ref, '"input_ref"')
 
 
 def _deadline(value: Any) -> float | None:

@@ -3,9 +3,13 @@
 An entry is stored before it is published and deleted only when the hub acknowledges it at the
 application level, after its database commit (a broker PUBACK is no proof of storage). Entries
 drain in order, per kind, with a window of unacknowledged entries in flight: when the oldest
-unacknowledged entry was sent longer ago than `resend_after_s`, or after a reconnect, everything
-from it on is sent again (go-back-N). The hub ingests idempotently on the id, so a copy sent twice
-is stored once.
+unacknowledged entry was sent longer ago than the resend time, or after a reconnect, every
+unacknowledged entry from it on is sent again (go-back-N). The resend time backs off: it starts
+at `resend_after_s` and doubles with each resend that no ack followed, with +-25% jitter, up to
+`resend_max_s`; an ack, or any sign that the hub is back (`hub_heard`), starts it again (and
+resends at once what waited longer than `resend_after_s`). So a hub that is down for a minute
+costs each entry two or three copies, not one every few seconds. The hub ingests idempotently on
+the id, so a copy sent twice is stored once.
 
 The outbox is bounded by entries, bytes and age. When full, `drop_oldest` deletes the oldest
 entries, hard examples before result records, and `reject_new` refuses the new one; either way
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +53,8 @@ class _Lane:
     epoch: int = 0  # counts go-backs: a batch read before one is not marked sent after it
     sent: collections.deque[tuple[int, float]] = field(default_factory=collections.deque)
     inflight: int = 0  # entries sent and not acknowledged (seq <= cursor)
+    backoff: int = 0  # go-backs since the last ack: the resend time is doubled this often
+    jitter: float = 1.0
     count: int = 0
     nbytes: int = 0
     produced: int = 0
@@ -88,15 +95,28 @@ class SendBatch:
         return len(self.entries)
 
 
+# The longest a resend waits, however long the hub has been silent.
+RESEND_MAX_S = 120.0
+# Each resend time is multiplied by a factor drawn in [1 - JITTER, 1 + JITTER].
+JITTER = 0.25
+
+
+def resend_delay(base_s: float, max_s: float, backoff: int, jitter: float = 1.0) -> float:
+    """How long an unacknowledged entry waits after `backoff` resends without an ack."""
+    return min(max_s, base_s * 2.0 ** min(backoff, 32)) * jitter
+
+
 class OutboxFull(AgentError):
     """The outbox is full and its policy is `reject_new`."""
 
 
 class Outbox:
-    def __init__(self, store: Store, limits: OutboxLimits, resend_after_s: float) -> None:
+    def __init__(self, store: Store, limits: OutboxLimits, resend_after_s: float,
+                 resend_max_s: float = RESEND_MAX_S) -> None:
         self.store = store
         self.limits = limits
         self.resend_after_s = resend_after_s
+        self.resend_max_s = max(resend_max_s, resend_after_s)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._lanes = {k: _Lane() for k in EntryKind}
@@ -198,11 +218,17 @@ class Outbox:
             head = self.store.head(kind)
             while lane.sent and head is not None and lane.sent[0][0] < head:
                 lane.sent.popleft()  # batches acknowledged in full
+            wait = resend_delay(self.resend_after_s, self.resend_max_s, lane.backoff,
+                                lane.jitter)
             if head is not None and head <= lane.cursor and lane.sent \
-                    and now - lane.sent[0][1] >= self.resend_after_s:
-                log.info("outbox: %s from #%d unacknowledged for %.1f s; sending again",
-                         kind.name.lower(), head, now - lane.sent[0][1])
+                    and now - lane.sent[0][1] >= wait:
+                log.info("outbox: %s from #%d unacknowledged for %.1f s; sending again (next "
+                         "resend after %.0f s without an ack)", kind.name.lower(), head,
+                         now - lane.sent[0][1],
+                         resend_delay(self.resend_after_s, self.resend_max_s, lane.backoff + 1))
                 self._go_back(lane)
+                lane.backoff += 1
+                lane.jitter = random.uniform(1 - JITTER, 1 + JITTER)
             room = min(max_entries, max_inflight - lane.inflight)
             cursor, epoch = lane.cursor, lane.epoch
         entries = self.store.read(kind, cursor, room, max_bytes) if room > 0 else []
@@ -228,6 +254,22 @@ class Outbox:
                     self._go_back(lane)
             self._signal()
 
+    def hub_heard(self, now: float | None = None) -> None:
+        """The hub answered something (an offload): the resend backoff starts again, and what
+        has waited longer than `resend_after_s` is sent again now."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            woke = False
+            for lane in self._lanes.values():
+                if lane.backoff == 0:
+                    continue
+                lane.backoff = 0
+                if lane.inflight and lane.sent and now - lane.sent[0][1] >= self.resend_after_s:
+                    self._go_back(lane)
+                    woke = True
+            if woke:
+                self._signal()
+
     def _go_back(self, lane: _Lane) -> None:
         self.resent += lane.inflight
         lane.epoch += 1
@@ -248,6 +290,8 @@ class Outbox:
             # Counted once, when they leave: a repeated ack finds nothing to count.
             self.rejected += len(refused)
             self._lanes[kind].acked += len(done)
+            if done or refused:
+                self._lanes[kind].backoff = 0
             self._signal()
         for i, why in list(rejected.items())[:3]:
             log.error("hub refused %s %s for good: %s", kind.name.lower(), i, why)

@@ -183,7 +183,7 @@ class Manifest:
             raise BundleError(f"manifest schema {schema!r} is not supported "
                               f"(want {SCHEMA_VERSION})")
         name = _req(d, "name", str)
-        if not BUNDLE_NAME.match(name):
+        if not BUNDLE_NAME.fullmatch(name):
             raise BundleError(f"bundle name {name!r} is not a plain name: 1-64 letters, digits, "
                               "'.', '_' or '-', starting with a letter or digit")
         version = _req(d, "version", int)
@@ -199,6 +199,7 @@ class Manifest:
                 fitted_on=str(he.get("fitted_on", "")),
             )
         files = []
+        seen: set[str] = set()
         for f in _req(d, "files", list):
             length = _req(f, "length", int)
             digest = _req(f, "sha256", str)
@@ -206,10 +207,13 @@ class Manifest:
             if length < 0 or len(digest) != 64:
                 raise BundleError(f"file entry {path!r} needs a length >= 0 and a sha256 "
                                   "hex digest")
-            if not all(FILE_PART.match(part) for part in path.split("/")):
+            if not all(FILE_PART.fullmatch(part) for part in path.split("/")):
                 raise BundleError(f"file path {path!r} must be a plain relative path inside the "
                                   "bundle: parts of letters, digits, '.', '_' or '-', none "
                                   "starting with '.'")
+            if path in seen:
+                raise BundleError(f"file path {path!r} is listed twice")
+            seen.add(path)
             files.append(FileEntry(path=path, length=length, sha256=digest,
                                    role=str(f.get("role", "model")),
                                    precision=str(f.get("precision", ""))))

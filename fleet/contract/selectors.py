@@ -75,7 +75,7 @@ def parse_selector(text: str) -> Selector:
     for raw in text.split(","):
         if not raw.strip():
             continue
-        m = _TERM.match(raw)
+        m = _TERM.fullmatch(raw)
         if m is None:
             raise SelectorError(f"selector term {raw.strip()!r} is not key=value, key!=value, "
                                 "key or !key")

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,14 @@ KEEPALIVE_S = 30
 # QoS 1 messages in flight per connection; paho's default of 20 throttles result batches and
 # offloads of several threads.
 MAX_INFLIGHT = 200
+# Not reaching the broker is logged at WARNING at most this often (every attempt at DEBUG).
+UNREACHABLE_LOG_EVERY_S = 60.0
+# MQTT 5's reason code for a connection closed because another took its client id.
+SESSION_TAKEN_OVER = 0x8E
+# A connection closed within EARLY_DROP_S of opening, EARLY_DROPS_WARN times in a minute: on MQTT
+# 3.1.1, the mark of two clients with one id taking turns.
+EARLY_DROP_S = 10.0
+EARLY_DROPS_WARN = 3
 # paho reason codes for a refused login (3.1.1 return codes 4 and 5, MQTT 5 0x86 and 0x87).
 _AUTH_FAILURES = {"Bad user name or password", "Not authorized"}
 LOG_PAYLOAD_CHARS = 64
@@ -156,6 +167,13 @@ class MqttSession:
         self._wire_known = True
         self._gave_up = False
         self._stopping = False
+        # Not reaching the broker: since when, how often, when it was last said (WARNING at
+        # most every UNREACHABLE_LOG_EVERY_S; every attempt at DEBUG).
+        self._down_since: float | None = None
+        self._failures = 0
+        self._down_logged = -math.inf
+        self._connected_at = 0.0
+        self._early_drops: list[float] = []
         proto = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
         kwargs: dict[str, Any] = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2,
                                   "client_id": cfg.client_id, "protocol": proto}
@@ -186,6 +204,7 @@ class MqttSession:
         c.on_socket_open = self._socket_open
         c.on_socket_close = self._socket_close
         c.on_connect = self._handle_connect
+        c.on_connect_fail = self._handle_connect_fail
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
         self._client = c
@@ -218,8 +237,29 @@ class MqttSession:
             return None
         return self._closed_bytes[0] + now[0], self._closed_bytes[1] + now[1]
 
+    def _unreachable(self, why: object) -> None:
+        now = time.monotonic()
+        self._failures += 1
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._down_logged >= UNREACHABLE_LOG_EVERY_S:
+            self._down_logged = now
+            log.warning("cannot reach the MQTT broker %s:%s: %s (%d attempts in %.0f s; "
+                        "retrying every %g-%g s)", self.cfg.host, self.cfg.port, why,
+                        self._failures, now - self._down_since, self.cfg.reconnect_min_s,
+                        self.cfg.reconnect_max_s)
+        else:
+            log.debug("cannot reach the MQTT broker %s:%s: %s", self.cfg.host, self.cfg.port,
+                      why)
+
+    def _handle_connect_fail(self, _c: Any, _u: Any) -> None:
+        # paho calls this inside its `except OSError:` around the connect: the error is there.
+        exc = sys.exc_info()[1]
+        self._unreachable(exc if exc is not None else "connection failed")
+
     def _handle_connect(self, client: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
+            self._unreachable(f"it refused the connection: {reason}")
             log.error("broker %s:%s refused the connection: %s", self.cfg.host, self.cfg.port,
                       reason)
             if str(reason) in _AUTH_FAILURES:
@@ -230,8 +270,15 @@ class MqttSession:
         for t, qos in self._subs:
             client.subscribe(t, qos)
         self._connected.set()
-        log.info("connected to MQTT broker %s:%s (MQTT %s)", self.cfg.host, self.cfg.port,
-                 self.cfg.protocol)
+        self._connected_at = time.monotonic()
+        if self._down_since is not None:
+            log.info("connected to MQTT broker %s:%s (MQTT %s) after %.0f s and %d failed "
+                     "attempts", self.cfg.host, self.cfg.port, self.cfg.protocol,
+                     time.monotonic() - self._down_since, self._failures)
+        else:
+            log.info("connected to MQTT broker %s:%s (MQTT %s)", self.cfg.host, self.cfg.port,
+                     self.cfg.protocol)
+        self._down_since, self._failures, self._down_logged = None, 0, -math.inf
         if self._on_connect_hook:
             try:
                 self._on_connect_hook()
@@ -241,8 +288,27 @@ class MqttSession:
     def _handle_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was and not self._stopping:
-            log.warning("disconnected from MQTT broker (%s); reconnecting", reason)
+        if not was or self._stopping:
+            return
+        now = time.monotonic()
+        self._down_since = now
+        log.warning("disconnected from MQTT broker %s:%s (%s); reconnecting", self.cfg.host,
+                    self.cfg.port, reason)
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            log.error("the broker says another client connected with this one's id %r: two "
+                      "processes share one id (two agents with one device_id?); each takes "
+                      "the connection from the other", self.cfg.client_id)
+            return
+        # MQTT 3.1.1 has no reason for a takeover: connections closed again and again soon
+        # after they opened are the sign.
+        if now - self._connected_at < EARLY_DROP_S:
+            self._early_drops = [t for t in self._early_drops if now - t < 60.0] + [now]
+            if len(self._early_drops) >= EARLY_DROPS_WARN:
+                self._early_drops.clear()
+                log.error("the broker closed this connection %d times within a minute soon "
+                          "after it opened: another client may use the same client id %r (two "
+                          "agents with one device_id?), or its access rules refuse this one",
+                          EARLY_DROPS_WARN, self.cfg.client_id)
 
     def _handle_message(self, _c: Any, _u: Any, msg: Any) -> None:
         try:

@@ -24,7 +24,8 @@ ADMIN = {"Authorization": "Bearer admin-token"}
 def test_no_request_makes_the_hub_fail(kit: UpdateKit, tmp_path: Path) -> None:
     settings_ = hub_settings(tmp_path, kit, api_token="admin-token",
                              auth={"mode": "jwt", "secret_file": tmp_path / "jwt.secret",
-                                   "rate_per_s": 0})
+                                   "rate_per_s": 0, "address_rate_per_s": 0,
+                                   "refused_per_s": 0})
     with HubServer(settings_) as hub:
         schema = schemathesis.openapi.from_url(f"{hub.url}/openapi.json")
         failures: list[tuple[str, str, int, str]] = []

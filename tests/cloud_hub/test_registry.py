@@ -4,7 +4,9 @@ directives; on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,9 +22,9 @@ from cloud_hub.artifacts import (
     MemoryArtifactStore,
 )
 from cloud_hub.db import init_db, make_engine, session_factory
-from cloud_hub.errors import BundleRejected
+from cloud_hub.errors import BundleRejected, Conflict
 from cloud_hub.main import create_app
-from cloud_hub.registry import unpack_bundle
+from cloud_hub.registry import accept_upload, get_model, unpack_bundle
 from fleet.contract.assignment import rollback_directive
 from fleet.contract.bundle import pack_bundle
 from fleet.contract.signing import PrivateKey, generate_keys
@@ -109,13 +111,15 @@ def test_artifact_stores_keep_files_and_refuse_escapes(store_kind: str, kit: Upd
     store: Any
     eng = make_engine(database_url)
     request.addfinalizer(eng.dispose)
+    init_db(eng)
+    sessions = session_factory(eng)
     if store_kind == "database":
-        init_db(eng)
-        store = DatabaseArtifactStore(session_factory(eng))
+        store = DatabaseArtifactStore(sessions)
     else:
         store = (LocalArtifactStore(tmp_path / "a") if store_kind == "local"
                  else MemoryArtifactStore())
-    store.put("digits-edge", 2, kit.version(2))
+    with sessions() as s:
+        store.put("digits-edge", 2, kit.version(2), s, lambda _: None)
     data = (kit.version(2) / "model.onnx").read_bytes()
     assert store.size("digits-edge", 2, "model.onnx") == len(data)
     with store.open("digits-edge", 2, "model.onnx") as fh:
@@ -214,3 +218,48 @@ def test_assigning_needs_the_bridge_and_a_known_device(api: TestClient) -> None:
     assert r.status_code == 503 and "bridge" in r.json()["detail"]
     keys = api.get("/v1/keys").json()
     assert len(keys["assignment"]["keyid"]) == 16 and keys["trusted_bundle_keys"]
+
+
+@pytest.mark.parametrize("store_kind", ["local", "database"])
+def test_concurrent_uploads_of_one_version_leave_one_whole_bundle(
+        store_kind: str, kit: UpdateKit, tmp_path: Path, database_url: str,
+        request: pytest.FixtureRequest) -> None:
+    """Two different signed bundles with the same name@version uploaded at the same moment:
+    one is accepted whole (the registry's manifest is the one its files hold), the other gets
+    Conflict and leaves nothing."""
+    eng = make_engine(database_url)
+    request.addfinalizer(eng.dispose)
+    init_db(eng)
+    sessions = session_factory(eng)
+    store: Any = (DatabaseArtifactStore(sessions) if store_kind == "database"
+                  else LocalArtifactStore(tmp_path / "a"))
+    for trial in range(3):
+        v = 20 + trial
+        archives = []
+        for year in (2030, 2031):
+            arc = tmp_path / f"v{v}-{year}.tar.gz"
+            arc.write_bytes(pack_bundle(kit.version(v, expires=f"{year}-01-01T00:00:00+00:00")))
+            archives.append(arc)
+        barrier = threading.Barrier(2)
+        outcomes: list[str] = []
+
+        def upload(archive: Path, barrier: threading.Barrier = barrier,
+                   outcomes: list[str] = outcomes) -> None:
+            with sessions() as s:
+                barrier.wait()
+                try:
+                    accept_upload(s, store, archive, tmp_path / "work", [kit.pub], 1 << 26)
+                    outcomes.append("accepted")
+                except Conflict:
+                    outcomes.append("conflict")
+
+        threads = [threading.Thread(target=upload, args=(a,)) for a in archives]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(outcomes) == ["accepted", "conflict"], outcomes
+        with sessions() as s:
+            registered = get_model(s, "digits-edge", v).manifest
+        with store.open("digits-edge", v, "manifest.json") as fh:
+            assert json.loads(fh.read()) == registered

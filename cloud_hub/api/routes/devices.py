@@ -15,6 +15,7 @@ from cloud_hub.errors import Invalid, NotFound, RegistryError, Unavailable
 from cloud_hub.rollouts import matching_devices
 from fleet.contract.assignment import OffloadTarget
 from fleet.contract.bundle import MAX_VERSION
+from fleet.contract.protocol import NAME_PATTERN
 from fleet.contract.selectors import SelectorError, label_problems, parse_selector
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
@@ -60,7 +61,7 @@ class LabelsIn(BaseModel):
 class DesiredIn(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
-    model: str
+    model: str = Field(pattern=NAME_PATTERN, max_length=64)
     version: int = Field(ge=1, le=MAX_VERSION)
 
 

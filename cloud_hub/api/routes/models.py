@@ -137,7 +137,7 @@ def download_file(name: BundleName, version: Version, path: str, request: Reques
     status = 200
     rng = request.headers.get("range")
     if rng:
-        m = _RANGE.match(rng.strip())
+        m = _RANGE.fullmatch(rng.strip())
         if m is None or (not m.group(1) and not m.group(2)):
             pass  # multiple or malformed ranges: RFC 9110 lets a server send the whole file
         else:

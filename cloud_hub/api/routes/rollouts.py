@@ -3,7 +3,7 @@ operator's pause, resume, abort and roll back."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +17,7 @@ from cloud_hub.errors import RegistryError
 from cloud_hub.rollout_gates import RolloutPolicy
 from cloud_hub.rollouts import create_rollout, get_rollout, stage_report, transition
 from fleet.contract.bundle import MAX_VERSION
+from fleet.contract.protocol import NAME_PATTERN
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 
@@ -27,23 +28,29 @@ def _default_stages() -> list[str | float]:
     return ["5%", "25%", "100%"]
 
 
+# A stage's bake or timeout at most (a year), and an increase a gate may allow at most.
+MAX_SECONDS = 366 * 86400.0
+MAX_RATIO = 1e6
+
+
 class RolloutIn(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
-    model: str
+    model: str = Field(pattern=NAME_PATTERN, max_length=64)
     version: int = Field(ge=1, le=MAX_VERSION)
-    selector: str = ""
-    stages: list[str | float] = Field(default_factory=_default_stages,
-                                      min_length=1, max_length=20)
+    selector: str = Field("", max_length=2048)
+    stages: list[Annotated[str, Field(max_length=32)] | float] = Field(
+        default_factory=_default_stages, min_length=1, max_length=20)
     max_failure: float = Field(_DEFAULTS.max_failure, ge=0, le=1)
     min_reporting: float = Field(_DEFAULTS.min_reporting, gt=0, le=1)
-    bake_s: float = Field(_DEFAULTS.bake_s, ge=0)
+    bake_s: float = Field(_DEFAULTS.bake_s, ge=0, le=MAX_SECONDS)
     min_results: int = Field(_DEFAULTS.min_results, ge=0, le=10**9)
-    max_offload_increase: float = Field(_DEFAULTS.max_offload_increase, ge=0)
-    max_disagreement_increase: float = Field(_DEFAULTS.max_disagreement_increase, ge=0)
-    max_p95_increase: float = Field(_DEFAULTS.max_p95_increase, ge=0)
-    max_rate_per_min: float = Field(_DEFAULTS.max_rate_per_min, ge=0)
-    stage_timeout_s: float = Field(_DEFAULTS.stage_timeout_s, gt=0)
+    max_offload_increase: float = Field(_DEFAULTS.max_offload_increase, ge=0, le=MAX_RATIO)
+    max_disagreement_increase: float = Field(_DEFAULTS.max_disagreement_increase, ge=0,
+                                             le=MAX_RATIO)
+    max_p95_increase: float = Field(_DEFAULTS.max_p95_increase, ge=0, le=MAX_RATIO)
+    max_rate_per_min: float = Field(_DEFAULTS.max_rate_per_min, ge=0, le=1e9)
+    stage_timeout_s: float = Field(_DEFAULTS.stage_timeout_s, gt=0, le=MAX_SECONDS)
 
 
 def rollout_out(s: Any, r: Rollout, devices: bool = False) -> dict[str, Any]:

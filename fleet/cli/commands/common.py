@@ -66,7 +66,7 @@ _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.
 
 def parse_duration(text: str, what: str) -> float:
     """`10m`, `30s`, `1h`, `0` -> seconds."""
-    m = _DURATION.match(text)
+    m = _DURATION.fullmatch(text)
     if m is None:
         fail(what, f"{text!r} is not a duration (e.g. 30s, 10m, 1h)")
         raise AssertionError

@@ -57,7 +57,7 @@ def _parse_int(s: str) -> int:
 
 
 def _refuse_constant(s: str) -> Any:
-    raise ProtocolError(f"{s} is not a number the protocol carries", "number")
+    raise ProtocolError(f"{s} is not a finite number (the protocol carries no other)", "number")
 
 
 def check_string(s: str, what: str = "string") -> str:
@@ -72,7 +72,7 @@ def check_string(s: str, what: str = "string") -> str:
     return s
 
 
-def _walk(value: Any, check_strings: bool) -> None:
+def _walk(value: Any, check_strings: bool, max_items: int = MAX_ITEMS) -> None:
     """Depth, sizes and (when escapes were present) the strings of a parsed JSON value."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -80,8 +80,8 @@ def _walk(value: Any, check_strings: bool) -> None:
         if depth > MAX_DEPTH:
             raise ProtocolError(f"value nested deeper than {MAX_DEPTH} levels", "depth")
         if isinstance(v, dict):
-            if len(v) > MAX_ITEMS:
-                raise ProtocolError(f"object of more than {MAX_ITEMS} entries", "too_large")
+            if len(v) > max_items:
+                raise ProtocolError(f"object of more than {max_items} entries", "too_large")
             for k, x in v.items():
                 _leaf(k, check_strings)
                 if isinstance(x, dict | list):
@@ -89,8 +89,8 @@ def _walk(value: Any, check_strings: bool) -> None:
                 elif isinstance(x, str):
                     _leaf(x, check_strings)
         elif isinstance(v, list):
-            if len(v) > MAX_ITEMS:
-                raise ProtocolError(f"list of more than {MAX_ITEMS} entries", "too_large")
+            if len(v) > max_items:
+                raise ProtocolError(f"list of more than {max_items} entries", "too_large")
             for x in v:
                 if isinstance(x, dict | list):
                     stack.append((x, depth + 1))
@@ -107,7 +107,7 @@ def _leaf(s: str, check_strings: bool) -> None:
         check_string(s)
 
 
-def parse_header(raw: bytes | bytearray | memoryview | str) -> Any:
+def parse_header(raw: bytes | bytearray | memoryview | str, *, max_items: int = MAX_ITEMS) -> Any:
     """Parse JSON from the wire, held to the bounds above; ProtocolError for anything else."""
     data = bytes(raw) if not isinstance(raw, bytes | str) else raw
     try:
@@ -124,7 +124,7 @@ def parse_header(raw: bytes | bytearray | memoryview | str) -> Any:
     # Strict JSON refuses raw control characters, and bytes that are not UTF-8 fail to decode:
     # a NUL or a lone surrogate can only come from a \u escape.
     escaped = (b"\\u" in data) if isinstance(data, bytes) else ("\\u" in data)
-    _walk(value, escaped)
+    _walk(value, escaped, max_items)
     return value
 
 
