@@ -68,3 +68,43 @@ def test_engine_auto_uses_the_cache(tmp_path: Path) -> None:
     eng = Engine.open(EDGE_BUNDLE, "auto", options=BackendOptions(cache_dir=tmp_path))
     assert eng.backend.name in ("onnxruntime", "openvino")
     assert (tmp_path / "backend-choice.json").is_file()
+
+
+@pytest.mark.parametrize(("opener", "reason"), [("segfault_openvino", "crashed (SIGSEGV)"),
+                                                 ("abort_openvino", "crashed (SIGABRT)")])
+def test_a_backend_that_crashes_natively_is_refused_and_the_next_serves(
+        tmp_path: Path, opener: str, reason: str) -> None:
+    """`auto` loads each candidate in a probe process first: one whose load dies by a signal
+    is refused as crashed, with the signal, and the agent's process goes on with the next."""
+    import numpy as np
+
+    b = load_bundle(EDGE_BUNDLE)
+    m = b.manifest
+    raw = np.zeros((1, 8, 8), np.float32)
+    x = Preprocessor.for_manifest(m)(raw)
+    be, timings, refused = choose_fastest(
+        ["onnxruntime", "openvino"], b.model_path, m.model_file().sha256, raw, x,
+        BackendOptions(cache_dir=tmp_path),
+        opener=f"tests.fleet.inference.crashing_backend:{opener}")
+    assert be.name == "onnxruntime" and set(timings) == {"onnxruntime"}
+    assert refused["openvino"].startswith(reason), refused
+    assert be.run(x).shape[0] == 1  # and it serves
+
+
+def test_a_backend_whose_probe_hangs_is_refused(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    import fleet.inference.backends.probe as probe_mod
+
+    monkeypatch.setattr(probe_mod, "PROBE_TIMEOUT_S", 5.0)
+    b = load_bundle(EDGE_BUNDLE)
+    m = b.manifest
+    raw = np.zeros((1, 8, 8), np.float32)
+    x = Preprocessor.for_manifest(m)(raw)
+    be, _, refused = choose_fastest(
+        ["onnxruntime", "openvino"], b.model_path, m.model_file().sha256, raw, x,
+        BackendOptions(cache_dir=tmp_path),
+        opener="tests.fleet.inference.crashing_backend:hang_openvino")
+    assert be.name == "onnxruntime"
+    assert refused["openvino"].startswith("hung"), refused

@@ -2,7 +2,9 @@
 
 `auto` measures every installed backend the bundle supports on the bundle's own model, picks
 the fastest, and caches the choice (keyed by the model's hash, the runtime versions and the
-CPU), so that only the first start on a device pays for the measurement.
+CPU), so that only the first start on a device pays for the measurement. Before that first
+measurement each candidate is probed in a child process (backends/probe.py): one that crashes
+natively there is refused as `crashed`, and the agent goes on with the others.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fleet.inference.backends.base import (
     FakeBackend,
     InferenceBackend,
 )
+from fleet.inference.backends.probe import DEFAULT_OPENER, probe_backend
 from fleet.inference.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -102,8 +105,16 @@ Vet = Callable[[InferenceBackend], str | None]
 
 
 def _vetted(name: str, model_path: Path, options: BackendOptions, vet: Vet | None,
-            refused: dict[str, str]) -> InferenceBackend | None:
-    """`name` opened on the model and vetted; None (the reason in `refused`) if it may not serve."""
+            refused: dict[str, str], probe_with: tuple[np.ndarray, np.ndarray] | None = None,
+            opener: str = DEFAULT_OPENER) -> InferenceBackend | None:
+    """`name` opened on the model and vetted; None (the reason in `refused`) if it may not serve.
+    With `probe_with` (raw, preprocessed), it is first loaded and run in a child process."""
+    if probe_with is not None:
+        why = probe_backend(name, model_path, options, *probe_with, opener=opener)
+        if why is not None:
+            log.error("backend %s refused: %s", name, why)
+            refused[name] = why
+            return None
     try:
         be = open_backend(name, model_path, options)
     except BackendError as exc:
@@ -120,7 +131,8 @@ def _vetted(name: str, model_path: Path, options: BackendOptions, vet: Vet | Non
 
 
 def choose_fastest(names: list[str], model_path: Path, model_sha256: str, raw: np.ndarray,
-                   preprocessed: np.ndarray, options: BackendOptions, vet: Vet | None = None
+                   preprocessed: np.ndarray, options: BackendOptions, vet: Vet | None = None,
+                   opener: str = DEFAULT_OPENER
                    ) -> tuple[InferenceBackend, dict[str, float], dict[str, str]]:
     """Open the fastest of `names` that `vet` accepts, measuring once per model, runtime and CPU.
 
@@ -164,7 +176,9 @@ def choose_fastest(names: list[str], model_path: Path, model_sha256: str, raw: n
         raise none_left()
     timings, opened = {}, {}
     for n in names:
-        be = _vetted(n, model_path, options, vet, refused)
+        # Not measured here before: load it in a child process first, so that a runtime that
+        # crashes natively on this model or CPU costs a probe, not the agent.
+        be = _vetted(n, model_path, options, vet, refused, (raw, preprocessed), opener)
         if be is None:
             continue
         timings[n] = round(median_call_us(be, raw if be.takes_raw else preprocessed), 2)
