@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from cloud_hub.errors import HubError
 from fleet.contract.protocol import short_text
+from fleet.transport.strict_settings import Section
 
 ROLES = ("viewer", "operator", "admin")
 RANK = {r: i for i, r in enumerate(ROLES)}
@@ -52,7 +53,7 @@ class AuthError(HubError):
         self.status = status
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(Section):
     """`EHI_HUB_AUTH__*`."""
 
     # "open": reads need nothing; writes need `api_token` if it is set (the behaviour before

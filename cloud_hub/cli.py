@@ -36,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    from cloud_hub.core.config import HubSettings
+    from cloud_hub.core.config import load_hub_settings
 
     overrides = {"database_url": args.database_url} if args.database_url else {}
     if args.cmd == "token":
         from cloud_hub.auth import Authenticator
 
         try:
-            settings = HubSettings(**overrides)
+            settings = load_hub_settings(**overrides)
             print(Authenticator(settings.auth).issue(args.subject, args.role,
                                                      args.ttl_hours * 3600))
         except HubError as exc:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from cloud_hub.db import init_db, make_engine
 
         try:
-            eng = make_engine(HubSettings(**overrides).database_url)
+            eng = make_engine(load_hub_settings(**overrides).database_url)
             init_db(eng)
             eng.dispose()
         except HubError as exc:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from cloud_hub.main import create_app
 
     try:
-        settings = HubSettings(**overrides)
+        settings = load_hub_settings(**overrides)
         if settings.cloud_bundle is None and not args.no_bridge:
             # Said before the server starts, not as a traceback from inside its start-up.
             raise HubConfigError("no cloud model: set EHI_HUB_CLOUD_BUNDLE to a bundle "

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +27,7 @@ from fleet.contract.errors import BundleError
 from fleet.contract.signing import PublicKey
 from fleet.inference.backends.base import BackendOptions, default_cache_dir
 from fleet.transport.mqtt import BrokerSettings
+from fleet.transport.strict_settings import Section, describe_errors, unknown_env
 
 CONFIG_ENV = "EHI_AGENT_CONFIG"
 NO_BUNDLE = ("no model bundle: set `bundle` in the agent's settings (or EHI_AGENT_BUNDLE) to a "
@@ -39,7 +40,7 @@ def default_state_dir() -> Path:
     return Path(base) / "edge-hybrid-inference"
 
 
-class OffloadSettings(BaseModel):
+class OffloadSettings(Section):
     # How long an input may wait for the cloud before the edge answer is final (degraded).
     deadline_ms: float = Field(200.0, gt=0)
     # The longest deadline an application may ask for (`deadline_ms` of a request).
@@ -62,7 +63,7 @@ class OffloadSettings(BaseModel):
     max_bytes_per_s: float | None = Field(None, gt=0)
 
 
-class ResultsSettings(BaseModel):
+class ResultsSettings(Section):
     """The outbox: result records and hard examples kept until the hub has committed them."""
 
     # "sqlite": durable, survives kill -9 and reboots. "memory": lost with the process.
@@ -95,7 +96,7 @@ class ResultsSettings(BaseModel):
     max_inflight: int = Field(1000, ge=1)
 
 
-class UpdateSettings(BaseModel):
+class UpdateSettings(Section):
     """Model updates from the hub: signed bundles, health-checked, switched atomically."""
 
     enabled: bool = False
@@ -120,7 +121,7 @@ class UpdateSettings(BaseModel):
                 [PublicKey.from_text(k) for k in self.hub_keys])
 
 
-class LocalApiSettings(BaseModel):
+class LocalApiSettings(Section):
     host: str = "127.0.0.1"
     # 0 picks a free port; -1 disables the local API.
     port: int = Field(8750, ge=-1, le=65535)
@@ -131,7 +132,7 @@ class LocalApiSettings(BaseModel):
     idle_timeout_s: float = Field(30.0, gt=0)
 
 
-class ThroughputSettings(BaseModel):
+class ThroughputSettings(Section):
     """How the agent serves inputs that arrive faster than one inference at a time.
 
     "latency" (default): each request runs at once on its own thread (backends run requests in
@@ -147,7 +148,7 @@ class ThroughputSettings(BaseModel):
     max_queue: int = Field(1024, ge=1)
 
 
-class ReplaySettings(BaseModel):
+class ReplaySettings(Section):
     """A built-in source feeding a stream file (.npz with `{stream}_x` arrays) into the agent."""
 
     file: Path | None = None
@@ -264,10 +265,13 @@ def load_settings(config: Path | None = None, **overrides: object) -> AgentSetti
             raise ConfigError(f"config file {config} does not exist")
         cls = type("AgentSettingsFromFile", (AgentSettings,),
                    {"model_config": {**AgentSettings.model_config, "toml_file": config}})
+    typos = unknown_env(AgentSettings, "EHI_AGENT_", os.environ, exempt=frozenset({CONFIG_ENV}))
+    if typos:
+        raise ConfigError("invalid agent settings:\n" + "\n".join(typos))
     try:
         return cls(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        lines = describe_errors(AgentSettings, exc.errors())
         raise ConfigError("invalid agent settings:\n" + "\n".join(lines)) from None
     except ValueError as exc:  # TOML syntax errors
         raise ConfigError(f"cannot read agent settings: {exc}") from None

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cloud_hub.auth import AuthSettings
+from cloud_hub.errors import HubConfigError
 from cloud_hub.roles import parse_roles
 from fleet.contract.errors import BundleError
 from fleet.contract.protocol import HUB_SHARE_GROUP, NAME_PATTERN, Channel
 from fleet.contract.signing import PublicKey
 from fleet.transport.mqtt import BrokerSettings
+from fleet.transport.strict_settings import Section, describe_errors, unknown_env
 
 
 class HubMqtt(BrokerSettings):
@@ -26,7 +29,7 @@ class HubMqtt(BrokerSettings):
     share_group: str = Field(HUB_SHARE_GROUP, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class DeviceQuota(BaseModel):
+class DeviceQuota(Section):
     """Messages per second one device may send on each channel, with bursts of `burst_s`
     seconds' worth; beyond, they are counted (`ehi_hub_bad_messages_total{reason="quota"}`) and
     dropped: results and hard examples the device sends again until they are acknowledged, a
@@ -129,3 +132,17 @@ class HubSettings(BaseSettings):
             except BundleError as exc:
                 raise ValueError(str(exc)) from None
         return v
+
+
+def load_hub_settings(**overrides: object) -> HubSettings:
+    """The hub's settings from `EHI_HUB_*` and `overrides`; HubConfigError naming every
+    problem: a value that does not hold, or a variable that names no setting (with the
+    closest one that does)."""
+    typos = unknown_env(HubSettings, "EHI_HUB_", os.environ)
+    if typos:
+        raise HubConfigError("invalid hub settings:\n" + "\n".join(typos))
+    try:
+        return HubSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise HubConfigError("invalid hub settings:\n" + "\n".join(
+            describe_errors(HubSettings, exc.errors()))) from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 
 from fleet.contract.bundle import MANIFEST_NAME, canonical_json, load_bundle
 from fleet.contract.errors import BundleError
+
+log = logging.getLogger(__name__)
 
 SIGNATURES_KEY = "signatures"
 
@@ -128,12 +131,24 @@ class PrivateKey:
         return cls.read(path)
 
     def sign(self, document: dict[str, Any]) -> dict[str, Any]:
-        """A copy of `document` with this key's signature added (replacing an older one)."""
-        sig = self._key.sign(signed_payload(document))
+        """A copy of `document` with this key's signature added (replacing an older one). The
+        entry records the sha256 of what it signed, so that a later signer can tell whether it
+        still holds without the signer's public key (`stale_signatures`)."""
+        payload = signed_payload(document)
+        sig = self._key.sign(payload)
         others = [s for s in document.get(SIGNATURES_KEY, []) if isinstance(s, dict)
                   and s.get("keyid") != self.public.keyid]
         return {**document, SIGNATURES_KEY: [*others, {
-            "keyid": self.public.keyid, "sig": base64.b64encode(sig).decode()}]}
+            "keyid": self.public.keyid, "sig": base64.b64encode(sig).decode(),
+            "payload_sha256": hashlib.sha256(payload).hexdigest()}]}
+
+
+def stale_signatures(document: dict[str, Any]) -> list[str]:
+    """Key ids of the signatures that were not made over the document as it is now (or do not
+    say what they signed): after a change, such as a version bump, they no longer hold."""
+    digest = hashlib.sha256(signed_payload(document)).hexdigest()
+    return [str(s.get("keyid")) for s in document.get(SIGNATURES_KEY, [])
+            if isinstance(s, dict) and s.get("payload_sha256") != digest]
 
 
 def signed_payload(manifest: dict[str, Any]) -> bytes:
@@ -158,7 +173,16 @@ def sign_bundle(bundle: Path, private_key: Path) -> str:
     signature. Returns the key id."""
     load_bundle(bundle)  # never sign files that do not match the manifest
     key = PrivateKey.read(private_key)
-    d = key.sign(_read_manifest(bundle))
+    doc = _read_manifest(bundle)
+    # Another key's signature over an older manifest would be kept as if it held: dropped,
+    # and said (its holder signs again).
+    stale = set(stale_signatures(doc)) - {key.public.keyid}
+    for keyid in sorted(stale):
+        log.warning("dropped the signature of key %s from %s: it was made over another "
+                    "version of this manifest; its holder must sign again", keyid, bundle)
+    doc[SIGNATURES_KEY] = [s for s in doc.get(SIGNATURES_KEY, [])
+                           if not (isinstance(s, dict) and s.get("keyid") in stale)]
+    d = key.sign(doc)
     tmp = bundle / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, bundle / MANIFEST_NAME)  # a crash leaves the old manifest or the new one

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from paho.mqtt.client import topic_matches_sub
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from fleet.contract.errors import FleetError
+from fleet.transport.strict_settings import Section
 from fleet.transport.tls import SecretFileError, TlsConfig, TlsSettings, read_secret
 from fleet.transport.wire_bytes import tcp_bytes
 
@@ -85,7 +86,7 @@ class MqttConfig:
     tls: TlsConfig | None = None
 
 
-class BrokerSettings(BaseModel):
+class BrokerSettings(Section):
     """How a daemon reaches its broker, as agent and hub settings spell it."""
 
     host: str = "127.0.0.1"

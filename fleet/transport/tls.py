@@ -7,9 +7,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, model_validator
+from pydantic import model_validator
 
 from fleet.contract.errors import FleetError
+from fleet.transport.strict_settings import Section
 
 
 class SecretFileError(FleetError):
@@ -61,7 +62,7 @@ class TlsConfig:
     key_file: Path | None = None
 
 
-class TlsSettings(BaseModel):
+class TlsSettings(Section):
     """`[mqtt.tls]` of the agent's settings, `EHI_HUB_MQTT__TLS__*` of the hub's."""
 
     ca_file: Path

@@ -27,14 +27,24 @@ def models_sign(
     key: Annotated[Path, typer.Option(help="the private key (NAME.key)")],
 ) -> None:
     """Check the bundle's files against its manifest, then sign the manifest."""
+    import json
+
+    from fleet.contract.bundle import MANIFEST_NAME
     from fleet.contract.errors import BundleError
-    from fleet.contract.signing import sign_bundle
+    from fleet.contract.signing import PrivateKey, sign_bundle, stale_signatures
 
     try:
+        own = PrivateKey.read(key).public.keyid
+        before = json.loads((bundle / MANIFEST_NAME).read_text())
+        stale = [k for k in stale_signatures(before) if k != own] \
+            if isinstance(before, dict) else []
         keyid = sign_bundle(bundle, key)
-    except BundleError as exc:
+    except (BundleError, OSError, ValueError) as exc:
         fail("fleet models sign", str(exc))
         return
+    for k in stale:
+        typer.echo(f"dropped the signature of key {k}: it was made over another version of "
+                   "this manifest (its holder signs again)", err=True)
     typer.echo(f"signed {bundle} with key {keyid}")
 
 

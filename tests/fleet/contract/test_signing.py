@@ -18,6 +18,7 @@ from fleet.contract.signing import (
     generate_keys,
     sign_bundle,
     signed_payload,
+    stale_signatures,
     verify_bundle,
 )
 from models import EDGE_BUNDLE
@@ -142,3 +143,23 @@ def test_bundled_models_are_signed_with_the_demo_key() -> None:
     demo = PublicKey.read(DEMO_PUBLIC_KEY)
     for b in (EDGE_BUNDLE, CLOUD_BUNDLE):
         assert verify_bundle(b, [demo]) == demo.keyid
+
+
+def test_a_signature_over_an_older_manifest_is_dropped_when_another_key_signs(
+        bundle: Path, keys: tuple[Path, PublicKey], tmp_path: Path) -> None:
+    """A co-signer's signature made before a version bump no longer holds: signing again with
+    another key drops it (and says so) instead of keeping it as if it held."""
+    key, pub = keys
+    other = tmp_path / "o" / "o.key"
+    other_pub = generate_keys(other, tmp_path / "o" / "o.pub")
+    sign_bundle(bundle, key)
+    sign_bundle(bundle, other)
+    assert stale_signatures(_manifest(bundle)) == []
+    m = _manifest(bundle)
+    m["version"] += 1
+    (bundle / MANIFEST_NAME).write_text(json.dumps(m))
+    assert sorted(stale_signatures(m)) == sorted([pub.keyid, other_pub.keyid])
+    sign_bundle(bundle, other)
+    after = _manifest(bundle)
+    assert [s["keyid"] for s in after["signatures"]] == [other_pub.keyid]
+    assert verify_bundle(bundle, [other_pub]) == other_pub.keyid
