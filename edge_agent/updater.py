@@ -26,9 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from edge_agent.download import fetch_file, file_url
@@ -52,10 +55,20 @@ from fleet.inference.health import check_health
 log = logging.getLogger(__name__)
 
 # A failed download (network, hub restart) is tried again this many times, waiting longer each
-# time; then the update fails and waits for the next assignment (or the next reconnect, when
-# the retained assignment arrives again and the download resumes where it stopped).
+# time; then the update fails (`download`), and the whole update is tried again after a backoff
+# (RETRY_BASE_S, doubling, +-25% jitter, at most RETRY_MAX_S) for as long as its assignment
+# stands; the report's error says when the next try is. A partial download resumes.
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_RETRY_S = (1.0, 2.0, 4.0, 8.0)
+RETRY_BASE_S = 30.0
+RETRY_MAX_S = 900.0
+RETRY_JITTER = 0.25
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before the next try of an update whose download failed `failures` times."""
+    base = min(RETRY_MAX_S, RETRY_BASE_S * 2.0 ** min(max(failures - 1, 0), 32))
+    return base * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
 TRANSIENT = frozenset({UpdateState.DOWNLOADING.value, UpdateState.VERIFYING.value,
                        UpdateState.CHECKING.value, UpdateState.ACTIVATING.value})
 
@@ -151,6 +164,9 @@ class Updater:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.last_report: Reported | None = None
+        # The assignment whose download failed, and when it is tried again.
+        self._retry: tuple[bytes, float] | None = None
+        self._failures = 0
 
     # ------------------------------------------------------------------ thread
 
@@ -179,15 +195,45 @@ class Updater:
         while True:
             with self._cond:
                 while self._mailbox is None and not self._stop:
-                    self._cond.wait()
+                    if self._retry is not None and time.monotonic() >= self._retry[1]:
+                        break
+                    self._cond.wait(None if self._retry is None
+                                    else max(0.0, self._retry[1] - time.monotonic()))
                 if self._stop:
                     return
-                payload, self._mailbox = self._mailbox, None
-            assert payload is not None
+                if self._mailbox is not None:
+                    payload, self._mailbox = self._mailbox, None
+                    if self._retry is None or payload != self._retry[0]:
+                        self._failures = 0  # another assignment: its own backoff
+                    self._retry = None
+                else:
+                    assert self._retry is not None
+                    payload, self._retry = self._retry[0], None
+                    log.info("trying the update again (download failed %d times)",
+                             self._failures)
             try:
                 self.handle(payload)
             except Exception:  # the updater must outlive any one bad assignment
                 log.exception("update failed unexpectedly")
+            self._schedule_retry(payload)
+
+    def _schedule_retry(self, payload: bytes) -> None:
+        """After a failed download, try the same assignment again later (a newer one that
+        arrives meanwhile takes its place)."""
+        rec = self.record
+        if rec.state != UpdateState.FAILED.value or rec.code != "download":
+            self._failures = 0
+            return
+        self._failures += 1
+        delay = retry_delay(self._failures)
+        with self._cond:
+            if self._mailbox is None and not self._stop:
+                self._retry = (payload, time.monotonic() + delay)
+        at = datetime.fromtimestamp(time.time() + delay, UTC).strftime("%H:%M:%S UTC")
+        rec.error = f"{rec.error}; next try in {delay:.0f} s (at {at})"
+        log.warning("update to %s: download failed %d times; next try in %.0f s", rec.target,
+                    self._failures, delay)
+        self._save_and_report()
 
     # ------------------------------------------------------------------ one assignment
 

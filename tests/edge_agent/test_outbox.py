@@ -396,3 +396,44 @@ def test_a_repeated_acknowledgement_is_counted_once(make_store) -> None:
     assert ob.ack(R, ["r0", "r1"], {"r2": "bad"}) == 0  # the hub's ack arrived twice
     s = ob.stats()
     assert (s.results_acked, s.rejected) == (2, 1)
+
+
+def test_resends_back_off_with_jitter_up_to_a_cap_and_start_again_on_an_ack(
+        make_store) -> None:
+    """Without acks, each resend waits twice as long as the one before (+-25%), up to the cap:
+    a silent hub costs each entry a few copies, not one every resend_after_s."""
+    ob = Outbox(make_store(), OutboxLimits(), resend_after_s=5, resend_max_s=40)
+    for i in range(3):
+        ob.add(R, f"r{i}", b"{}")
+    t = 100.0
+    ob.mark_sent(ob.due(R, 10, BIG, BIG, now=t), now=t)
+    for delay in (5, 10, 20, 40, 40):
+        assert not ob.due(R, 10, BIG, BIG, now=t + 0.75 * delay - 0.01)
+        t += 1.25 * delay + 0.01
+        again = ob.due(R, 10, BIG, BIG, now=t)
+        assert again.ids == ["r0", "r1", "r2"]
+        ob.mark_sent(again, now=t)
+    assert ob.stats().resent == 15
+    ob.ack(R, ["r0"])  # the hub is back: the next resend waits resend_after_s again
+    assert ob.due(R, 10, BIG, BIG, now=t + 1.25 * 5 + 0.01).ids == ["r1", "r2"]
+
+
+def test_an_answer_from_the_hub_resends_what_waited_at_once(make_store) -> None:
+    ob = Outbox(make_store(), OutboxLimits(), resend_after_s=5, resend_max_s=600)
+    ob.add(R, "r0", b"{}")
+    ob.mark_sent(ob.due(R, 10, BIG, BIG, now=100.0), now=100.0)
+    t = 100.0
+    for delay in (5, 10, 20):
+        t += 1.25 * delay + 0.01
+        ob.mark_sent(ob.due(R, 10, BIG, BIG, now=t), now=t)
+    assert not ob.due(R, 10, BIG, BIG, now=t + 6)  # backed off to 40 s
+    ob.hub_heard(now=t + 6)
+    assert ob.due(R, 10, BIG, BIG, now=t + 6).ids == ["r0"]
+
+
+def test_resend_delay_arithmetic() -> None:
+    from edge_agent.outbox import resend_delay
+
+    assert [resend_delay(5, 120, k) for k in range(7)] == [5, 10, 20, 40, 80, 120, 120]
+    assert resend_delay(5, 120, 10_000) == 120  # no overflow however long the outage
+    assert resend_delay(5, 120, 1, jitter=0.8) == 8.0

@@ -291,3 +291,38 @@ def test_bundle_faithful_on_one_backend_installs_and_serves_there(
     assert (only_ov.reports[-1].state, only_ov.reports[-1].code) == (UpdateState.FAILED,
                                                                        "fidelity")
     assert only_ov.running == "digits-edge@1"
+
+
+def test_a_failed_download_is_tried_again_while_its_assignment_stands(
+        kit: UpdateKit, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundle is not on the hub yet: the download fails, the report says when the next
+    try is, and once the bundle is there a later try installs it, with no new assignment."""
+    import edge_agent.updater as updater_mod
+
+    monkeypatch.setattr(updater_mod, "DOWNLOAD_ATTEMPTS", 1)
+    monkeypatch.setattr(updater_mod, "RETRY_BASE_S", 0.3)
+    monkeypatch.setattr(updater_mod, "RETRY_MAX_S", 0.6)
+    d = Device(kit, hub, tmp_path / "m")
+    later = kit.version(9)
+    d.updater.start()
+    try:
+        d.updater.offer(kit.assignment("dev-1", later, 1))
+        assert wait_until(lambda: any(r.state is UpdateState.FAILED and "next try in"
+                                      in (r.error or "") for r in d.reports), 30)
+        failed = next(r for r in d.reports if r.state is UpdateState.FAILED)
+        assert failed.code == "download" and d.running == "digits-edge@1"
+        assert hub.push(later).status_code == 201
+        assert wait_until(lambda: d.running == "digits-edge@9", 60)
+        assert d.reports[-1].state is UpdateState.IDLE
+    finally:
+        d.updater.stop()
+
+
+def test_retry_delays_double_with_jitter_up_to_a_cap() -> None:
+    from edge_agent.updater import RETRY_BASE_S, RETRY_JITTER, RETRY_MAX_S, retry_delay
+
+    for n, base in ((1, RETRY_BASE_S), (2, 2 * RETRY_BASE_S), (3, 4 * RETRY_BASE_S),
+                    (40, RETRY_MAX_S)):
+        for _ in range(50):
+            d = retry_delay(n)
+            assert base * (1 - RETRY_JITTER) <= d <= base * (1 + RETRY_JITTER)
