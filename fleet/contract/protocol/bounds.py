@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -35,9 +36,6 @@ MAX_TEXT = 4096
 # Entries of one list or object in a header: a results batch's ids (at most a few thousand),
 # a telemetry's counters. The header's byte limit bounds the rest.
 MAX_ITEMS = 16_384
-# Characters a JSON integer may have before it is certainly outside int64 (the sign and 19
-# digits): longer ones are refused without building them.
-_MAX_INT_CHARS = 20
 
 
 def _parse_float(s: str) -> float:
@@ -47,13 +45,15 @@ def _parse_float(s: str) -> float:
     return x
 
 
-def _parse_int(s: str) -> int:
-    if len(s) > _MAX_INT_CHARS:
-        raise ProtocolError(f"integer of {len(s)} digits is outside int64", "number")
-    v = int(s)
+# Nineteen digits in a row: an integer that may be outside int64 (or a long fraction). Only a
+# header holding such a run has its integers checked one by one (a C-speed search, where a
+# parse hook would cost a Python call per integer).
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _check_int(v: int) -> None:
     if not I64_MIN <= v <= I64_MAX:
-        raise ProtocolError(f"integer {s} is outside int64", "number")
-    return v
+        raise ProtocolError(f"integer {str(v)[:24]}... is outside int64", "number")
 
 
 def _refuse_constant(s: str) -> Any:
@@ -72,8 +72,10 @@ def check_string(s: str, what: str = "string") -> str:
     return s
 
 
-def _walk(value: Any, check_strings: bool, max_items: int = MAX_ITEMS) -> None:
-    """Depth, sizes and (when escapes were present) the strings of a parsed JSON value."""
+def _walk(value: Any, check_strings: bool, max_items: int = MAX_ITEMS,
+          check_ints: bool = False) -> None:
+    """Depth, sizes and (when escapes were present) the strings, (when long digit runs were
+    present) the integers of a parsed JSON value."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         v, depth = stack.pop()
@@ -88,6 +90,8 @@ def _walk(value: Any, check_strings: bool, max_items: int = MAX_ITEMS) -> None:
                     stack.append((x, depth + 1))
                 elif isinstance(x, str):
                     _leaf(x, check_strings)
+                elif check_ints and isinstance(x, int):
+                    _check_int(x)
         elif isinstance(v, list):
             if len(v) > max_items:
                 raise ProtocolError(f"list of more than {max_items} entries", "too_large")
@@ -96,8 +100,12 @@ def _walk(value: Any, check_strings: bool, max_items: int = MAX_ITEMS) -> None:
                     stack.append((x, depth + 1))
                 elif isinstance(x, str):
                     _leaf(x, check_strings)
+                elif check_ints and isinstance(x, int):
+                    _check_int(x)
         elif isinstance(v, str):
             _leaf(v, check_strings)
+        elif check_ints and isinstance(v, int):
+            _check_int(v)
 
 
 def _leaf(s: str, check_strings: bool) -> None:
@@ -111,8 +119,7 @@ def parse_header(raw: bytes | bytearray | memoryview | str, *, max_items: int = 
     """Parse JSON from the wire, held to the bounds above; ProtocolError for anything else."""
     data = bytes(raw) if not isinstance(raw, bytes | str) else raw
     try:
-        value = json.loads(data, parse_float=_parse_float, parse_int=_parse_int,
-                           parse_constant=_refuse_constant)
+        value = json.loads(data, parse_float=_parse_float, parse_constant=_refuse_constant)
     except ProtocolError:
         raise
     except RecursionError:
@@ -123,8 +130,8 @@ def parse_header(raw: bytes | bytearray | memoryview | str, *, max_items: int = 
         raise ProtocolError(f"not a value the protocol carries: {exc}", "number") from None
     # Strict JSON refuses raw control characters, and bytes that are not UTF-8 fail to decode:
     # a NUL or a lone surrogate can only come from a \u escape.
-    escaped = (b"\\u" in data) if isinstance(data, bytes) else ("\\u" in data)
-    _walk(value, escaped, max_items)
+    b = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    _walk(value, b"\\u" in b, max_items, _LONG_DIGITS.search(b) is not None)
     return value
 
 
