@@ -102,7 +102,7 @@ class Bridge:
             Worker("ingest-worker", self.ingest_worker.step, self._stop, metrics,
                    waiting=lambda: len(self.ingest_worker.queue), stall_s=stall_s),
             Worker("control-worker", self.control_worker.step, self._stop, metrics,
-                   waiting=lambda: len(self.control_worker.queue), stall_s=stall_s),
+                   waiting=self.control_worker.held, stall_s=stall_s),
             Worker("broker-heartbeat", self.heartbeat.step, self._stop, metrics,
                    stall_s=stall_s),
         ]

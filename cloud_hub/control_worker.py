@@ -35,6 +35,7 @@ from cloud_hub.ingest_worker import (
 from cloud_hub.isolation import database_answers, store_apart
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.refusals import Refusals
+from cloud_hub.supervisor import Backoff
 from fleet.contract import protocol as p
 from fleet.contract.assignment import Reported
 from fleet.inference.batcher import DynamicBatcher
@@ -74,7 +75,8 @@ class ControlWorker:
             self._deferred[(device, channel)] = payload
 
     def held(self) -> int:
-        return len(self.queue) + len(self._telemetry)
+        """Messages waiting to be stored: queued, telemetry held, state deferred."""
+        return len(self.queue) + len(self._telemetry) + len(self._deferred)
 
     # ------------------------------------------------------------------ the worker
 
@@ -96,7 +98,7 @@ class ControlWorker:
         self.metrics.store_errors.inc()
         self._outage_pause = min(OUTAGE_PAUSE_MAX_S,
                                  max(OUTAGE_PAUSE_S, 2 * self._outage_pause))
-        return self._outage_pause
+        raise Backoff(self._outage_pause)
 
     def _flush_deferred(self) -> None:
         with self._lock:

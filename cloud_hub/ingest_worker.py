@@ -23,6 +23,7 @@ from cloud_hub.ingest import LateAnswer, ingest_hard_examples, ingest_results
 from cloud_hub.isolation import database_answers, store_apart
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.refusals import Refusals
+from cloud_hub.supervisor import Backoff
 from fleet.contract import protocol as p
 from fleet.contract.errors import ProtocolError
 from fleet.inference.batcher import DynamicBatcher
@@ -89,7 +90,7 @@ class IngestWorker:
         return database_answers(self.sessions)
 
     def step(self) -> float | None:
-        """One batch of messages; returns a pause while the database does not answer."""
+        """One batch of messages; raises Backoff while the database does not answer."""
         batch = self.queue.next_batch()
         if not batch:
             return None
@@ -104,7 +105,7 @@ class IngestWorker:
         self.metrics.store_errors.inc()
         self._outage_pause = min(OUTAGE_PAUSE_MAX_S,
                                  max(OUTAGE_PAUSE_S, 2 * self._outage_pause))
-        return self._outage_pause
+        raise Backoff(self._outage_pause)
 
     # ------------------------------------------------------------------ results
 

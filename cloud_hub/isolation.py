@@ -1,12 +1,13 @@
 """Storing many devices' messages together without letting one of them cost the others.
 
 Messages are stored in one transaction when they can be. If that fails, whatever the exception
-(SQLAlchemy's, or a driver's that it does not wrap, such as a value COPY cannot write), the
-database is asked whether it answers at all: if not, nothing is refused and the caller backs
-off (devices send again what was not acknowledged). If it answers, the messages are split in
-halves and each half stored alone, until only the messages that fail alone remain; each of
-those is tried once more (a transient conflict passes then) and refused: counted, logged, and
-never holding back another device's data.
+(SQLAlchemy's, or a driver's that it does not wrap, such as a value COPY cannot write), it is
+first judged: a transient failure (an operational error: the connection, a lock timeout, a
+deadlock or serialization failure) or a database that does not answer a trivial query refuses
+nothing, and the caller backs off (devices send again what was not acknowledged). Otherwise
+the messages are split in halves and each half stored alone, until only the messages that fail
+alone remain; each of those is tried once more and refused: counted, logged, and never holding
+back another device's data.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,23 @@ def database_answers(sessions: sessionmaker) -> bool:
         return False
 
 
+def transient(exc: BaseException) -> bool:
+    """True for a failure of the database rather than of the data: SQLAlchemy's or a driver's
+    OperationalError (connection lost, database locked, lock timeout, deadlock, serialization
+    failure), anywhere in the exception's chain (StoreError keeps it as its context)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OperationalError | TimeoutError | ConnectionError):
+            return True
+        if type(e).__name__ in ("OperationalError", "TransactionRollbackError",
+                                "DeadlockDetected", "SerializationFailure", "LockNotAvailable"):
+            return True  # a DB-API driver's own (sqlite3, psycopg), not wrapped
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def store_apart(items: Sequence[T], store: Callable[[Sequence[T]], None],
                 refuse: Callable[[T, Exception], None],
                 answers: Callable[[], bool]) -> bool:
@@ -45,9 +64,9 @@ def store_apart(items: Sequence[T], store: Callable[[Sequence[T]], None],
     try:
         store(items)
         return True
-    except Exception as exc:
+    except Exception as exc:  # whatever it is, the split finds the culprit
         failure = exc
-    if not answers():
+    if transient(failure) or not answers():
         log.error("database does not answer: %d messages not stored now (%s)", len(items),
                   failure)
         return False
@@ -56,7 +75,7 @@ def store_apart(items: Sequence[T], store: Callable[[Sequence[T]], None],
             store(items)
             return True
         except Exception as exc:
-            if not answers():
+            if transient(exc) or not answers():
                 return False
             refuse(items[0], exc)
             return True

@@ -67,13 +67,14 @@ def create_app(settings: HubSettings | None = None, *, with_bridge: bool = True)
                             inline_max_ms=settings.inline_max_ms, mqtt=cfg, shared=m.shared,
                             share_group=m.share_group, replica=settings.replica_id,
                             quotas=settings.device_quota.buckets(),
-                            roles=settings.role_set())
+                            roles=settings.role_set(), stall_s=settings.worker_stall_s)
             bridge.start()
             app.state.bridge = bridge
             controller = RolloutController(app.state.sessions, app.state.hub_key,
                                            bridge.publish_desired, settings.rollout_tick_s,
                                            holder=f"{settings.replica_id}-{uuid.uuid4().hex[:6]}",
-                                           metrics=app.state.metrics)
+                                           metrics=app.state.metrics,
+                                           stall_s=settings.worker_stall_s)
             controller.start()
             app.state.rollouts = controller
             log.info("hub %s (%s): cloud model %s on %s, broker %s:%d", settings.replica_id,

@@ -300,7 +300,7 @@ class RolloutController:
 
     def __init__(self, sessions: sessionmaker, hub_key: PrivateKey, publish: Publish,
                  tick_s: float, holder: str | None = None,
-                 metrics: HubMetrics | None = None) -> None:
+                 metrics: HubMetrics | None = None, stall_s: float = STALL_S) -> None:
         self.sessions = sessions
         self.metrics = metrics
         self.hub_key = hub_key
@@ -310,7 +310,7 @@ class RolloutController:
         self._stop = threading.Event()
         # Supervised (cloud_hub/supervisor.py): no exception ends it, and /readyz sees a hang.
         self.worker = Worker("rollouts", self._tick, self._stop, metrics,
-                             stall_s=max(STALL_S, 10 * tick_s))
+                             stall_s=max(stall_s, 10 * tick_s))
         self._first = True
 
     def start(self) -> None:

@@ -5,8 +5,9 @@ A worker calls its `step` again and again. A step that raises is logged (with it
 at most once per ERROR_LOG_EVERY_S per worker) and counted in
 `ehi_hub_worker_errors_total{worker}`; what that step held is dropped and counted there (results
 and hard examples are sent again by their devices, which have no ack for them), and the loop
-goes on after ERROR_PAUSE_S. A step returns how long to pause before the next one (a database
-outage backs off) or None.
+goes on after ERROR_PAUSE_S. A step returns how long to pause before the next one (a tick) or
+None; a step that could not do its work (the database does not answer, or is locked) raises
+`Backoff`: the worker waits that long, and it does not count as progress.
 
 `problem()` says what is wrong with a worker, for `/readyz` and `ehi_hub_worker_up{worker}`:
 its thread has ended, one step has run longer than `stall_s` (a hang), or work has been
@@ -35,6 +36,15 @@ ERROR_LOG_EVERY_S = 30.0
 STALL_S = 30.0
 
 Step = Callable[[], float | None]
+
+
+class Backoff(Exception):
+    """Raised by a step that could do nothing now (its database is down or locked): wait
+    `seconds`, with no progress made."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"back off {seconds:.2f} s")
+        self.seconds = seconds
 
 
 class Worker:
@@ -69,16 +79,20 @@ class Worker:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.step_started = time.monotonic()
+            progress = True
             try:
                 pause = self.step()
-            except BaseException as exc:
+            except Backoff as b:
+                pause, progress = b.seconds, False
+            except BaseException as exc:  # the loop must outlive any step
                 if isinstance(exc, KeyboardInterrupt | SystemExit):
                     raise
                 pause = ERROR_PAUSE_S
                 self._failed()
             finally:
                 self.step_started = None
-            self.progress_at = time.monotonic()
+            if progress:
+                self.progress_at = time.monotonic()
             if pause:
                 self._stop.wait(pause)
 

@@ -70,6 +70,10 @@ class HubSettings(BaseSettings):
     threads: int = Field(1, ge=1, le=64)
     # This replica's name: its MQTT client id, its heartbeat topic, its metrics label.
     replica_id: str = Field("hub-0", pattern=NAME_PATTERN)
+    # A worker (ingest, control, offloads, rollouts, broker heartbeat) whose step runs this
+    # long, or whose messages wait this long with none stored, is stalled: /readyz turns 503
+    # and names it.
+    worker_stall_s: float = Field(30.0, gt=0)
     # What this process takes from the devices (cloud_hub/roles.py): "answer" (offloads),
     # "store" (results, hard examples, telemetry, status, reports), or both.
     roles: str = "answer,store"
