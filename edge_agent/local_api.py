@@ -89,7 +89,8 @@ class _Watchdog:
             for sk in socks:
                 self.cut += 1
                 with contextlib.suppress(OSError):
-                    sk.shutdown(socket.SHUT_RDWR)  # the handler's read ends; it closes
+                    # The handler's read ends (EOF); it can still answer 408, then closes.
+                    sk.shutdown(socket.SHUT_RD)
 
     def stop(self) -> None:
         self._stop.set()

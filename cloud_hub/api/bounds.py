@@ -24,5 +24,8 @@ Cursor = Annotated[int, Query(ge=0, le=MAX_DB_INT,
                               description="the previous page's next_cursor")]
 Limit = Annotated[int, Query(ge=1, le=1_000_000, description="at most the hub's max_page")]
 Epoch = Annotated[float | None, Query(ge=0, le=MAX_EPOCH_S, allow_inf_nan=False)]
+# A record's or hard example's id as agents write them (1-64 printable ASCII characters).
+ItemId = Annotated[str, Path(pattern=r"^[!-~]{1,64}$", description="an id")]
+StateFilter = Annotated[str | None, Query(pattern=r"^[a-z_]{1,32}$")]
 DeviceFilter = Annotated[str | None, Query(pattern=_WORD, max_length=64)]
 NameFilter = Annotated[str | None, Query(pattern=_WORD, max_length=64)]

@@ -67,6 +67,9 @@ def install(app: FastAPI, settings: HubSettings) -> None:
         wait = per_address.take(address)
         if wait > 0:
             return limited(wait, "address")
+        if "\x00" in path or "%00" in request.url.query:
+            # No route takes a NUL, and PostgreSQL refuses one in any text it is compared with.
+            return _error(422, "a NUL character in the path or query")
         if method not in READS and path != UPLOAD_PATH:
             length = request.headers.get("content-length")
             if length is None and request.headers.get("transfer-encoding"):

@@ -32,25 +32,25 @@ CHANNELS = (p.Channel.OFFLOAD, p.Channel.RESULTS, p.Channel.HARD, p.Channel.TELE
             p.Channel.STATUS, p.Channel.REPORTED)
 
 
-class _Raw:
+class Raw:
     """A JSON fragment written as is (what json.dumps cannot produce)."""
 
     def __init__(self, text: str) -> None:
         self.text = text
 
 
-def _dumps(v: Any) -> str:
-    if isinstance(v, _Raw):
+def dumps_raw(v: Any) -> str:
+    if isinstance(v, Raw):
         return v.text
     if isinstance(v, dict):
-        return "{" + ",".join(f"{json.dumps(str(k))}:{_dumps(x)}" for k, x in v.items()) + "}"
+        return "{" + ",".join(f"{json.dumps(str(k))}:{dumps_raw(x)}" for k, x in v.items()) + "}"
     if isinstance(v, list):
-        return "[" + ",".join(_dumps(x) for x in v) + "]"
+        return "[" + ",".join(dumps_raw(x) for x in v) + "]"
     return json.dumps(v)
 
 
 def _frame(kind: p.Kind, header: dict[str, Any], body: bytes, version: int) -> bytes:
-    h = _dumps(header).encode("utf-8", "surrogatepass")
+    h = dumps_raw(header).encode("utf-8", "surrogatepass")
     inner = struct.pack(">I", len(h)) + h + body
     if version == 1:
         return struct.pack(">2sBBI", p.MAGIC, 1, int(kind), len(h)) + h + body
@@ -91,10 +91,10 @@ class Message:
             x = np.zeros((8, 8), np.float32).tobytes()
             blobs = []
             for it in self.items:
-                meta = _dumps(it).encode("utf-8", "surrogatepass")
+                meta = dumps_raw(it).encode("utf-8", "surrogatepass")
                 blobs.append(struct.pack(">I", len(meta)) + meta + x)
         else:
-            blobs = [_dumps(it).encode("utf-8", "surrogatepass") for it in self.items]
+            blobs = [dumps_raw(it).encode("utf-8", "surrogatepass") for it in self.items]
         ids = [it.get("id") if isinstance(it.get("id"), str) else "x" for it in self.items]
         header = {"ids": ids, "sizes": [len(b) for b in blobs], **self.header}
         return _frame(self.kind, header, b"".join(blobs), self.version)
@@ -141,21 +141,21 @@ def valid(channel: p.Channel, device: str, rng: random.Random,
     raise ValueError(f"the hub does not read {channel}")
 
 
-def _deep(depth: int) -> _Raw:
-    return _Raw("[" * depth + "]" * depth)
+def _deep(depth: int) -> Raw:
+    return Raw("[" * depth + "]" * depth)
 
 
 # How a value is broken. Each returns the replacement for one field.
 VALUE_MUTATIONS: dict[str, Callable[[random.Random], Any]] = {
     "huge_int": lambda r: r.choice([10**30, -(10**30), 2**63, -(2**63) - 1, 2**31, 10**4000]),
     "out_of_range": lambda r: r.choice([-1, -(2**31) - 1, 2**31, 2**32, 2**62]),
-    "non_finite": lambda r: _Raw(r.choice(["NaN", "Infinity", "-Infinity", "1e999"])),
+    "non_finite": lambda r: Raw(r.choice(["NaN", "Infinity", "-Infinity", "1e999"])),
     "deep": lambda r: _deep(r.choice([40, 300, 5000])),
-    "surrogate": lambda r: _Raw('"ab\\ud800' + r.choice(["", "x", "\\udfff"]) + '"'),
+    "surrogate": lambda r: Raw('"ab\\ud800' + r.choice(["", "x", "\\udfff"]) + '"'),
     "nul": lambda r: "a\x00b",
     "long_string": lambda r: "s" * r.choice([129, 300, 5000, 100_000]),
     "wrong_type": lambda r: r.choice([[], {}, True, None, "x", 1.5, [1, 2], {"a": 1}]),
-    "big_list": lambda r: _Raw(json.dumps(list(range(r.choice([20_000, 50_000]))))),
+    "big_list": lambda r: Raw(json.dumps(list(range(r.choice([20_000, 50_000]))))),
 }
 FRAME_MUTATIONS = ("version", "kind", "codec", "truncated", "bomb", "not_utf8", "not_object",
                    "garbage")

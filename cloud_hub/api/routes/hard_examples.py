@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from cloud_hub.api.bounds import Cursor, DeviceFilter, Limit
+from cloud_hub.api.bounds import Cursor, DeviceFilter, ItemId, Limit
 from cloud_hub.api.deps import SessionDep, SettingsDep
 from cloud_hub.db import HardExample
 
@@ -47,7 +47,7 @@ def list_hard_examples(session: SessionDep, settings: SettingsDep, device: Devic
 
 
 @router.get("/{example_id}/input")
-def hard_example_input(session: SessionDep, example_id: str) -> Response:
+def hard_example_input(session: SessionDep, example_id: ItemId) -> Response:
     """The raw input tensor: little-endian bytes, dtype and shape in X-EHI-Dtype/X-EHI-Shape."""
     row = session.scalar(select(HardExample).where(HardExample.id == example_id))
     if row is None:

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from cloud_hub.api.bounds import RowId
+from cloud_hub.api.bounds import RowId, StateFilter
 from cloud_hub.api.deps import SessionDep, StateDep
 from cloud_hub.api.routes.models import error_response
 from cloud_hub.db import Rollout, RolloutDevice
@@ -84,7 +84,7 @@ def start_rollout(body: RolloutIn, session: SessionDep) -> Any:
 
 
 @router.get("")
-def list_rollouts(session: SessionDep, state: str | None = None) -> list[dict[str, Any]]:
+def list_rollouts(session: SessionDep, state: StateFilter = None) -> list[dict[str, Any]]:
     q = select(Rollout).order_by(Rollout.id.desc())
     if state:
         q = q.where(Rollout.state == state)
