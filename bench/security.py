@@ -1,6 +1,8 @@
 """Attack the fleet as a compromised device and an anonymous client would, with real processes.
 
-    python bench/security.py [--devices 6] [--fuzz 10000] [--mode mtls|password] [--json PATH]
+    python bench/security.py [--devices 6] [--fuzz 10000] [--hostile 20000]
+                             [--api-requests 2000] [--agent-requests 1000]
+                             [--mode mtls|password] [--json PATH]
 
 Starts its own confined Mosquitto (the configuration `fleet pki` generates, on a free port),
 `cloud-hub serve` as a process (SQLite, a fleet key trusted, an API token) and one real agent,
@@ -18,17 +20,29 @@ then:
 - fuzz: an enrolled device (the realistic attacker) sends `--fuzz` malformed, truncated,
   bit-flipped, oversized and wrong-kind messages on every channel the hub reads, while the
   agent keeps answering inputs and sending results; the API is polled for 5xx meanwhile;
-- the API: writes without and with the token, oversized uploads, numbers beyond 64 bits.
+- the API: writes without and with the token, oversized uploads, numbers beyond 64 bits;
+- isolation (fleet/lab/hostile_phases.py): `--hostile` messages generated from each channel's
+  schema and mutated, from one enrolled device within its quota, while a second device sends
+  valid results, reports and telemetry (alone first: the baseline); a worker made to hang must
+  turn /readyz; concurrent uploads of one name@version;
+- `--api-requests` hostile requests over every route of the OpenAPI schema, on a hub in `jwt`
+  and one in `open` mode (limits off there: validation is what is measured), then the limits
+  themselves: 600 bad tokens from one address, and anonymous reads and writes in `open` mode;
+- `--agent-requests` malformed, lying and trickled bodies to the agent's local API.
 
 Figures: cross_device_attempts, cross_device_denied, revoked_attempts, revoked_denied,
 api_cases, api_cases_as_expected, fuzz_messages, hub_crashes, hub_5xx, valid_results_lost,
-max_hub_rss_mb. Not covered yet (not built): users and roles on the API, rate limits (429).
+max_hub_rss_mb; hostile_messages, hostile_refused_by_reason, hub_workers_died,
+victim_results_sent/acked, victim_ack_p99_ms(_baseline), victim_report_delay_max_s,
+readyz_truthful, api_hostile_requests, api_5xx, refused_logins_limited, open_mode_limited,
+registry_race_trials, registry_race_mismatches, agent_hostile_requests, agent_5xx_or_drops.
 """
 
 from __future__ import annotations
 
 import argparse
 import bz2
+import functools
 import gzip
 import io
 import json
@@ -51,10 +65,12 @@ import psutil
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
+from edge_agent.local_api import LocalApi
 from fleet.contract import protocol as p
 from fleet.contract.signing import generate_keys
 from fleet.identity.pki import Pki, reload_broker
-from fleet.lab.brokers import start_confined_broker
+from fleet.lab import hostile_agent, hostile_api, hostile_phases
+from fleet.lab.brokers import start_broker, start_confined_broker
 from fleet.lab.bundle_copy import copy_bundle
 from fleet.lab.mqtt_probe import Probe
 from fleet.lab.processes import ProcessGroup, start_hub, wait_until
@@ -63,6 +79,8 @@ from models import EDGE_BUNDLE
 
 HARD = np.random.default_rng(0).uniform(0, 16, (8, 8)).astype(np.float32)
 SETTLE_S = 0.5
+# The hub's worker stall limit in this bench: short, so that the hung worker is seen quickly.
+STALL_S = 5.0
 
 
 def cross_device(pki: Pki, port: int, mode: str, devices: list[str]) -> dict[str, int]:
@@ -247,10 +265,63 @@ def fuzz_payloads(n: int, rng: random.Random) -> list[tuple[p.Channel, bytes]]:
     return out
 
 
+def _ready(c: httpx.Client) -> bool:
+    return c.get("/readyz").status_code == 200
+
+
+def _refused_rows(api: httpx.Client) -> int:
+    """Audit rows of refused attempts (401, 403) the hub keeps."""
+    n, cursor = 0, None
+    while True:
+        page = api.get("/v1/audit", params={"limit": 1000, **({"cursor": cursor} if cursor
+                                                               else {})}).json()
+        n += sum(1 for e in page["items"] if e["status"] in (401, 403))
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return n
+
+
+def api_phases(group: ProcessGroup, work: Path, requests: int) -> dict[str, Any]:
+    """Hostile requests on every route of hubs in `jwt` and `open` mode (limits off, on a plain
+    broker of their own), then `open` mode's limits at their defaults."""
+    plain = start_broker(group, work, "auto")
+    out: dict[str, Any] = {}
+    total = five_xx = 0
+    for mode, limits in (("jwt", False), ("open", False), ("open", True)):
+        d = work / f"hub-{mode}-{'limits' if limits else 'fuzz'}"
+        d.mkdir()
+        env = {"EHI_HUB_AUTH__MODE": mode, "EHI_HUB_API_TOKEN": "fuzz-token",
+               "EHI_HUB_AUTH__SECRET_FILE": str(d / "jwt.secret"),
+               "EHI_HUB_REPLICA_ID": f"hub-{mode}{'-l' if limits else ''}",
+               "EHI_HUB_MQTT__SHARE_GROUP": f"g{len(out)}"}
+        if not limits:
+            env |= {"EHI_HUB_AUTH__RATE_PER_S": "0", "EHI_HUB_AUTH__ADDRESS_RATE_PER_S": "0",
+                    "EHI_HUB_AUTH__REFUSED_PER_S": "0"}
+        port = free_port()
+        start_hub(group, d, port=port, broker_port=plain.port, log_path=d / "hub.log",
+                  env=env)
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=60,
+                          headers={"Authorization": "Bearer fuzz-token"}) as c:
+            assert wait_until(functools.partial(_ready, c), 60)
+            if limits:
+                flood = hostile_api.open_mode_flood(url)
+                out |= {"open_mode_flood": flood, "open_mode_limited": flood["limited"]}
+                continue
+            fz = hostile_api.fuzz_api(c, requests, random.Random(len(out)))
+        out[f"api_hostile_{mode}"] = fz
+        total += fz["requests"]
+        five_xx += fz["five_xx"] + fz["dropped"]
+    return out | {"api_hostile_requests": total, "api_5xx": five_xx}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=6)
     ap.add_argument("--fuzz", type=int, default=10_000)
+    ap.add_argument("--hostile", type=int, default=20_000)
+    ap.add_argument("--api-requests", type=int, default=2000)
+    ap.add_argument("--agent-requests", type=int, default=1000)
     ap.add_argument("--mode", choices=["mtls", "password"], default="mtls")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -258,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ehi-security-") as tmp, ProcessGroup() as group:
         work = Path(tmp)
         pki = Pki.init(work / "pki")
-        for d in [*devices, "fuzzer", "agent-1", "revokee"]:
+        for d in [*devices, "fuzzer", "agent-1", "revokee", "victim", "attacker"]:
             pki.enroll(d)
         broker = start_confined_broker(group, pki, args.mode)
         result: dict[str, Any] = {"mode": args.mode, "devices": args.devices,
@@ -272,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         env = pki.hub_env() | {
             "EHI_HUB_TRUSTED_KEYS": json.dumps([pub.to_text()]), "EHI_HUB_API_TOKEN": token,
             "EHI_HUB_MAX_BUNDLE_BYTES": str(16 << 20), "EHI_HUB_AUTH__MODE": "jwt",
-            "EHI_HUB_AUTH__SECRET_FILE": str(work / "jwt.secret")}
+            "EHI_HUB_AUTH__SECRET_FILE": str(work / "jwt.secret"),
+            "EHI_HUB_WORKER_STALL_S": str(STALL_S)}
         hub_port = free_port()
         hub = start_hub(group, work, port=hub_port, broker_port=broker.port,
                         log_path=work / "hub.log", env=env)
@@ -383,6 +455,16 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             poller.join()
             at_hub = api.get("/v1/results/count", params={"device": "agent-1"}).json()["count"]
+            local = LocalApi(agent, "127.0.0.1", free_port(), 1 << 20)
+            local.start()
+            valid_input = (json.dumps({"input": np.zeros((8, 8)).tolist()}).encode(),
+                           {"Content-Type": "application/json"})
+            ag = hostile_agent.attack(local.port, args.agent_requests, 16, rng, valid_input)
+            local.stop()
+            result |= {"agent_hostile_requests": ag["requests"],
+                       "agent_5xx_or_drops": ag["five_xx_or_dropped"],
+                       "agent_hostile_statuses": ag["statuses"],
+                       "agent_still_answering": ag["valid_answered"] == ag["valid_sent"]}
             agent.stop()
             fuzzer.close()
             result |= {"fuzz_messages": args.fuzz, "fuzz_seconds": round(fuzz_s, 1),
@@ -396,6 +478,18 @@ def main(argv: list[str] | None = None) -> int:
                 line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
                 for line in metrics.splitlines()
                 if line.startswith("ehi_hub_bad_messages_total{")}
+
+            result |= hostile_phases.hostile_messages(
+                broker.port, args.mode, pki.root, api, anon, args.hostile, 10.0,
+                random.Random(1), work)
+            result |= hostile_phases.registry_race(api, work, key, EDGE_BUNDLE, 20)
+            audit_before = _refused_rows(api)
+            logins = hostile_api.refused_logins(url)
+            result |= {"refused_logins": logins, "refused_logins_limited": logins["limited"],
+                       "refused_audit_rows": _refused_rows(api) - audit_before}
+            result |= hostile_phases.readyz_truthful(url, work / "hub.db", broker.port,
+                                                     args.mode, pki.root, STALL_S)
+        result |= api_phases(group, work, args.api_requests)
         rss.stop.set()
         rss.join()
         result["max_hub_rss_mb"] = round(rss.peak / 2**20, 1)
@@ -407,7 +501,19 @@ def main(argv: list[str] | None = None) -> int:
           and result["revoked_denied"] == result["revoked_attempts"]
           and result["hub_crashes"] == 0 and result["hub_5xx"] == 0
           and result["valid_results_lost"] == 0 and result["max_hub_rss_mb"] < 500
-          and result["api_cases_as_expected"] == result["api_cases"])
+          and result["api_cases_as_expected"] == result["api_cases"]
+          and result["hub_workers_died"] == 0
+          and result["victim_results_acked"] == result["victim_results_sent"]
+          == result["victim_results_stored"]
+          and result["victim_ack_p99_ms"] is not None
+          and result["victim_ack_p99_ms_baseline"] is not None
+          and result["victim_ack_p99_ms"] <= 2 * result["victim_ack_p99_ms_baseline"]
+          and result["victim_report_delay_max_s"] is not None
+          and result["victim_report_delay_max_s"] <= 1.0
+          and result["readyz_truthful"] and result["api_5xx"] == 0
+          and result["refused_logins_limited"] and result["open_mode_limited"]
+          and result["registry_race_mismatches"] == 0 and result["agent_5xx_or_drops"] == 0
+          and result["agent_still_answering"])
     return 0 if ok else 1
 
 
@@ -430,6 +536,27 @@ def table(r: dict[str, Any]) -> str:
         ("valid results lost", str(r["valid_results_lost"])),
         ("hub crashes / 5xx", f"{r['hub_crashes']} / {r['hub_5xx']} of {r['api_polls']} polls"),
         ("hub peak RSS (MB)", str(r["max_hub_rss_mb"])),
+        ("hostile messages (one device)", f"{r['hostile_messages']:,} in "
+                                          f"{r['hostile_seconds']} s; refused "
+                                          f"{sum(r['hostile_refused_by_reason'].values()):,}"),
+        ("hub workers died / step errors", f"{r['hub_workers_died']} / "
+                                           f"{r['hub_worker_errors']}"),
+        ("victim results sent / acked / stored", f"{r['victim_results_sent']} / "
+                                                 f"{r['victim_results_acked']} / "
+                                                 f"{r['victim_results_stored']}"),
+        ("victim ack p99 (ms) alone / attacked", f"{r['victim_ack_p99_ms_baseline']} / "
+                                                 f"{r['victim_ack_p99_ms']}"),
+        ("victim report stored within (s, max)", str(r["victim_report_delay_max_s"])),
+        ("/readyz truthful (a hung worker)", str(r["readyz_truthful"])),
+        ("API hostile requests / 5xx", f"{r['api_hostile_requests']:,} / {r['api_5xx']}"),
+        ("refused logins limited / audit rows", f"{r['refused_logins_limited']} / "
+                                                f"{r['refused_audit_rows']} of 600"),
+        ("open mode limited", str(r["open_mode_limited"])),
+        ("registry race mismatches", f"{r['registry_race_mismatches']} of "
+                                     f"{r['registry_race_trials']}"),
+        ("agent hostile requests / 5xx or drops", f"{r['agent_hostile_requests']:,} / "
+                                                  f"{r['agent_5xx_or_drops']} (still "
+                                                  f"answering: {r['agent_still_answering']})"),
     ]
     w = max(len(k) for k, _ in rows)
     lines = [f"{k:<{w}}  {v}" for k, v in rows]
@@ -438,6 +565,7 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"  {name:<26} {b['bytes']:>10,} bytes -> {b['status']} in {b['seconds']} s"
                      f"  {b['detail']}")
     lines.append(f"refused by the hub: {r['hub_bad_messages']}")
+    lines.append(f"hostile messages refused by reason: {r['hostile_refused_by_reason']}")
     return "\n".join(lines)
 
 

@@ -55,8 +55,11 @@ class FaultPlan:
     broker_outage_at: float = 25.0
     broker_outage_s: float = 30.0
     hub_kill_at: float = 65.0
-    # A killed agent or hub is started again after this long.
+    # A killed agent is started again after this long.
     restart_after_s: float = 1.0
+    # The hub stays down this long after its kill -9: what the devices' resends cost while
+    # nobody acknowledges (`hub_outage` in the report: resends per entry owed).
+    hub_down_s: float = 45.0
 
 
 @dataclass(frozen=True)
@@ -183,9 +186,35 @@ class _Fleet:
 
     def kill_hub(self) -> None:
         self.hub.kill()
+        self.outbox_at_kill = self.outboxes()
 
     def restart_hub(self) -> None:
+        self.outbox_at_restart = self.outboxes()
         self.hub = self._start_hub()
+
+    def outboxes(self) -> dict[int, tuple[int, dict[str, Any]]]:
+        """Each running agent's outbox figures from its local API: {index: (pid, figures)}."""
+        out = {}
+        for i, port in enumerate(self.agent_ports):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/v1/telemetry")
+                out[i] = (self.agents[i].proc.pid, json.loads(c.getresponse().read())["outbox"])
+                c.close()
+            except (OSError, http.client.HTTPException, ValueError, KeyError):
+                continue
+        return out
+
+    def hub_outage(self) -> dict[str, Any]:
+        """What the agents sent again while the hub was down: resends per entry they owed
+        when it came back (agents restarted meanwhile left out)."""
+        a, b = getattr(self, "outbox_at_kill", {}), getattr(self, "outbox_at_restart", {})
+        same = [i for i in b if i in a and a[i][0] == b[i][0]]
+        resent = sum(b[i][1]["resent"] - a[i][1]["resent"] for i in same)
+        owed = sum(b[i][1]["entries"] for i in same)
+        return {"seconds": self.o.plan.hub_down_s, "agents": len(same), "resent": resent,
+                "entries_owed": owed,
+                "resends_per_entry": round(resent / owed, 2) if owed else None}
 
     def stop_broker(self) -> None:
         self.broker.process.kill()
@@ -210,7 +239,7 @@ def _schedule(plan: FaultPlan) -> list[tuple[float, str, Callable[[_Fleet], None
     ev.append((plan.broker_outage_at, "broker down (kill -9)", _Fleet.stop_broker))
     ev.append((plan.broker_outage_at + plan.broker_outage_s, "broker up", _Fleet.start_broker))
     ev.append((plan.hub_kill_at, "kill -9 hub", _Fleet.kill_hub))
-    ev.append((plan.hub_kill_at + plan.restart_after_s, "restart hub", _Fleet.restart_hub))
+    ev.append((plan.hub_kill_at + plan.hub_down_s, "restart hub", _Fleet.restart_hub))
     return sorted(ev, key=lambda e: e[0])
 
 
@@ -294,6 +323,8 @@ def run_scenario(o: ScenarioOptions, progress: Callable[[str], None] | None = No
             "outage_submitted": sum(d.outage_submitted for d in drivers),
             "outage_answered": sum(d.outage_answered for d in drivers),
             "traffic_seconds": round(traffic_end - t0, 1),
+            "hub_outage": fleet.hub_outage(),
+            "resends_per_entry": fleet.hub_outage()["resends_per_entry"],
             "agents": o.agents, "rate_hz_per_agent": o.rate_hz,
             "workdir": str(workdir) if o.keep or o.workdir else None,
         }

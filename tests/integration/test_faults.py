@@ -31,13 +31,13 @@ CONNECT_S = 10.0
 @pytest.mark.slow
 def test_broker_outage_agent_and_hub_kill_lose_nothing(database_url: str) -> None:
     """The scenario of bench/faults.py, smaller and quicker: 2 agents, 600 answers, a 4 s
-    broker outage, two agent kill -9 and one hub kill -9, each followed by a restart; the hub
-    on SQLite and on PostgreSQL."""
+    broker outage, two agent kill -9 and one hub kill -9 (down 12 s), each followed by a
+    restart; the hub on SQLite and on PostgreSQL."""
     from fleet.lab.brokers import mosquitto_path
 
     need(mosquitto_path() is not None, "mosquitto is not installed")
     plan = FaultPlan(agent_kills=(2.0, 12.0), broker_outage_at=4.0, broker_outage_s=4.0,
-                     hub_kill_at=9.0)
+                     hub_kill_at=9.0, hub_down_s=12.0)
     r = run_scenario(ScenarioOptions(agents=2, results=600, rate_hz=20, plan=plan,
                                      drain_timeout_s=90, database_url=database_url,
                                      results_settings={"resend_after_s": 1.0}))
@@ -49,6 +49,10 @@ def test_broker_outage_agent_and_hub_kill_lose_nothing(database_url: str) -> Non
     # Every input answered without the cloud was still answered by it, late.
     assert r["degraded_answers"] > 0 and r["late_answers_missing"] == 0, r
     assert [f["fault"] for f in r["faults"]].count("restart hub") == 1
+    # While the hub was down (12 s, resends after 1 s doubling: at about 1, 3, 7 s), each
+    # entry owed went out a few times, not once a second.
+    out = r["hub_outage"]
+    assert out["entries_owed"] > 0 and 0 < out["resends_per_entry"] <= 5, out
 
 
 @pytest.mark.mosquitto

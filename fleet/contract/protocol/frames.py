@@ -63,6 +63,17 @@ class Kind(IntEnum):
     REPORTED = 9
 
 
+# The longest header each kind of message may have, checked before the header is parsed (for
+# a compressed frame, before the rest is inflated): an offload's or an answer's header holds a
+# few short fields, so a long one is refused for the cost of reading four bytes.
+HEADER_LIMIT: dict[Kind, int] = {
+    Kind.OFFLOAD: 8 << 10, Kind.ANSWER: 8 << 10, Kind.STATUS: 4 << 10,
+    Kind.TELEMETRY: 64 << 10, Kind.DESIRED: 256 << 10, Kind.REPORTED: 256 << 10,
+    Kind.RESULTS: MAX_HEADER_BYTES, Kind.ACK: MAX_HEADER_BYTES,
+    Kind.HARD_EXAMPLES: MAX_HEADER_BYTES,
+}
+
+
 
 @dataclass(frozen=True, slots=True)
 class Frame:
@@ -98,11 +109,15 @@ def frame_version(payload: bytes) -> int:
     return payload[2] if len(payload) >= 3 and payload[:2] == MAGIC else 1
 
 
-def _inflate(data: bytes, zdict: bytes | None = None) -> bytes:
-    """zlib data, at most MAX_FRAME_BYTES of it decompressed: a bomb is refused, not unpacked."""
+def _inflate(data: bytes, zdict: bytes | None, header_limit: int) -> bytes:
+    """zlib data, at most MAX_FRAME_BYTES of it decompressed: a bomb is refused, not unpacked;
+    a header longer than its kind's limit is refused once its length is out."""
     d = zlib.decompressobj(zdict=zdict) if zdict is not None else zlib.decompressobj()
     try:
-        out = d.decompress(data, MAX_FRAME_BYTES + 1)
+        out = d.decompress(data, _HLEN.size)
+        if len(out) == _HLEN.size:
+            _check_hlen(_HLEN.unpack(out)[0], header_limit)
+            out += d.decompress(d.unconsumed_tail, MAX_FRAME_BYTES + 1 - len(out))
     except zlib.error as exc:
         raise ProtocolError(f"compressed frame does not decompress: {exc}") from None
     if len(out) > MAX_FRAME_BYTES or d.unconsumed_tail:
@@ -110,6 +125,12 @@ def _inflate(data: bytes, zdict: bytes | None = None) -> bytes:
     if not d.eof:
         raise ProtocolError("compressed frame is truncated")
     return out
+
+
+def _check_hlen(hlen: int, limit: int) -> None:
+    if hlen > limit:
+        raise ProtocolError(f"header of {hlen} bytes (at most {limit} in this kind of message)",
+                            "too_large")
 
 
 def decode_frame(payload: bytes, expect: Kind | None = None) -> Frame:
@@ -130,12 +151,13 @@ def decode_frame(payload: bytes, expect: Kind | None = None) -> Frame:
         raise ProtocolError(f"unknown message kind {kind}") from None
     if expect is not None and k is not expect:
         raise ProtocolError(f"expected a {expect.name} message, got {k.name}")
+    header_limit = HEADER_LIMIT.get(k, MAX_HEADER_BYTES)
     if version == 1:
         rest = payload[4:]
     elif codec == CODEC_ZLIB_DICT:
-        rest = _inflate(payload[_PREFIX_V2.size:], ZDICT)
+        rest = _inflate(payload[_PREFIX_V2.size:], ZDICT, header_limit)
     elif codec == CODEC_ZLIB:
-        rest = _inflate(payload[_PREFIX_V2.size:])
+        rest = _inflate(payload[_PREFIX_V2.size:], None, header_limit)
     elif codec == CODEC_NONE:
         rest = payload[_PREFIX_V2.size:]
     else:
@@ -143,6 +165,7 @@ def decode_frame(payload: bytes, expect: Kind | None = None) -> Frame:
     if len(rest) < _HLEN.size:
         raise ProtocolError(f"frame of {len(payload)} bytes is shorter than its prefix")
     (hlen,) = _HLEN.unpack_from(rest)
+    _check_hlen(hlen, header_limit)
     if hlen > MAX_HEADER_BYTES or _HLEN.size + hlen > len(rest):
         raise ProtocolError(f"header length {hlen} does not fit a {len(payload)}-byte frame")
     try:

@@ -91,7 +91,9 @@ def test_version_2_frames_that_lie_are_refused() -> None:
     with pytest.raises(ProtocolError, match="decompresses to more than"):
         p.decode_frame(bomb)
     with pytest.raises(ProtocolError, match="truncated"):
-        p.decode_frame(b"EH\x02\x03\x01" + zlib.compress(b"x" * 1000)[:-6])
+        p.decode_frame(b"EH\x02\x03\x01" + zlib.compress(b"\0\0\0\x02{}" + b"x" * 1000)[:-6])
+    with pytest.raises(ProtocolError, match="header of"):  # refused before it is inflated
+        p.decode_frame(b"EH\x02\x01\x01" + zlib.compress(b"\0\1\0\0" + b" " * 70_000))
     with pytest.raises(ProtocolError, match="codec"):
         p.decode_frame(b"EH\x02\x03\x07" + b"\0" * 8)
     ids, blobs = _blobs(10)
