@@ -134,8 +134,10 @@ class IngestWorker:
         for d in decoded:
             if d.bad:
                 self.metrics.results_rejected.inc(len(d.bad))
-                log.warning("refused %d invalid records from %s, e.g. %s", len(d.bad),
-                            d.item.device, next(iter(d.bad.items())))
+                if self.refusals.may_log(d.item.device, "results", "record"):
+                    log.warning("refused %d invalid records from %s, e.g. %s (logged at most "
+                                "once a minute per device)", len(d.bad), d.item.device,
+                                next(iter(d.bad.items())))
             self.send_ack(d.item.device, p.Ack(list(dict.fromkeys(r.id for r in d.good)),
                                                d.bad))
 
@@ -176,8 +178,10 @@ class IngestWorker:
             self.metrics.hard_examples.labels("duplicate").inc(len(outcome.duplicates))
             if bad:
                 self.metrics.hard_examples.labels("rejected").inc(len(bad))
-                log.warning("refused %d hard examples from %s, e.g. %s", len(bad), item.device,
-                            next(iter(bad.items())))
+                if self.refusals.may_log(item.device, "hard", "record"):
+                    log.warning("refused %d hard examples from %s, e.g. %s (logged at most "
+                                "once a minute per device)", len(bad), item.device,
+                                next(iter(bad.items())))
             self.send_ack(item.device, p.Ack(outcome.committed, bad, of="hard"))
 
         def refuse(_: Incoming, exc: Exception) -> None:

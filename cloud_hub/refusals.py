@@ -30,13 +30,19 @@ class Refusals:
                payload: bytes = b"") -> None:
         self.metrics.refused.labels(channel, reason).inc()
         self.metrics.bad_messages.labels(reason).inc()
+        if not self.may_log(device, channel, reason):
+            return
+        log.warning("refused a %s message of %s (%s): %s; payload starts %r", channel, device,
+                    reason, str(detail)[:LOG_DETAIL_CHARS], bytes(payload[:LOG_PAYLOAD_BYTES]))
+
+    def may_log(self, device: str, channel: str, reason: str) -> bool:
+        """True at most once per LOG_EVERY_S for this device, channel and reason."""
         key = (device, channel, reason)
         now = time.monotonic()
         with self._lock:
             if now - self._logged.get(key, -LOG_EVERY_S) < LOG_EVERY_S:
-                return
+                return False
             if len(self._logged) >= MAX_KEYS:
                 self._logged.clear()
             self._logged[key] = now
-        log.warning("refused a %s message of %s (%s): %s; payload starts %r", channel, device,
-                    reason, str(detail)[:LOG_DETAIL_CHARS], bytes(payload[:LOG_PAYLOAD_BYTES]))
+        return True

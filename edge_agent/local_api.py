@@ -7,7 +7,8 @@
       200 {"id", "label", "label_name", "confidence", "source", "degraded", "offloaded",
            "latency_ms"}; for a batch [N, ...] of inputs, {"answers": [...]} in input order
       400 {"error": "..."} for input the bundle does not accept; 413 for an oversized body
-    GET /healthz   200 {"status": "ok", "model": ..., "backend": ..., "connected": ...}
+    GET /healthz   200 {"status": "ok" | "degraded", "model", "backend", "connected",
+                        "broker": {"connected"}, "hub": {"reachable", "last_heard_s", ...}}
     GET /v1/telemetry  the agent's current telemetry
     GET /metrics       Prometheus text: outbox depth, bytes, age, drops; events; connection
 

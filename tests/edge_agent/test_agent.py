@@ -343,3 +343,27 @@ def test_offload_budget_from_settings_and_from_the_hub(bus: MemoryBus, hub: Scri
         assert a.offload_state()["target"] == 0.3
     finally:
         a.stop()
+
+
+def test_while_the_hub_is_gone_hard_inputs_are_answered_at_once_and_health_says_so(
+        make_agent: Callable[..., Agent], hub: ScriptedHub) -> None:
+    """After three offloads in a row went unanswered, the agent takes the hub as unreachable:
+    hard inputs get the edge answer without waiting their deadline (one probe a second still
+    goes out), /healthz says degraded, and the first answer brings the hub back."""
+    hub.answer = hub.ack = False  # gone: neither answers nor acknowledgements
+    a = make_agent(offload={"deadline_ms": 300.0})
+    for _ in range(3):
+        assert a.infer(HARD).source == "edge_fallback"
+    h = a.health()
+    assert h["status"] == "degraded" and h["hub"]["reachable"] is False
+    assert h["broker"]["connected"] is True and h["hub"]["unanswered"] == 3
+    a.hub._probe_at = time.monotonic()  # the next probe is a second away
+    t0 = time.perf_counter()
+    ans = a.infer(HARD)
+    assert ans.source == "edge_fallback" and time.perf_counter() - t0 < 0.25
+    hub.answer = hub.ack = True
+    a.hub._probe_at = 0.0  # a probe is due: it goes out and is answered
+    assert a.infer(HARD).source == "cloud"
+    assert a.health()["status"] == "ok" and a.health()["hub"]["last_heard_s"] is not None
+    assert a.drain(5.0)  # every result, and the hard examples owed, reach the hub
+    assert len(hub.hard) >= 4

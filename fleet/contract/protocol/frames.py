@@ -72,6 +72,13 @@ HEADER_LIMIT: dict[Kind, int] = {
     Kind.RESULTS: MAX_HEADER_BYTES, Kind.ACK: MAX_HEADER_BYTES,
     Kind.HARD_EXAMPLES: MAX_HEADER_BYTES,
 }
+# The longest body a compressed frame of each kind may carry: writers compress a tensor only
+# up to COMPRESS_TENSOR_MAX (a larger one travels with codec 0), and only results batches have
+# a large compressed body (columns). A kind not named has no body.
+COMPRESSED_BODY_LIMIT: dict[Kind, int] = {
+    Kind.OFFLOAD: COMPRESS_TENSOR_MAX, Kind.HARD_EXAMPLES: COMPRESS_TENSOR_MAX,
+    Kind.RESULTS: MAX_FRAME_BYTES,
+}
 
 
 
@@ -109,19 +116,23 @@ def frame_version(payload: bytes) -> int:
     return payload[2] if len(payload) >= 3 and payload[:2] == MAGIC else 1
 
 
-def _inflate(data: bytes, zdict: bytes | None, header_limit: int) -> bytes:
-    """zlib data, at most MAX_FRAME_BYTES of it decompressed: a bomb is refused, not unpacked;
-    a header longer than its kind's limit is refused once its length is out."""
+def _inflate(data: bytes, zdict: bytes | None, header_limit: int, body_limit: int) -> bytes:
+    """zlib data, decompressed only as far as the frame may go: a header longer than its
+    kind's limit is refused once its length is out, and past the header at most `body_limit`
+    bytes of body (a bomb is refused after that much, not unpacked)."""
     d = zlib.decompressobj(zdict=zdict) if zdict is not None else zlib.decompressobj()
+    limit = MAX_FRAME_BYTES
     try:
         out = d.decompress(data, _HLEN.size)
         if len(out) == _HLEN.size:
-            _check_hlen(_HLEN.unpack(out)[0], header_limit)
-            out += d.decompress(d.unconsumed_tail, MAX_FRAME_BYTES + 1 - len(out))
+            hlen = _HLEN.unpack(out)[0]
+            _check_hlen(hlen, header_limit)
+            limit = min(MAX_FRAME_BYTES, _HLEN.size + hlen + body_limit)
+            out += d.decompress(d.unconsumed_tail, limit + 1 - len(out))
     except zlib.error as exc:
         raise ProtocolError(f"compressed frame does not decompress: {exc}") from None
-    if len(out) > MAX_FRAME_BYTES or d.unconsumed_tail:
-        raise ProtocolError(f"frame decompresses to more than {MAX_FRAME_BYTES} bytes", "too_large")
+    if len(out) > limit or d.unconsumed_tail:
+        raise ProtocolError(f"frame decompresses to more than {limit} bytes", "too_large")
     if not d.eof:
         raise ProtocolError("compressed frame is truncated")
     return out
@@ -152,12 +163,13 @@ def decode_frame(payload: bytes, expect: Kind | None = None) -> Frame:
     if expect is not None and k is not expect:
         raise ProtocolError(f"expected a {expect.name} message, got {k.name}")
     header_limit = HEADER_LIMIT.get(k, MAX_HEADER_BYTES)
+    body_limit = COMPRESSED_BODY_LIMIT.get(k, 0)
     if version == 1:
         rest = payload[4:]
     elif codec == CODEC_ZLIB_DICT:
-        rest = _inflate(payload[_PREFIX_V2.size:], ZDICT, header_limit)
+        rest = _inflate(payload[_PREFIX_V2.size:], ZDICT, header_limit, body_limit)
     elif codec == CODEC_ZLIB:
-        rest = _inflate(payload[_PREFIX_V2.size:], None, header_limit)
+        rest = _inflate(payload[_PREFIX_V2.size:], None, header_limit, body_limit)
     elif codec == CODEC_NONE:
         rest = payload[_PREFIX_V2.size:]
     else:
