@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,18 +55,6 @@ def _split(ids: list[str], existing: set[str]) -> tuple[list[str], list[str], li
             fresh.append(i)
         seen.add(i)
     return fresh, dup, list(dict.fromkeys(ids))
-
-
-def _insert_new(s: Session, table: type[Result] | type[HardExample], ids: list[str],
-                row: Callable[[str], dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
-    """Insert a row for each id the table does not hold yet (insert-or-ignore on the unique
-    id); returns what `_split` does."""
-    existing = set(s.scalars(select(table.id).where(table.id.in_(list(dict.fromkeys(ids))))))
-    fresh, dup, committed = _split(ids, existing)
-    if fresh:
-        s.execute(_insert(s, table).values([row(i) for i in fresh])
-                  .on_conflict_do_nothing(index_elements=["id"]))
-    return fresh, dup, committed
 
 
 # Columns of a stored result, in the order the bulk insert writes them.
@@ -187,19 +174,45 @@ class LateAnswer:
 def ingest_hard_examples(sessions: sessionmaker, device: str,
                          answers: list[LateAnswer]) -> IngestOutcome:
     """Store hard examples with their late cloud answers, idempotent on the id. One transaction."""
-    if not answers:
-        return IngestOutcome([], [], [])
+    return ingest_hard_examples_many(sessions, [(device, answers)])[0]
+
+
+def ingest_hard_examples_many(sessions: sessionmaker,
+                              messages: list[tuple[str, list[LateAnswer]]]
+                              ) -> list[IngestOutcome]:
+    """The hard examples of several messages (device, answers), in one transaction; an outcome
+    per message. Idempotent on the id: a copy already stored, or earlier in the same call,
+    is a duplicate."""
+    if not any(answers for _, answers in messages):
+        return [IngestOutcome([], [], []) for _ in messages]
     now = time.time()
-    by_id = {a.example.id: a for a in answers}
+    rows: dict[str, dict[str, Any]] = {}
+    for device, answers in messages:
+        for a in answers:
+            rows.setdefault(a.example.id, _hard_row(a, device, now))
     try:
         with sessions.begin() as s:
-            fresh, dup, committed = _insert_new(
-                s, HardExample, [a.example.id for a in answers],
-                lambda i: _hard_row(by_id[i], device, now))
-            _touch_many(s.connection(), [device], [device] * len(dup), now)
+            ids = list(rows)
+            existing: set[str] = set()
+            for i in range(0, len(ids), _SQLITE_IN):
+                existing.update(s.scalars(select(HardExample.id)
+                                          .where(HardExample.id.in_(ids[i:i + _SQLITE_IN]))))
+            fresh_rows = [r for i, r in rows.items() if i not in existing]
+            if fresh_rows:
+                s.execute(_insert(s, HardExample).values(fresh_rows)
+                          .on_conflict_do_nothing(index_elements=["id"]))
+            outcomes, seen, devices, dup_devices = [], set(existing), [], []
+            for device, answers in messages:
+                fresh, dup, committed = _split([a.example.id for a in answers], seen)
+                seen.update(fresh)
+                outcomes.append(IngestOutcome(fresh, dup, committed))
+                devices.append(device)
+                dup_devices += [device] * len(dup)
+            _touch_many(s.connection(), devices, dup_devices, now)
     except SQLAlchemyError as exc:
-        raise StoreError(f"could not store {len(answers)} hard examples: {exc}") from None
-    return IngestOutcome(fresh, dup, committed)
+        raise StoreError(f"could not store the hard examples of {len(messages)} messages: "
+                         f"{exc}") from None
+    return outcomes
 
 
 def _hard_row(a: LateAnswer, device: str, now: float) -> dict[str, Any]:

@@ -1,16 +1,19 @@
 """The ingest worker: stores what devices send in bulk (results, hard examples), then
 acknowledges it to each device.
 
-It takes every results message waiting (up to BULK_MESSAGES) and stores them in one
-transaction (cloud_hub/ingest.py); hard examples are answered late by the cloud model and stored
-per message. A message that does not decode is refused (counted, logged) and the others go on;
-a transaction that fails is split until only the messages the database refuses alone are left
-(cloud_hub/isolation.py), and those are acknowledged as rejected, so that their device stops
-sending them. Only when the database itself does not answer does the worker back off.
+It takes every message waiting (up to BULK_MESSAGES) and stores the results in one
+transaction (cloud_hub/ingest.py); the hard examples among them are answered late by the cloud
+model in one call and stored in one transaction of their own (one per message cost a device's
+neighbours a commit each). A message that does not decode is refused (counted, logged) and the
+others go on; a transaction that fails is split until only the messages the database refuses
+alone are left (cloud_hub/isolation.py), and those are acknowledged as rejected, so that their
+device stops sending them. Only when the database itself does not answer does the worker back
+off.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from typing import TypeVar
 from sqlalchemy.orm import sessionmaker
 
 from cloud_hub.cloud_model import CloudModel
-from cloud_hub.ingest import LateAnswer, ingest_hard_examples, ingest_results
+from cloud_hub.ingest import LateAnswer, ingest_hard_examples_many, ingest_results
 from cloud_hub.isolation import database_answers, store_apart
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.refusals import Refusals
@@ -44,6 +47,15 @@ class Incoming:
     device: str
     channel: p.Channel
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HardMessage:
+    """A hard-examples message with its cloud answers, and {id: reason} for the others."""
+
+    item: Incoming
+    answers: list[LateAnswer]
+    bad: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +107,9 @@ class IngestWorker:
         if not batch:
             return None
         ok = self.store_results([i for i in batch if i.channel is p.Channel.RESULTS])
-        for item in batch:
-            if item.channel is p.Channel.HARD:
-                ok = self.store_hard(item) and ok
+        hard = [i for i in batch if i.channel is p.Channel.HARD]
+        if hard:
+            ok = self.store_hard(hard) and ok
         self.metrics.queue_depth.labels("ingest").set(len(self.queue))
         if ok:
             self._outage_pause = 0.0
@@ -152,43 +164,53 @@ class IngestWorker:
 
     # ------------------------------------------------------------------ hard examples
 
-    def store_hard(self, item: Incoming) -> bool:
-        """Answer hard examples with the cloud model, store them with the answer, then ack;
-        False while the database is down."""
-        out = decode_refusing(item, p.HardExample.decode_batch, self.refusals)
-        if out is None:
-            return True
-        good, bad = out
-        answers: list[LateAnswer] = []
+    def store_hard(self, items: list[Incoming]) -> bool:
+        """Answer the hard examples of several messages with the cloud model (one call), store
+        them with their answers (one transaction, or apart as for results), then ack each
+        message; False while the database is down."""
+        decoded: list[tuple[Incoming, list[p.HardExample], dict[str, str]]] = []
+        for item in items:
+            out = decode_refusing(item, p.HardExample.decode_batch, self.refusals)
+            if out is not None:
+                decoded.append((item, *out))
+        examples = [ex for _, good, _ in decoded for ex in good]
         try:
-            cloud = self.model.answer([ex.input for ex in good])
-        except Exception as exc:
-            log.exception("the cloud model failed on hard examples of %s", item.device)
-            self.refusals.refuse(item.device, item.channel.value, "internal", exc, item.payload)
+            cloud = self.model.answer([ex.input for ex in examples])
+        except Exception:  # a runtime's error costs these messages, not the worker
+            log.exception("the cloud model failed on %d hard examples", len(examples))
+            for item, _, _ in decoded:
+                self.refusals.refuse(item.device, item.channel.value, "internal",
+                                     "the cloud model failed on them", item.payload)
             return True
-        for ex, a in zip(good, cloud, strict=True):
-            if a.error is not None:
-                bad[ex.id] = a.error
-            else:
-                answers.append(LateAnswer(ex, a.label, a.confidence, self.model.ref))
+        answered = iter(zip(examples, cloud, strict=True))
+        messages: list[HardMessage] = []
+        for item, good, bad in decoded:
+            answers: list[LateAnswer] = []
+            for ex, a in itertools.islice(answered, len(good)):
+                if a.error is not None:
+                    bad[ex.id] = a.error
+                else:
+                    answers.append(LateAnswer(ex, a.label, a.confidence, self.model.ref))
+            messages.append(HardMessage(item, answers, bad))
+        return store_apart(messages, self._store_hard, self._refuse_hard, self.answers)
 
-        def store(_: Sequence[Incoming]) -> None:
-            outcome = ingest_hard_examples(self.sessions, item.device, answers)
+    def _store_hard(self, messages: Sequence[HardMessage]) -> None:
+        outcomes = ingest_hard_examples_many(self.sessions,
+                                             [(m.item.device, m.answers) for m in messages])
+        for m, outcome in zip(messages, outcomes, strict=True):
             self.metrics.hard_examples.labels("stored").inc(len(outcome.inserted))
             self.metrics.hard_examples.labels("duplicate").inc(len(outcome.duplicates))
-            if bad:
-                self.metrics.hard_examples.labels("rejected").inc(len(bad))
-                if self.refusals.may_log(item.device, "hard", "record"):
+            if m.bad:
+                self.metrics.hard_examples.labels("rejected").inc(len(m.bad))
+                if self.refusals.may_log(m.item.device, "hard", "record"):
                     log.warning("refused %d hard examples from %s, e.g. %s (logged at most "
-                                "once a minute per device)", len(bad), item.device,
-                                next(iter(bad.items())))
-            self.send_ack(item.device, p.Ack(outcome.committed, bad, of="hard"))
+                                "once a minute per device)", len(m.bad), m.item.device,
+                                next(iter(m.bad.items())))
+            self.send_ack(m.item.device, p.Ack(outcome.committed, m.bad, of="hard"))
 
-        def refuse(_: Incoming, exc: Exception) -> None:
-            why = f"the hub's database refused it: {type(exc).__name__}"
-            self.refusals.refuse(item.device, item.channel.value, "store", exc, item.payload)
-            self.metrics.hard_examples.labels("rejected").inc(len(answers) + len(bad))
-            self.send_ack(item.device, p.Ack([], {**bad, **{a.example.id: why
-                                                             for a in answers}}, of="hard"))
-
-        return store_apart([item], store, refuse, self.answers)
+    def _refuse_hard(self, m: HardMessage, exc: Exception) -> None:
+        why = f"the hub's database refused it: {type(exc).__name__}"
+        self.refusals.refuse(m.item.device, m.item.channel.value, "store", exc, m.item.payload)
+        self.metrics.hard_examples.labels("rejected").inc(len(m.answers) + len(m.bad))
+        self.send_ack(m.item.device, p.Ack([], {**m.bad, **{a.example.id: why
+                                                           for a in m.answers}}, of="hard"))

@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet.lab.brokers import RunningBroker, mosquitto_path, start_broker
 from fleet.lab.pg_databases import PG_ADMIN_URL, create_database, drop_database
-from fleet.lab.processes import ProcessGroup, wait_until
+from fleet.lab.processes import ProcessGroup
+from fleet.lab.processes import wait_until as _wait_until
 from tests.updates import UpdateKit
 
-__all__ = ["need", "wait_until"]
+__all__ = ["DELIVERY_S", "need", "wait_until"]
+
+# How long a test waits for something to be delivered, stored or answered before it calls it
+# lost: far above any real delivery, also on a loaded 2-core machine (a wait ends as soon as
+# its condition holds, so a generous deadline costs nothing when things work).
+DELIVERY_S = 30.0
+
+
+def wait_until(pred: Callable[[], object], timeout: float = DELIVERY_S) -> bool:
+    """Poll `pred` until it holds or `timeout` passes (DELIVERY_S unless told)."""
+    return _wait_until(pred, timeout)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

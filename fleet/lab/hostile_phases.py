@@ -15,30 +15,31 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import json
 import random
 import sqlite3
 import struct
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from fleet.contract import protocol as p
 from fleet.contract.bundle import pack_bundle
 from fleet.lab.bundle_copy import copy_bundle
+from fleet.lab.hostile_attacker import ATTACK_RATES, CHANNELS
 from fleet.lab.hostile_messages import hostile
 from fleet.lab.mqtt_probe import Probe
 from fleet.lab.victim_device import VictimDevice
 
-# The attacker's rate per channel: 80% of the hub's default quota (cloud_hub/core/config.py
-# DeviceQuota), so that what the hub does with the messages is measured, not its quota.
-ATTACK_RATES: dict[p.Channel, float] = {
-    p.Channel.OFFLOAD: 400.0, p.Channel.RESULTS: 80.0, p.Channel.HARD: 40.0,
-    p.Channel.TELEMETRY: 1.6, p.Channel.STATUS: 1.6, p.Channel.REPORTED: 1.6}
-VICTIM_RESULTS_EVERY_S = 0.05   # a batch of 8 records: 160 records/s
+VICTIM_RESULTS_EVERY_S = 0.05
+# The attacker process sends 20,000 messages in about 45 s.
+ATTACK_TIMEOUT_S = 600.0   # a batch of 8 records: 160 records/s
 VICTIM_REPORT_EVERY_S = 2.0
 DRAIN_S = 90.0
 
@@ -86,11 +87,11 @@ class _Victim(threading.Thread):
                 next_report = time.monotonic() + VICTIM_REPORT_EVERY_S
 
 
-def _generate(n: int, rng: random.Random, path: Path) -> collections.Counter[str]:
+def generate(n: int, rng: random.Random, path: Path) -> collections.Counter[str]:
     """`n` hostile messages, channels in the proportions of ATTACK_RATES, written to `path`
     (so that the attack itself costs the bench little CPU): per message a channel index, a
     length and the payload."""
-    chs = list(ATTACK_RATES)
+    chs = CHANNELS
     weights = [ATTACK_RATES[c] for c in chs]
     mutations: collections.Counter[str] = collections.Counter()
     with path.open("wb") as f:
@@ -100,14 +101,6 @@ def _generate(n: int, rng: random.Random, path: Path) -> collections.Counter[str
             f.write(struct.pack(">BI", chs.index(ch), len(payload)) + payload)
             mutations[how.split(":")[0]] += 1
     return mutations
-
-
-def _read(path: Path) -> Iterator[tuple[p.Channel, bytes]]:
-    chs = list(ATTACK_RATES)
-    with path.open("rb") as f:
-        while head := f.read(5):
-            i, size = struct.unpack(">BI", head)
-            yield chs[i], f.read(size)
 
 
 def _refused(text: str) -> collections.Counter[str]:
@@ -122,8 +115,6 @@ def hostile_messages(broker_port: int, mode: str, pki_root: Path, api: httpx.Cli
                      rng: random.Random, work: Path) -> dict[str, Any]:
     victim_probe = Probe("victim", broker_port, mode, pki_root / "devices" / "victim")  # type: ignore[arg-type]
     assert victim_probe.connect(), victim_probe.connect_reason
-    attacker = Probe("attacker", broker_port, mode, pki_root / "devices" / "attacker")  # type: ignore[arg-type]
-    assert attacker.connect(), attacker.connect_reason
     victim = VictimDevice(victim_probe, "victim")
     traffic = _Victim(victim, api)
     readyz: collections.Counter[int] = collections.Counter()
@@ -138,29 +129,28 @@ def hostile_messages(broker_port: int, mode: str, pki_root: Path, api: httpx.Cli
 
     poller = threading.Thread(target=poll_ready, daemon=True)
     stock = work / "hostile.bin"
-    mutations = _generate(n, rng, stock)
+    mutations = generate(n, rng, stock)
     refused_before = _refused(metrics.get("/metrics").text)
     traffic.start()
     poller.start()
     time.sleep(baseline_s)
     attack_start = time.monotonic()
-    by_channel: collections.Counter[str] = collections.Counter()
-    due = {c: attack_start for c in ATTACK_RATES}
-    for channel, payload in _read(stock):
-        wait = due[channel] - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        due[channel] += 1.0 / ATTACK_RATES[channel]
-        attacker.client.publish(p.topic("attacker", channel), payload, qos=1)
-        by_channel[channel.value] += 1
+    # The attacker is a process of its own, as a device is: its publishing does not share the
+    # measuring victim's interpreter.
+    run = subprocess.run([sys.executable, "-m", "fleet.lab.hostile_attacker", str(broker_port),
+                          mode, str(pki_root / "devices" / "attacker"), str(stock)],
+                         capture_output=True, text=True, timeout=ATTACK_TIMEOUT_S, check=False)
     attack_end = time.monotonic()
+    lines = run.stdout.strip().splitlines()
+    if run.returncode != 0 or not lines:
+        raise RuntimeError(f"the attacker failed: {run.stdout[-300:]} {run.stderr[-500:]}")
+    by_channel = json.loads(lines[-1])["by_channel"]
     time.sleep(2.0)  # the last of them reach the hub before the victim stops
     traffic.stop.set()
     traffic.join(60)
     acked = victim.wait_acked(DRAIN_S)
     polling.set()
     poller.join(5)
-    attacker.close()
     stored = api.get("/v1/results/count", params={"device": "victim"}).json()["count"]
     text = metrics.get("/metrics").text
     refused = _refused(text)
@@ -173,15 +163,20 @@ def hostile_messages(broker_port: int, mode: str, pki_root: Path, api: httpx.Cli
     victim_probe.close()
     return {
         "hostile_messages": n, "hostile_seconds": round(attack_end - attack_start, 1),
-        "hostile_by_channel": dict(by_channel), "hostile_mutations": dict(mutations),
+        "hostile_by_channel": by_channel, "hostile_mutations": dict(mutations),
         "hostile_refused_by_reason": dict(sorted(refused.items())),
         "hub_workers_died": len(workers_down), "hub_worker_errors": int(worker_errors),
         "readyz_during_attack": dict(readyz),
         "victim_results_sent": len(victim.sent_ids),
         "victim_results_acked": len(victim.acked_ids), "victim_results_stored": stored,
         "victim_all_acked": acked,
-        "victim_ack_p99_ms_baseline": victim.ack_p99_ms(until=attack_start),
-        "victim_ack_p99_ms": victim.ack_p99_ms(since=attack_start, until=attack_end),
+        "victim_ack_p99_ms_baseline": victim.ack_ms_at(99, until=attack_start),
+        "victim_ack_p99_ms": victim.ack_ms_at(99, since=attack_start, until=attack_end),
+        "victim_ack_p50_ms_baseline": victim.ack_ms_at(50, until=attack_start),
+        "victim_ack_p50_ms": victim.ack_ms_at(50, since=attack_start, until=attack_end),
+        "victim_ack_ms_by_10s": [
+            victim.ack_ms_at(99, since=t, until=t + 10.0)
+            for t in np.arange(attack_start - baseline_s, attack_end, 10.0).tolist()],
         "victim_report_delay_max_s": (None if not delays_attack or None in delays_attack
                                       else round(max(d for d in delays_attack if d), 3)),
         "victim_reports": len(delays_attack),

@@ -117,7 +117,10 @@ class VictimDevice:
             time.sleep(0.1)
         return False
 
-    def ack_p99_ms(self, since: float = 0.0, until: float = float("inf")) -> float | None:
+    def ack_ms_at(self, q: float, since: float = 0.0,
+                  until: float = float("inf")) -> float | None:
+        """The `q`th percentile of the acknowledgement times of batches acknowledged in
+        [since, until)."""
         with self._lock:
             xs = [ms for at, ms in self.ack_ms if since <= at < until]
-        return percentile(xs, 99)
+        return percentile(xs, q)

@@ -181,7 +181,7 @@ def test_a_hung_worker_turns_readiness_and_says_which(database_url: str) -> None
             release.wait(DELIVERED_S)
         return real()
 
-    w.step = hang  # type: ignore[method-assign]
+    w.step = hang
     h.bridge.start()
     try:
         assert wait_until(lambda: "control-worker" in h.bridge.worker_problems(), DELIVERED_S)

@@ -353,7 +353,7 @@ def test_a_device_over_its_quota_is_cut_off_and_the_others_are_not(database_url:
             with bridge.sessions() as s:
                 d = s.get(Device, "noisy")
                 return d is not None and d.online is False
-        assert wait_until(offline, 10)
+        assert wait_until(offline, 30)
     finally:
         bridge.stop()
         eng.dispose()

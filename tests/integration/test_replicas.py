@@ -80,7 +80,7 @@ def test_two_replicas_share_the_work_and_one_leaves_on_sigterm(
                 for a in agents:
                     a.infer(rng.uniform(0, 16, (8, 8)).astype(np.float32), deadline_ms=2000)
                     produced += 1
-            assert wait_until(lambda: _answered(a_url) > 0 and _answered(b_url) > 0, 10), \
+            assert wait_until(lambda: _answered(a_url) > 0 and _answered(b_url) > 0, 30), \
                 (_answered(a_url), _answered(b_url))
             # SIGTERM to one replica while traffic goes on: it leaves within its grace period.
             a_proc = hubs["hub-a"][1]

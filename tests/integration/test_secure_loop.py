@@ -57,7 +57,7 @@ def test_agent_and_hub_on_a_confined_broker(mode: str, tmp_path: Path) -> None:
         agent.start(wait_connected_s=10)
         try:
             assert hub.transport.wait_connected(10) and agent.transport.connected
-            assert wait_until(lambda: agent.infer(HARD, deadline_ms=2000).source == "cloud", 10)
+            assert wait_until(lambda: agent.infer(HARD, deadline_ms=2000).source == "cloud", 30)
             for _ in range(5):
                 agent.infer(HARD, deadline_ms=2000)
             assert agent.drain(15), f"{len(agent.outbox)} results unacknowledged"

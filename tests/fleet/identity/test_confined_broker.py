@@ -16,8 +16,8 @@ from fleet.identity.broker_config import BrokerMode
 from fleet.identity.pki import Pki, reload_broker
 from fleet.lab.brokers import RunningBroker, mosquitto_path, start_confined_broker
 from fleet.lab.mqtt_probe import Probe
-from fleet.lab.processes import ProcessGroup, wait_until
-from tests.conftest import need
+from fleet.lab.processes import ProcessGroup
+from tests.conftest import DELIVERY_S, need, wait_until
 
 DEVICES = ("dev-a", "dev-b", "dev-c")
 
@@ -70,10 +70,10 @@ def test_a_device_reaches_only_its_own_topics(fleet: Fleet) -> None:
     # The owner's own traffic flows, all of it to the hub, none of it to the intruder.
     for i in range(20):
         assert a.publish(p.topic("dev-a", p.Channel.OFFLOAD), b"real-%d" % i) is True
-    assert wait_until(lambda: len(hub.received) >= 20, 10)
+    assert wait_until(lambda: len(hub.received) >= 20, DELIVERY_S)
     for c in sorted(p.TO_DEVICE):
         assert hub.publish(p.topic("dev-a", c), b"from-hub") is True
-    assert wait_until(lambda: len(a.received) >= 3, 10)
+    assert wait_until(lambda: len(a.received) >= 3, DELIVERY_S)
     time.sleep(0.5)
     assert sorted(m for _, m in hub.received) == sorted(b"real-%d" % i for i in range(20))
     assert all(m == b"from-hub" for _, m in a.received) and len(a.received) == 3
@@ -93,7 +93,7 @@ def test_no_one_takes_the_hubs_session_and_strangers_are_refused(fleet: Fleet,
     assert hub.connected  # the broker named the intruder's session after its identity
     a = fleet.probe("dev-a")
     assert a.publish(p.topic("dev-a", p.Channel.RESULTS), b"r") is True
-    assert wait_until(lambda: len(hub.received) == 1, 10)
+    assert wait_until(lambda: len(hub.received) == 1, DELIVERY_S)
     # No credentials at all: refused (plain TCP to a TLS port, or TLS without an identity).
     stranger = Probe("nobody", fleet.broker.port, fleet.mode, None,
                      ca_file=fleet.pki.ca.cert_path)
@@ -112,6 +112,8 @@ def test_a_revoked_device_loses_every_right_at_the_reload(fleet: Fleet) -> None:
     hub = _hub(fleet)
     b = fleet.probe("dev-b")
     assert b.publish(p.topic("dev-b", p.Channel.RESULTS), b"before") is True
+    # A PUBACK says the broker took it, not that the hub has it yet: wait for the delivery.
+    assert wait_until(lambda: [m for _, m in hub.received] == [b"before"], DELIVERY_S)
     fleet.pki.revoke("dev-b")
     reload_broker(pid=fleet.broker.process.pid)
     time.sleep(1.0)

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from fleet.lab.processes import wait_until
 from fleet.transport.wire_bytes import tcp_bytes
+from tests.conftest import wait_until
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO byte counts are Linux's")
