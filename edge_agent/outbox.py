@@ -7,9 +7,10 @@ unacknowledged entry was sent longer ago than the resend time, or after a reconn
 unacknowledged entry from it on is sent again (go-back-N). The resend time backs off: it starts
 at `resend_after_s` and doubles with each resend that no ack followed, with +-25% jitter, up to
 `resend_max_s`; an ack, or any sign that the hub is back (`hub_heard`), starts it again (and
-resends at once what waited longer than `resend_after_s`). So a hub that is down for a minute
-costs each entry two or three copies, not one every few seconds. The hub ingests idempotently on
-the id, so a copy sent twice is stored once.
+resends at once what waited longer than `resend_after_s`). Meanwhile the oldest entry alone goes
+out every `resend_after_s` as a probe, so that a returning hub is noticed within that. So a hub
+that is down for a minute costs each entry two or three copies, not one every few seconds. The
+hub ingests idempotently on the id, so a copy sent twice is stored once.
 
 The outbox is bounded by entries, bytes and age. When full, `drop_oldest` deletes the oldest
 entries, hard examples before result records, and `reject_new` refuses the new one; either way
@@ -55,6 +56,7 @@ class _Lane:
     inflight: int = 0  # entries sent and not acknowledged (seq <= cursor)
     backoff: int = 0  # go-backs since the last ack: the resend time is doubled this often
     jitter: float = 1.0
+    probe_at: float = 0.0  # when the oldest entry alone last went out as a probe
     count: int = 0
     nbytes: int = 0
     produced: int = 0
@@ -86,6 +88,9 @@ class SendBatch:
     kind: EntryKind
     entries: list[Entry]
     epoch: int
+    # The oldest entry alone, sent to find out whether the hub is back while the resends back
+    # off: marking it sent moves nothing.
+    probe: bool = False
 
     @property
     def ids(self) -> list[str]:
@@ -231,11 +236,22 @@ class Outbox:
                 lane.jitter = random.uniform(1 - JITTER, 1 + JITTER)
             room = min(max_entries, max_inflight - lane.inflight)
             cursor, epoch = lane.cursor, lane.epoch
+            # Backing off: the oldest entry alone every resend_after_s, so that a hub that comes
+            # back is noticed within that (its ack starts the resends again), not after the
+            # whole backoff.
+            probe = (lane.backoff > 0 and head is not None and head <= lane.cursor
+                     and now - lane.probe_at >= self.resend_after_s)
+            if probe:
+                lane.probe_at = now
+                self.resent += 1
+        if probe:
+            assert head is not None
+            return SendBatch(kind, self.store.read(kind, head - 1, 1, max_bytes), epoch, True)
         entries = self.store.read(kind, cursor, room, max_bytes) if room > 0 else []
         return SendBatch(kind, entries, epoch)
 
     def mark_sent(self, batch: SendBatch, now: float | None = None) -> None:
-        if not batch.entries:
+        if not batch.entries or batch.probe:
             return
         now = time.monotonic() if now is None else now
         with self._lock:

@@ -407,13 +407,17 @@ def test_resends_back_off_with_jitter_up_to_a_cap_and_start_again_on_an_ack(
         ob.add(R, f"r{i}", b"{}")
     t = 100.0
     ob.mark_sent(ob.due(R, 10, BIG, BIG, now=t), now=t)
+    probes = 0
     for delay in (5, 10, 20, 40, 40):
-        assert not ob.due(R, 10, BIG, BIG, now=t + 0.75 * delay - 0.01)
+        # Before the resend is due, at most the oldest entry alone (a probe for the hub).
+        early = ob.due(R, 10, BIG, BIG, now=t + 0.75 * delay - 0.01)
+        assert not early or (early.probe and early.ids == ["r0"])
+        probes += bool(early)
         t += 1.25 * delay + 0.01
         again = ob.due(R, 10, BIG, BIG, now=t)
-        assert again.ids == ["r0", "r1", "r2"]
+        assert again.ids == ["r0", "r1", "r2"] and not again.probe
         ob.mark_sent(again, now=t)
-    assert ob.stats().resent == 15
+    assert ob.stats().resent == 15 + probes
     ob.ack(R, ["r0"])  # the hub is back: the next resend waits resend_after_s again
     assert ob.due(R, 10, BIG, BIG, now=t + 1.25 * 5 + 0.01).ids == ["r1", "r2"]
 
@@ -426,7 +430,8 @@ def test_an_answer_from_the_hub_resends_what_waited_at_once(make_store) -> None:
     for delay in (5, 10, 20):
         t += 1.25 * delay + 0.01
         ob.mark_sent(ob.due(R, 10, BIG, BIG, now=t), now=t)
-    assert not ob.due(R, 10, BIG, BIG, now=t + 6)  # backed off to 40 s
+    early = ob.due(R, 10, BIG, BIG, now=t + 6)  # backed off to 40 s: only a probe
+    assert early.probe and early.ids == ["r0"]
     ob.hub_heard(now=t + 6)
     assert ob.due(R, 10, BIG, BIG, now=t + 6).ids == ["r0"]
 
@@ -437,3 +442,23 @@ def test_resend_delay_arithmetic() -> None:
     assert [resend_delay(5, 120, k) for k in range(7)] == [5, 10, 20, 40, 80, 120, 120]
     assert resend_delay(5, 120, 10_000) == 120  # no overflow however long the outage
     assert resend_delay(5, 120, 1, jitter=0.8) == 8.0
+
+
+def test_while_backing_off_the_oldest_entry_alone_probes_for_the_hub(make_store) -> None:
+    """Between backed-off resends, the oldest entry goes out alone every resend_after_s; its
+    ack (the hub is back) makes the next call send everything owed at once."""
+    ob = Outbox(make_store(), OutboxLimits(), resend_after_s=5, resend_max_s=600)
+    for i in range(4):
+        ob.add(R, f"r{i}", b"{}")
+    t = 100.0
+    ob.mark_sent(ob.due(R, 10, BIG, BIG, now=t), now=t)
+    for delay in (5, 10, 20):  # three resends without an ack: the next waits 40 s
+        t += 1.25 * delay + 0.01
+        ob.mark_sent(ob.due(R, 10, BIG, BIG, now=t), now=t)
+    probe = ob.due(R, 10, BIG, BIG, now=t + 5.5)
+    assert probe.probe and probe.ids == ["r0"]
+    ob.mark_sent(probe, now=t + 5.5)  # moves nothing
+    assert not ob.due(R, 10, BIG, BIG, now=t + 6)  # one probe per resend_after_s
+    assert ob.due(R, 10, BIG, BIG, now=t + 11).ids == ["r0"]
+    ob.ack(R, ["r0"])  # the hub answered the probe
+    assert ob.due(R, 10, BIG, BIG, now=t + 11.1).ids == ["r1", "r2", "r3"]
