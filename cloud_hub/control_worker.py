@@ -26,16 +26,10 @@ from sqlalchemy.orm import sessionmaker
 
 from cloud_hub.assignments import record_reported
 from cloud_hub.ingest import record_status, record_telemetry_many
-from cloud_hub.ingest_worker import (
-    OUTAGE_PAUSE_MAX_S,
-    OUTAGE_PAUSE_S,
-    Incoming,
-    decode_refusing,
-)
-from cloud_hub.isolation import database_answers, store_apart
+from cloud_hub.ingest_worker import Incoming, decode_refusing
+from cloud_hub.isolation import OutageBackoff, database_answers, store_apart
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.refusals import Refusals
-from cloud_hub.supervisor import Backoff
 from fleet.contract import protocol as p
 from fleet.contract.assignment import Reported
 from fleet.inference.batcher import DynamicBatcher
@@ -62,7 +56,7 @@ class ControlWorker:
         self._deferred: dict[tuple[str, p.Channel], bytes] = {}
         self._next_flush = time.monotonic() + TELEMETRY_FLUSH_S
         self._next_deferred = time.monotonic() + DEFERRED_FLUSH_S
-        self._outage_pause = 0.0
+        self.outage = OutageBackoff(metrics)
 
     # ------------------------------------------------------------------ from the MQTT thread
 
@@ -92,13 +86,8 @@ class ControlWorker:
         for item in self.queue.next_batch(TELEMETRY_FLUSH_S / 2):
             ok = self.store_state(item) and ok
         self.metrics.queue_depth.labels("control").set(len(self.queue))
-        if ok:
-            self._outage_pause = 0.0
-            return None
-        self.metrics.store_errors.inc()
-        self._outage_pause = min(OUTAGE_PAUSE_MAX_S,
-                                 max(OUTAGE_PAUSE_S, 2 * self._outage_pause))
-        raise Backoff(self._outage_pause)
+        self.outage.settle(ok)
+        return None
 
     def _flush_deferred(self) -> None:
         with self._lock:

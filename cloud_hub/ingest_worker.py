@@ -23,10 +23,9 @@ from sqlalchemy.orm import sessionmaker
 
 from cloud_hub.cloud_model import CloudModel
 from cloud_hub.ingest import LateAnswer, ingest_hard_examples_many, ingest_results
-from cloud_hub.isolation import database_answers, store_apart
+from cloud_hub.isolation import OutageBackoff, database_answers, store_apart
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.refusals import Refusals
-from cloud_hub.supervisor import Backoff
 from fleet.contract import protocol as p
 from fleet.contract.errors import ProtocolError
 from fleet.inference.batcher import DynamicBatcher
@@ -37,9 +36,6 @@ log = logging.getLogger(__name__)
 # first (fewer, larger transactions; results are not waited on).
 BULK_MESSAGES = 256
 BULK_WAIT_S = 0.05
-# While the database does not answer: the first pause, and the longest (doubling between).
-OUTAGE_PAUSE_S = 0.2
-OUTAGE_PAUSE_MAX_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +92,7 @@ class IngestWorker:
         self.replica = replica
         self.queue: DynamicBatcher[Incoming] = DynamicBatcher(BULK_MESSAGES, BULK_WAIT_S,
                                                               queue_size)
-        self._outage_pause = 0.0
+        self.outage = OutageBackoff(metrics)
 
     def answers(self) -> bool:
         return database_answers(self.sessions)
@@ -111,13 +107,8 @@ class IngestWorker:
         if hard:
             ok = self.store_hard(hard) and ok
         self.metrics.queue_depth.labels("ingest").set(len(self.queue))
-        if ok:
-            self._outage_pause = 0.0
-            return None
-        self.metrics.store_errors.inc()
-        self._outage_pause = min(OUTAGE_PAUSE_MAX_S,
-                                 max(OUTAGE_PAUSE_S, 2 * self._outage_pause))
-        raise Backoff(self._outage_pause)
+        self.outage.settle(ok)
+        return None
 
     # ------------------------------------------------------------------ results
 

@@ -20,6 +20,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
+from cloud_hub.metrics import HubMetrics
+from cloud_hub.supervisor import Backoff
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -82,3 +85,26 @@ def store_apart(items: Sequence[T], store: Callable[[Sequence[T]], None],
     mid = len(items) // 2
     return (store_apart(items[:mid], store, refuse, answers)
             and store_apart(items[mid:], store, refuse, answers))
+
+
+# While the database does not answer: the first pause, and the longest (doubling between).
+OUTAGE_PAUSE_S = 0.2
+OUTAGE_PAUSE_MAX_S = 5.0
+
+
+class OutageBackoff:
+    """A worker's pause while its database does not answer: doubling from OUTAGE_PAUSE_S to
+    OUTAGE_PAUSE_MAX_S, back to none after a step that stored what it took."""
+
+    def __init__(self, metrics: HubMetrics) -> None:
+        self.metrics = metrics
+        self.pause = 0.0
+
+    def settle(self, ok: bool) -> None:
+        """After a step: nothing if it stored what it took, else count and raise Backoff."""
+        if ok:
+            self.pause = 0.0
+            return
+        self.metrics.store_errors.inc()
+        self.pause = min(OUTAGE_PAUSE_MAX_S, max(OUTAGE_PAUSE_S, 2 * self.pause))
+        raise Backoff(self.pause)
