@@ -72,6 +72,7 @@ from fleet.identity.pki import Pki, reload_broker
 from fleet.lab import hostile_agent, hostile_api, hostile_phases
 from fleet.lab.brokers import start_broker, start_confined_broker
 from fleet.lab.bundle_copy import copy_bundle
+from fleet.lab.hub_metrics import metric_samples
 from fleet.lab.mqtt_probe import Probe
 from fleet.lab.processes import ProcessGroup, start_hub, wait_until
 from fleet.transport.ports import free_port
@@ -475,9 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                        "hub_crashes": 0 if hub.running() else 1}
             metrics = anon.get("/metrics").text
             result["hub_bad_messages"] = {
-                line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-                for line in metrics.splitlines()
-                if line.startswith("ehi_hub_bad_messages_total{")}
+                labels["reason"]: v
+                for labels, v in metric_samples(metrics, "ehi_hub_bad_messages_total")}
 
             result |= hostile_phases.hostile_messages(
                 broker.port, args.mode, pki.root, api, anon, args.hostile, 10.0,

@@ -4,6 +4,7 @@ refused attempts, the rate limit per caller, and after it the audit log of chang
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -49,7 +50,7 @@ def install(app: FastAPI, settings: HubSettings) -> None:
     per_caller = RateLimiter(a.rate_per_s, a.burst)
     per_address = RateLimiter(a.address_rate_per_s, a.address_burst)
     refused = RateLimiter(a.refused_per_s, a.refused_burst)
-    refused_rows = [0]
+    refused_rows = itertools.count(1)
     app.state.auth = auth
 
     def limited(wait: float, why: str) -> Any:
@@ -129,10 +130,7 @@ def install(app: FastAPI, settings: HubSettings) -> None:
         sessions = getattr(request.app.state, "sessions", None)
         if sessions is None:
             return
-        prune = False
-        if status in (401, 403):
-            refused_rows[0] += 1
-            prune = refused_rows[0] % AUDIT_PRUNE_EVERY == 0
+        prune = status in (401, 403) and next(refused_rows) % AUDIT_PRUNE_EVERY == 0
 
         def write() -> None:
             try:

@@ -17,45 +17,33 @@ from typing import Any
 ANSWER_TIMEOUT_S = 30.0
 
 
+_JSON = {"Content-Type": "application/json"}
+_RAW = {"Content-Type": "application/octet-stream"}
+# Malformed requests: (body, headers); None as the body is random bytes.
+MALFORMED: tuple[tuple[bytes | None, dict[str, str]], ...] = (
+    (b"[" * 5000 + b"]" * 5000, _JSON),
+    (b'{"input": [[' + b"9" * 5000 + b"]]}", _JSON),
+    (b'{"input": [[1e999]], "deadline_ms": 50}', _JSON),
+    (b'{"input": [[0]], "deadline_ms": NaN}', _JSON),
+    (b'{"input": [[0]], "input_ref": "a\\ud800"}', _JSON),
+    (b'{"input": [[0]], "input_ref": "a\\u0000b"}', _JSON),
+    (b'{"input": [[0]], "input_ref": "' + b"r" * 300 + b'"}', _JSON),
+    (b'{"input": "not an array"}', _JSON),
+    (b'{"input": [[1, 2], [3]]}', _JSON),
+    (b'{"input": {"a": 1}}', _JSON),
+    (None, _JSON),
+    (b"\x00" * 256, {**_RAW, "X-EHI-Shape": ",".join(["99999999999"] * 8)}),
+    (b"\x00" * 256, {**_RAW, "X-EHI-Shape": "9" * 5000}),
+    (b"\x00" * 256, {**_RAW, "X-EHI-Shape": "8,8", "X-EHI-Dtype": "object"}),
+    (b"\x00" * 256, {**_RAW, "X-EHI-Shape": "8,8", "X-EHI-Input-Ref": "x" * 300}),
+    (b'{"input": [[0]], "deadline_ms": ' + b"1" * 400 + b"}", _JSON),
+)
+
+
 def _bodies(rng: random.Random) -> tuple[bytes, dict[str, str]]:
     """One malformed request: (body, headers)."""
-    j = {"Content-Type": "application/json"}
-    choice = rng.randrange(16)
-    if choice == 0:
-        return b"[" * 5000 + b"]" * 5000, j
-    if choice == 1:
-        return b'{"input": [[' + b"9" * 5000 + b"]]}", j
-    if choice == 2:
-        return b'{"input": [[1e999]], "deadline_ms": 50}', j
-    if choice == 3:
-        return b'{"input": [[0]], "deadline_ms": NaN}', j
-    if choice == 4:
-        return b'{"input": [[0]], "input_ref": "a\\ud800"}', j
-    if choice == 5:
-        return b'{"input": [[0]], "input_ref": "a\\u0000b"}', j
-    if choice == 6:
-        return b'{"input": [[0]], "input_ref": "' + b"r" * 300 + b'"}', j
-    if choice == 7:
-        return b'{"input": "not an array"}', j
-    if choice == 8:
-        return b'{"input": [[1, 2], [3]]}', j
-    if choice == 9:
-        return b'{"input": {"a": 1}}', j
-    if choice == 10:
-        return rng.randbytes(rng.randrange(1, 200)), j
-    if choice == 11:
-        return b"\x00" * 256, {"Content-Type": "application/octet-stream",
-                               "X-EHI-Shape": ",".join(["99999999999"] * 8)}
-    if choice == 12:
-        return b"\x00" * 256, {"Content-Type": "application/octet-stream",
-                               "X-EHI-Shape": "9" * 5000}
-    if choice == 13:
-        return b"\x00" * 256, {"Content-Type": "application/octet-stream",
-                               "X-EHI-Shape": "8,8", "X-EHI-Dtype": "object"}
-    if choice == 14:
-        return b"\x00" * 256, {"Content-Type": "application/octet-stream",
-                               "X-EHI-Shape": "8,8", "X-EHI-Input-Ref": "x" * 300}
-    return b'{"input": [[0]], "deadline_ms": ' + b"1" * 400 + b"}", j
+    body, headers = MALFORMED[rng.randrange(len(MALFORMED))]
+    return (rng.randbytes(rng.randrange(1, 200)) if body is None else body), headers
 
 
 def _request(port: int, body: bytes, headers: dict[str, str], *, length: int | None = None,

@@ -34,6 +34,7 @@ from fleet.contract.bundle import pack_bundle
 from fleet.lab.bundle_copy import copy_bundle
 from fleet.lab.hostile_attacker import ATTACK_RATES, CHANNELS
 from fleet.lab.hostile_messages import hostile
+from fleet.lab.hub_metrics import metric_samples, metric_sum
 from fleet.lab.mqtt_probe import Probe
 from fleet.lab.victim_device import VictimDevice
 
@@ -42,17 +43,6 @@ VICTIM_RESULTS_EVERY_S = 0.05
 ATTACK_TIMEOUT_S = 600.0   # a batch of 8 records: 160 records/s
 VICTIM_REPORT_EVERY_S = 2.0
 DRAIN_S = 90.0
-
-
-def _metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    out = []
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        labels_text, value = line[len(name) + 1:].rsplit("} ", 1)
-        labels = dict(kv.split("=", 1) for kv in labels_text.split(",") if "=" in kv)
-        out.append(({k: v.strip('"') for k, v in labels.items()}, float(value)))
-    return out
 
 
 class _Victim(threading.Thread):
@@ -105,7 +95,7 @@ def generate(n: int, rng: random.Random, path: Path) -> collections.Counter[str]
 
 def _refused(text: str) -> collections.Counter[str]:
     out: collections.Counter[str] = collections.Counter()
-    for labels, v in _metric_samples(text, "ehi_hub_refused_messages_total"):
+    for labels, v in metric_samples(text, "ehi_hub_refused_messages_total"):
         out[labels.get("reason", "?")] += int(v)
     return out
 
@@ -156,9 +146,9 @@ def hostile_messages(broker_port: int, mode: str, pki_root: Path, api: httpx.Cli
     refused = _refused(text)
     refused.subtract(refused_before)
     refused = +refused  # only the reasons this phase added to
-    workers_down = [lb.get("worker") for lb, v in _metric_samples(text, "ehi_hub_worker_up")
+    workers_down = [lb.get("worker") for lb, v in metric_samples(text, "ehi_hub_worker_up")
                     if v == 0]
-    worker_errors = sum(v for _, v in _metric_samples(text, "ehi_hub_worker_errors_total"))
+    worker_errors = metric_sum(text, "ehi_hub_worker_errors_total")
     delays_attack = [d for at, d in traffic.report_delays if at >= attack_start]
     victim_probe.close()
     return {

@@ -15,6 +15,18 @@ def metric_sum(text: str, series: str) -> float:
     return total
 
 
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of the labelled metric `name`: (its labels, its value)."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        labels_text, value = line[len(name) + 1:].rsplit("} ", 1)
+        labels = dict(kv.split("=", 1) for kv in labels_text.split(",") if "=" in kv)
+        out.append(({k: v.strip('"') for k, v in labels.items()}, float(value)))
+    return out
+
+
 def scrape(url: str, series: str) -> float:
     """`metric_sum` of the hub at `url` now; 0 if it does not answer."""
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,12 +71,11 @@ def test_engine_auto_uses_the_cache(tmp_path: Path) -> None:
     assert (tmp_path / "backend-choice.json").is_file()
 
 
-@pytest.mark.parametrize(("opener", "reason"), [("segfault_openvino", "crashed (SIGSEGV)"),
-                                                 ("abort_openvino", "crashed (SIGABRT)")])
-def test_a_backend_that_crashes_natively_is_refused_and_the_next_serves(
-        tmp_path: Path, opener: str, reason: str) -> None:
-    """`auto` loads each candidate in a probe process first: one whose load dies by a signal
-    is refused as crashed, with the signal, and the agent's process goes on with the next."""
+def _choose_probed(tmp_path: Path, opener: str) -> tuple[Any, dict[str, float],
+                                                         dict[str, str], Any]:
+    """`auto`'s choice between onnxruntime and OpenVINO on the digits edge bundle, each
+    candidate probed with an opener of tests/fleet/inference/crashing_backend.py; and the
+    preprocessed sample."""
     import numpy as np
 
     b = load_bundle(EDGE_BUNDLE)
@@ -86,6 +86,16 @@ def test_a_backend_that_crashes_natively_is_refused_and_the_next_serves(
         ["onnxruntime", "openvino"], b.model_path, m.model_file().sha256, raw, x,
         BackendOptions(cache_dir=tmp_path),
         opener=f"tests.fleet.inference.crashing_backend:{opener}")
+    return be, timings, refused, x
+
+
+@pytest.mark.parametrize(("opener", "reason"), [("segfault_openvino", "crashed (SIGSEGV)"),
+                                                 ("abort_openvino", "crashed (SIGABRT)")])
+def test_a_backend_that_crashes_natively_is_refused_and_the_next_serves(
+        tmp_path: Path, opener: str, reason: str) -> None:
+    """`auto` loads each candidate in a probe process first: one whose load dies by a signal
+    is refused as crashed, with the signal, and the agent's process goes on with the next."""
+    be, timings, refused, x = _choose_probed(tmp_path, opener)
     assert be.name == "onnxruntime" and set(timings) == {"onnxruntime"}
     assert refused["openvino"].startswith(reason), refused
     assert be.run(x).shape[0] == 1  # and it serves
@@ -93,18 +103,9 @@ def test_a_backend_that_crashes_natively_is_refused_and_the_next_serves(
 
 def test_a_backend_whose_probe_hangs_is_refused(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import numpy as np
-
     import fleet.inference.backends.probe as probe_mod
 
     monkeypatch.setattr(probe_mod, "PROBE_TIMEOUT_S", 5.0)
-    b = load_bundle(EDGE_BUNDLE)
-    m = b.manifest
-    raw = np.zeros((1, 8, 8), np.float32)
-    x = Preprocessor.for_manifest(m)(raw)
-    be, _, refused = choose_fastest(
-        ["onnxruntime", "openvino"], b.model_path, m.model_file().sha256, raw, x,
-        BackendOptions(cache_dir=tmp_path),
-        opener="tests.fleet.inference.crashing_backend:hang_openvino")
+    be, _, refused, _ = _choose_probed(tmp_path, "hang_openvino")
     assert be.name == "onnxruntime"
     assert refused["openvino"].startswith("hung"), refused

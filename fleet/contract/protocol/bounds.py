@@ -76,32 +76,19 @@ def _walk(value: Any, check_strings: bool, max_items: int = MAX_ITEMS,
           check_ints: bool = False) -> None:
     """Depth, sizes and (when escapes were present) the strings, (when long digit runs were
     present) the integers of a parsed JSON value."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         v, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise ProtocolError(f"value nested deeper than {MAX_DEPTH} levels", "depth")
-        if isinstance(v, dict):
+        if isinstance(v, dict | list):
+            if depth >= MAX_DEPTH:
+                raise ProtocolError(f"value nested deeper than {MAX_DEPTH} levels", "depth")
             if len(v) > max_items:
-                raise ProtocolError(f"object of more than {max_items} entries", "too_large")
-            for k, x in v.items():
-                _leaf(k, check_strings)
-                if isinstance(x, dict | list):
-                    stack.append((x, depth + 1))
-                elif isinstance(x, str):
-                    _leaf(x, check_strings)
-                elif check_ints and isinstance(x, int):
-                    _check_int(x)
-        elif isinstance(v, list):
-            if len(v) > max_items:
-                raise ProtocolError(f"list of more than {max_items} entries", "too_large")
-            for x in v:
-                if isinstance(x, dict | list):
-                    stack.append((x, depth + 1))
-                elif isinstance(x, str):
-                    _leaf(x, check_strings)
-                elif check_ints and isinstance(x, int):
-                    _check_int(x)
+                raise ProtocolError(f"{'object' if isinstance(v, dict) else 'list'} of more "
+                                    f"than {max_items} entries", "too_large")
+            if isinstance(v, dict):
+                for k in v:
+                    _leaf(k, check_strings)
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
         elif isinstance(v, str):
             _leaf(v, check_strings)
         elif check_ints and isinstance(v, int):
@@ -131,7 +118,13 @@ def parse_header(raw: bytes | bytearray | memoryview | str, *, max_items: int = 
     # Strict JSON refuses raw control characters, and bytes that are not UTF-8 fail to decode:
     # a NUL or a lone surrogate can only come from a \u escape.
     b = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
-    _walk(value, b"\\u" in b, max_items, _LONG_DIGITS.search(b) is not None)
+    escaped, long_digits = b"\\u" in b, _LONG_DIGITS.search(b) is not None
+    # A short header with no escapes, no long digit runs and few brackets cannot break a
+    # bound: no string or list in it can be long, nor the nesting deep (the offload's and the
+    # answer's case, on the hot path). Anything else is walked.
+    if (escaped or long_digits or len(b) > min(MAX_TEXT, max_items)
+            or b.count(b"[") + b.count(b"{") > MAX_DEPTH):
+        _walk(value, escaped, max_items, long_digits)
     return value
 
 
